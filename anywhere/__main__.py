@@ -1,0 +1,3 @@
+from .server_cli import main
+
+raise SystemExit(main())

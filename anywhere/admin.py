@@ -1,0 +1,288 @@
+"""The admin API: HTTP/1.1 + JSON on a Unix socket, parsed on the loop with h11.
+
+Theory of operation
+-------------------
+`AdminServer` accepts on one or more listening sockets (the Unix socket, later optionally TCP).
+Each accepted connection is an `_AdminConn` that feeds bytes to an `h11.Connection` and reacts to
+its events.  A request's body is collected up to `MAX_BODY` bytes (a larger Content-Length gets
+413 at once), parsed as JSON and handed with the method and path to the ``handler``, which
+returns ``(status, object)`` or raises `ApiError`.  Every response is JSON: ``{"error": "..."}``
+for failures.  A request must arrive whole within `REQUEST_TIMEOUT` seconds (a slow or silent
+client is dropped), and garbage gets a 400 from h11's own protocol error, then a close.  Nothing
+one client does affects another or the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from typing import Any, Callable
+
+import h11
+
+from .loop import READ, WRITE, Loop, Timer
+
+log = logging.getLogger("anywhere.admin")
+
+MAX_BODY = 64 * 1024
+MAX_HEADERS = 16 * 1024
+REQUEST_TIMEOUT = 10.0
+MAX_CONNS = 64
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+Handler = Callable[[str, str, Any], tuple[int, Any]]
+
+
+def listen_unix(path: str, mode: int = 0o660) -> socket.socket:
+    """Bind the admin socket.  A stale socket file is replaced; a live one is an error."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o750, exist_ok=True)
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left over from a crash
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path}: another anywhered is already listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot bind admin socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+class AdminServer:
+    def __init__(self, loop: Loop, handler: Handler) -> None:
+        self.loop = loop
+        self.handler = handler
+        self.listeners: list[socket.socket] = []
+        self.conns: set[_AdminConn] = set()
+        self.unix_paths: list[str] = []
+
+    def add_listener(self, sock: socket.socket) -> None:
+        self.listeners.append(sock)
+        if sock.family == socket.AF_UNIX:
+            self.unix_paths.append(sock.getsockname())
+        self.loop.register(sock, READ, lambda _mask, s=sock: self._accept(s))
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(16):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("admin accept failed: %s", exc.strerror)
+                return
+            if len(self.conns) >= MAX_CONNS:
+                log.warning("admin connection refused: %d already open", MAX_CONNS)
+                sock.close()
+                continue
+            self.conns.add(_AdminConn(self, sock, addr))
+
+    def close(self) -> None:
+        for sock in self.listeners:
+            self.loop.unregister(sock)
+            sock.close()
+        self.listeners.clear()
+        for path in self.unix_paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.unix_paths.clear()
+        for conn in list(self.conns):
+            conn.close()
+
+
+class _AdminConn:
+    def __init__(self, server: AdminServer, sock: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.sock = sock
+        self.peer = addr if addr else "unix"
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        self.out = bytearray()
+        self.request: h11.Request | None = None
+        self.body = bytearray()
+        self.closing = False
+        self.closed = False
+        self.mask = READ
+        sock.setblocking(False)
+        self.loop.register(sock, READ, self._on_event)
+        self.timer: Timer = self.loop.call_later(REQUEST_TIMEOUT, self._on_timeout)
+
+    # -- I/O -------------------------------------------------------------------------------------
+    def _on_event(self, mask: int) -> None:
+        if mask & WRITE:
+            self._flush()
+        if mask & READ and not self.closed and not self.closing:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        try:
+            self.h11.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process()
+
+    def _process(self) -> None:
+        while not self.closed and not self.closing:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA:
+                if self.h11.their_state is h11.DONE and self.h11.our_state is h11.DONE:
+                    return
+                return
+            if event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.request = event
+                self.body.clear()
+                length = _content_length(event)
+                if length is not None and length > MAX_BODY:
+                    self._respond(413, {"error": f"request body of {length} bytes exceeds {MAX_BODY}"}, close=True)
+                    return
+            elif isinstance(event, h11.Data):
+                self.body += event.data
+                if len(self.body) > MAX_BODY:
+                    self._respond(413, {"error": f"request body exceeds {MAX_BODY} bytes"}, close=True)
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._dispatch()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        log.info("bad admin request from %s: %s", self.peer, exc)
+        status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+        self._respond(status, {"error": f"bad request: {exc}"}, close=True)
+
+    def _dispatch(self) -> None:
+        request = self.request
+        assert request is not None  # h11 only gives EndOfMessage after a Request
+        method = request.method.decode("ascii", "replace")
+        target = request.target.decode("ascii", "replace")
+        try:
+            body = json.loads(self.body.decode("utf-8")) if self.body else None
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._respond(400, {"error": f"request body is not valid JSON: {exc}"})
+            return
+        try:
+            status, obj = self.server.handler(method, target, body)
+        except ApiError as exc:
+            status, obj = exc.status, {"error": exc.message}
+        except Exception:
+            log.exception("admin handler failed for %s %s", method, target)
+            status, obj = 500, {"error": "internal error; see the daemon's log"}
+        self._respond(status, obj)
+
+    def _respond(self, status: int, obj: Any, close: bool = False) -> None:
+        body = (json.dumps(obj, indent=None, separators=(",", ":")) + "\n").encode("utf-8")
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if close:
+            headers.append(("Connection", "close"))
+        try:
+            self.out += self.h11.send(h11.Response(status_code=status, headers=headers))
+            self.out += self.h11.send(h11.Data(data=body))
+            self.out += self.h11.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            # h11 will not let us answer (e.g. the request line itself was unreadable):
+            # write a minimal response by hand and close
+            self.out += b"HTTP/1.1 %d \r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body)) + body
+            close = True
+        if close or self.h11.our_state is h11.MUST_CLOSE:
+            self.closing = True
+        else:
+            try:
+                self.h11.start_next_cycle()
+                self.timer.cancel()
+                self.timer = self.loop.call_later(REQUEST_TIMEOUT, self._on_timeout)
+            except h11.LocalProtocolError:
+                self.closing = True  # the client has not finished its request: close after replying
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.closed:
+            return
+        if self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        if not self.out and self.closing:
+            self.close()
+            return
+        mask = (WRITE if self.out else 0) | (0 if self.closing else READ)
+        if mask != self.mask:
+            self.loop.modify(self.sock, mask, self._on_event)
+            self.mask = mask
+        if not self.out and not self.closing:
+            self._process()  # a pipelined request may be waiting in h11's buffer
+
+    def _on_timeout(self) -> None:
+        if not self.closed:
+            log.info("admin client %s timed out after %.0f s", self.peer, REQUEST_TIMEOUT)
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.cancel()
+        self.loop.unregister(self.sock)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.conns.discard(self)
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,289 @@
+"""anywherectl: the operator's command.  Talks HTTP/JSON to anywhered's admin socket with `requests`.
+
+The same verbs serve `anywhered proxy|agent ...` (the original's command lines): see
+`add_admin_commands()`.  Output is a readable table, or the daemon's JSON with ``--json``;
+errors from the daemon are printed as they came and the exit status is 1; a daemon that is
+not running gets one line naming the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+
+from . import credentials
+from .common import DEFAULT_ADMIN_SOCKET, __version__
+
+BASE = "http://anywhered"
+TIMEOUT = 30.0
+
+
+class CtlError(Exception):
+    """Reported as one line on stderr, exit status 1."""
+
+
+# -- HTTP over a Unix socket -------------------------------------------------------------------------
+class _UnixConnection(urllib3.connection.HTTPConnection):
+    def __init__(self, *args: Any, unix_path: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unix_path = unix_path
+
+    def _new_conn(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        timeout = self.timeout if isinstance(self.timeout, (int, float)) else TIMEOUT
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+
+class _UnixPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _UnixConnection
+
+
+class _UnixAdapter(HTTPAdapter):
+    def __init__(self, path: str) -> None:
+        super().__init__(max_retries=0)
+        self._pool = _UnixPool("localhost", timeout=TIMEOUT, unix_path=path)
+
+    def get_connection(self, url: Any, proxies: Any = None) -> _UnixPool:  # requests < 2.32
+        return self._pool
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> _UnixPool:
+        return self._pool
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+class Client:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.session = requests.Session()
+        self.session.trust_env = False  # no HTTP_PROXY for a Unix socket
+        self.session.mount(BASE + "/", _UnixAdapter(socket_path))
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            resp = self.session.request(method, BASE + path, json=body, timeout=TIMEOUT)
+        except requests.ConnectionError as exc:
+            raise CtlError(f"cannot reach anywhered at {self.socket_path}: {_reason(exc)}") from None
+        except requests.Timeout:
+            raise CtlError(f"anywhered at {self.socket_path} did not answer within {TIMEOUT:.0f} s") from None
+        try:
+            data = resp.json()
+        except ValueError:
+            raise CtlError(f"anywhered answered {resp.status_code} with a body that is not JSON") from None
+        if resp.status_code >= 400:
+            message = data.get("error") if isinstance(data, dict) else None
+            raise CtlError(f"anywhered: {resp.status_code} {message or resp.reason}")
+        return data
+
+
+def _reason(exc: Exception) -> str:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, FileNotFoundError):
+            return "no such socket (is anywhered running?)"
+        if isinstance(cur, ConnectionRefusedError):
+            return "connection refused (is anywhered running?)"
+        if isinstance(cur, PermissionError):
+            return "permission denied (run as root or as a member of group anywhere)"
+        cur = cur.__cause__ or cur.__context__ or (cur.args[0] if cur.args and isinstance(cur.args[0], BaseException) else None)
+    return str(exc)
+
+
+# -- output ------------------------------------------------------------------------------------------
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    header = [title for _, title in columns]
+    body = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return str(value)
+
+
+def _since(ts: float | None) -> str | None:
+    return None if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(render(data))
+
+
+# -- verbs -------------------------------------------------------------------------------------------
+def cmd_proxy_add(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"agent_id": args.agent_id, "local_ip": args.local_ip, "local_port": args.local_port,
+                            "remote_port": args.remote_port}
+    if args.wl:
+        body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
+    if args.name:
+        body["name"] = args.name
+    data = Client(args.admin_socket).call("POST", "/v1/proxies", body)
+    p = data["proxy"]
+    _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {p['agent_id']} → "
+                                 f"{p['local_ip']}:{p['local_port']}")
+
+
+def cmd_proxy_list(args: argparse.Namespace) -> None:
+    data = Client(args.admin_socket).call("GET", "/v1/proxies")
+    _emit(args, data, lambda d: table(d["proxies"], [
+        ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("remote_port", "REMOTE PORT"),
+        ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"), ("whitelist", "WHITELIST"),
+        ("connections", "CONNS")]))
+
+
+def cmd_proxy_del(args: argparse.Namespace) -> None:
+    key = args.name if args.name else (str(args.remote_port) if args.remote_port else None)
+    if key is None:
+        raise CtlError("name the proxy: NAME or --remote-port PORT")
+    data = Client(args.admin_socket).call("DELETE", "/v1/proxies/" + requests.utils.quote(key, safe=""))
+    _emit(args, data, lambda d: f"proxy {d['deleted']} deleted; {d['closed_connections']} connection(s) closed")
+
+
+def cmd_agent_list(args: argparse.Namespace) -> None:
+    data = Client(args.admin_socket).call("GET", "/v1/agents")
+    rows = [dict(a, connected_since=_since(a.get("connected_since"))) for a in data["agents"]]
+    _emit(args, data, lambda _d: table(rows, [
+        ("agent_id", "AGENT"), ("address", "ADDRESS"), ("connected_since", "CONNECTED SINCE"),
+        ("rtt_ms", "RTT MS"), ("connections", "CONNS"), ("version", "VERSION")]))
+
+
+def cmd_conn_list(args: argparse.Namespace) -> None:
+    data = Client(args.admin_socket).call("GET", "/v1/connections")
+    _emit(args, data, lambda d: table(d["connections"], [
+        ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"), ("target", "TARGET"),
+        ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    data = Client(args.admin_socket).call("GET", "/v1/status")
+    _emit(args, data, lambda d: "\n".join(f"{k}: {d[k]}" for k in
+                                          ("server_id", "version", "uptime", "agents", "proxies", "connections")))
+
+
+def cmd_credentials_init(args: argparse.Namespace) -> None:
+    paths = credentials.init(args.dir, args.server_name, args.server_ip or [], force=args.force)
+    print("wrote " + ", ".join(paths))
+    print(f"keep {args.dir}/ca.key private: it is only needed to issue agent certificates")
+
+
+def cmd_credentials_issue(args: argparse.Namespace) -> None:
+    paths = credentials.issue(args.agent_id, args.dir, basename=args.basename, force=args.force)
+    print("wrote " + ", ".join(paths))
+
+
+# -- argument parsing --------------------------------------------------------------------------------
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--admin-socket", default=DEFAULT_ADMIN_SOCKET, metavar="PATH",
+                        help=f"anywhered's admin socket (default {DEFAULT_ADMIN_SOCKET})")
+    common.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    return common
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number 1..65535")
+    return value
+
+
+def add_admin_commands(sub: Any) -> None:
+    """The proxy/agent/conn verbs, shared by anywherectl and anywhered."""
+    common = _common()
+    proxy = sub.add_parser("proxy", help="add, list or delete proxies").add_subparsers(dest="verb", metavar="VERB", required=True)
+    add = proxy.add_parser("add", parents=[common], help="add a proxy: REMOTE PORT on the server → agent → LOCAL IP:PORT")
+    add.add_argument("--agent-id", required=True, help="the agent that reaches the target")
+    add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
+    add.add_argument("--local-port", required=True, type=_port, help="the target's port")
+    add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")
+    add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
+    add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT)")
+    add.set_defaults(func=cmd_proxy_add)
+    lst = proxy.add_parser("list", parents=[common], help="list proxies")
+    lst.set_defaults(func=cmd_proxy_list)
+    dele = proxy.add_parser("del", aliases=["delete", "rm"], parents=[common], help="delete a proxy and close its connections")
+    dele.add_argument("name", nargs="?", help="the proxy's name (or its remote port)")
+    dele.add_argument("--remote-port", type=_port, help="the proxy's remote port")
+    dele.add_argument("--agent-id", help=argparse.SUPPRESS)  # accepted for the original's command lines
+    dele.set_defaults(func=cmd_proxy_del)
+    agent = sub.add_parser("agent", help="list agents").add_subparsers(dest="verb", metavar="VERB", required=True)
+    agent.add_parser("list", parents=[common], help="list connected agents").set_defaults(func=cmd_agent_list)
+    conn = sub.add_parser("conn", help="list live connections").add_subparsers(dest="verb", metavar="VERB", required=True)
+    conn.add_parser("list", parents=[common], help="list live tunneled connections").set_defaults(func=cmd_conn_list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anywherectl", description="Drive anywhered over its admin socket.")
+    parser.add_argument("--version", action="version", version=f"anywherectl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_admin_commands(sub)
+    sub.add_parser("status", parents=[_common()], help="the daemon's summary").set_defaults(func=cmd_status)
+    cred = sub.add_parser("credentials", help="make a CA and certificates").add_subparsers(dest="verb", metavar="VERB", required=True)
+    init = cred.add_parser("init", help="make DIR/ca.{crt,key} and DIR/server.{crt,key}")
+    init.add_argument("dir", metavar="DIR")
+    init.add_argument("--server-name", required=True, help="the name agents dial (DNS name or IP), put in the server certificate")
+    init.add_argument("--server-ip", action="append", metavar="IP", help="an extra IP address SAN (repeatable)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(func=cmd_credentials_init)
+    issue = cred.add_parser("issue", help="make DIR/AGENT_ID.{crt,key}, signed by DIR/ca.key")
+    issue.add_argument("agent_id", metavar="AGENT_ID")
+    issue.add_argument("dir", metavar="DIR")
+    issue.add_argument("--basename", help="file name without extension (default AGENT_ID; 'client' for the original layout)")
+    issue.add_argument("--force", action="store_true", help="overwrite existing files")
+    issue.set_defaults(func=cmd_credentials_issue)
+    return parser
+
+
+def run(args: argparse.Namespace, prog: str) -> int:
+    try:
+        args.func(args)
+    except CtlError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except credentials.CredentialsError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args, "anywherectl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The event loop: one thread, one selector (epoll), a heap of timers, signals via a wake-up fd.
+
+Theory of operation
+-------------------
+Everything in an Anywhere process runs on one `Loop`.  A file object is registered once with
+an interest mask and a callback ``callback(mask)``; the owner changes the mask with
+`modify()` only when its wishes change (backpressure is expressed this way) and removes it
+with `unregister()`.  Timers are `(deadline, seq, Timer)` entries on a heap; a cancelled timer
+stays on the heap and is skipped when it comes up, which keeps cancel O(1).
+
+Signals: `signal.set_wakeup_fd` writes the signal number into one end of a socketpair; the
+other end is registered like any socket, so a signal wakes `select()` and its handler runs on
+the loop, between callbacks, never in the middle of one.
+
+Blocking calls that have no non-blocking form (getaddrinfo) run in a small thread pool;
+their results are posted back with `call_soon_threadsafe`, which also writes to the wake-up
+socket.  No other code in the process touches threads.
+
+The loop knows no protocol.  A callback that raises is logged and does not stop the loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import selectors
+import signal
+import socket
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("anywhere.loop")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+
+class Timer:
+    """A pending call; `cancel()` is idempotent."""
+
+    __slots__ = ("deadline", "fn", "args", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[..., Any], args: tuple) -> None:
+        self.deadline = deadline
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.fn = _noop
+        self.args = ()
+
+
+def _noop(*_: Any) -> None:
+    pass
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self._ready: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
+        self._threadsafe: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
+        self._signal_handlers: dict[int, Callable[[int], None]] = {}
+        self._old_signal_handlers: dict[int, Any] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, READ, self._on_wakeup)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._running = False
+        self._stopping = False
+        self._closed = False
+
+    # -- time and timers -------------------------------------------------------------------
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        timer = Timer(self.time() + max(0.0, delay), fn, args)
+        heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+        return timer
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._ready.append((fn, args))
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._threadsafe.append((fn, args))
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the wake-up socket is already full: the loop will wake anyway
+
+    def run_in_thread(self, fn: Callable[..., Any], callback: Callable[[Any, BaseException | None], None]) -> None:
+        """Run blocking `fn()` in a worker thread; `callback(result, error)` runs on the loop."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="anywhere-resolve")
+
+        def done(fut: concurrent.futures.Future) -> None:
+            exc = fut.exception()
+            self.call_soon_threadsafe(callback, None if exc else fut.result(), exc)
+
+        self._executor.submit(fn).add_done_callback(done)
+
+    # -- file objects ------------------------------------------------------------------------
+    def register(self, fileobj: Any, events: int, callback: Callable[[int], None]) -> None:
+        self._sel.register(fileobj, events, callback)
+
+    def modify(self, fileobj: Any, events: int, callback: Callable[[int], None]) -> None:
+        self._sel.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj: Any) -> None:
+        """Idempotent: unknown or closed file objects are ignored."""
+        try:
+            self._sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # -- signals ---------------------------------------------------------------------------
+    def add_signal_handler(self, signum: int, handler: Callable[[int], None]) -> None:
+        if not self._signal_handlers:
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._signal_handlers[signum] = handler
+        self._old_signal_handlers.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, _noop)  # the byte on the wake-up fd does the work
+
+    def _on_wakeup(self, _mask: int) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            data = b""
+        for signum in data:
+            handler = self._signal_handlers.get(signum)
+            if handler is not None:
+                self._ready.append((handler, (signum,)))
+        while self._threadsafe:
+            self._ready.append(self._threadsafe.popleft())
+
+    # -- running -----------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        self._running = True
+        self._stopping = False
+        try:
+            while not self._stopping:
+                self.run_once()
+        finally:
+            self._running = False
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        timeout = self._next_timeout()
+        if max_wait is not None:
+            timeout = max_wait if timeout is None else min(timeout, max_wait)
+        events = self._sel.select(timeout)
+        for key, mask in events:
+            self._call(key.data, (mask,))
+        now = self.time()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                fn, args = timer.fn, timer.args
+                timer.cancel()
+                self._call(fn, args)
+        # callbacks scheduled during this pass run now; new ones wait for the next pass
+        for _ in range(len(self._ready)):
+            fn, args = self._ready.popleft()
+            self._call(fn, args)
+
+    def _next_timeout(self) -> float | None:
+        if self._ready or self._threadsafe:
+            return 0.0
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - self.time())
+
+    @staticmethod
+    def _call(fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("unhandled error in callback %r", fn)
+
+    def close(self) -> None:
+        """Restore signal handlers and release the selector; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._signal_handlers:
+            for signum, old in self._old_signal_handlers.items():
+                try:
+                    signal.signal(signum, old)
+                except (ValueError, TypeError):
+                    pass
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -1,0 +1,197 @@
+"""Sockets on the loop: listeners (dual-stack), non-blocking dials with a deadline, addresses.
+
+`listen()` binds one socket per address; with no host it binds ``::`` with IPV6_V6ONLY off,
+which takes IPv4 and IPv6 clients on one socket, and falls back to ``0.0.0.0`` on a host
+without IPv6.  `Dialer` resolves a name (in the loop's resolver thread, since getaddrinfo
+has no non-blocking form; IP literals skip the thread), then tries each address in turn with
+a non-blocking connect, all within one deadline, and calls back exactly once.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+from typing import Callable
+
+from .loop import WRITE, Loop, Timer
+
+Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def format_addr(addr: Address) -> str:
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and is_ip(host[7:]):
+        host = host[7:]  # an IPv4 client on a dual-stack socket
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def client_ip(addr: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Bind listeners on every host ("" or "::" means every address, v4 and v6).
+
+    Raises OSError (with the address in its message) if any bind fails; nothing stays open then.
+    """
+    socks: list[socket.socket] = []
+    try:
+        for host in hosts or [""]:
+            if host in ("", "::", "*"):
+                socks.append(_listen_any(port, backlog))
+                continue
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, kind, proto, _, sockaddr in infos[:1] if host == "localhost" else infos:
+                socks.append(_bind(family, sockaddr, backlog, v6only=True))
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def _listen_any(port: int, backlog: int) -> socket.socket:
+    if socket.has_ipv6:
+        try:
+            return _bind(socket.AF_INET6, ("::", port), backlog, v6only=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    return _bind(socket.AF_INET, ("0.0.0.0", port), backlog, v6only=True)
+
+
+def _bind(family: int, sockaddr: Address, backlog: int, v6only: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+        try:
+            sock.bind(sockaddr)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {format_addr(sockaddr)}: {exc.strerror}") from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def resolve(host: str, port: int) -> list[Address]:
+    """Blocking getaddrinfo, for the resolver thread."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4] for info in infos]
+
+
+class Dialer:
+    """Connect to host:port within `timeout` seconds; `callback(sock, None)` or `callback(None, reason)`."""
+
+    def __init__(self, loop: Loop, host: str, port: int, timeout: float,
+                 callback: Callable[[socket.socket | None, str | None], None]) -> None:
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.callback: Callable[[socket.socket | None, str | None], None] | None = callback
+        self.sock: socket.socket | None = None
+        self.addrs: list[Address] = []
+        self.last_error = "no address"
+        self.timer: Timer = loop.call_later(timeout, self._on_timeout)
+        if is_ip(host.split("%", 1)[0]):
+            loop.call_soon(self._resolve_literal)  # never call back from inside __init__
+        else:
+            loop.run_in_thread(lambda: resolve(host, port), self._on_resolved)
+
+    def _resolve_literal(self) -> None:
+        try:
+            addrs, error = resolve(self.host, self.port), None
+        except OSError as exc:
+            addrs, error = None, exc
+        self._on_resolved(addrs, error)
+
+    def _on_resolved(self, addrs: list[Address] | None, error: BaseException | None) -> None:
+        if self.callback is None:
+            return
+        if error is not None or not addrs:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error or "no address")
+            self._finish(None, f"cannot resolve {self.host}: {reason}")
+            return
+        self.addrs = list(addrs)
+        self._next()
+
+    def _next(self) -> None:
+        while self.addrs:
+            addr = self.addrs.pop(0)
+            family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            tune(sock)
+            err = sock.connect_ex(addr)
+            if err in (0, errno.EINPROGRESS):
+                self.sock = sock
+                self.loop.register(sock, WRITE, self._on_writable)
+                return
+            sock.close()
+            self.last_error = f"{format_addr(addr)}: {os.strerror(err)}"
+        self._finish(None, self.last_error)
+
+    def _on_writable(self, _mask: int) -> None:
+        sock = self.sock
+        assert sock is not None  # registered only while dialling (our own state)
+        self.loop.unregister(sock)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            self.sock = None
+            self._finish(sock, None)
+            return
+        try:
+            peer = format_addr(sock.getpeername())
+        except OSError:
+            peer = f"{self.host}:{self.port}"
+        self.last_error = os.strerror(err)
+        if self.addrs:
+            self.last_error = f"{peer}: {os.strerror(err)}"
+        sock.close()
+        self.sock = None
+        self._next()
+
+    def _on_timeout(self) -> None:
+        self._finish(None, f"timed out connecting to {self.host}:{self.port}")
+
+    def cancel(self) -> None:
+        self.callback = None
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self.timer.cancel()
+        if self.sock is not None:
+            self.loop.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    def _finish(self, sock: socket.socket | None, reason: str | None) -> None:
+        callback, self.callback = self.callback, None
+        self._cleanup()
+        if callback is None:
+            if sock is not None:
+                sock.close()
+            return
+        callback(sock, reason)

@@ -1,0 +1,606 @@
+"""anywhered: agents in on the agent port, clients in on each proxy's public port, joined.
+
+Theory of operation
+-------------------
+*Agent port* (1111): every connection is mutual TLS (`FramedConn`).  Its first control frame
+decides what it is.  ``hello`` makes it the admin connection of an `AgentSession` — after the id
+it claims has been checked against its certificate's identity — and replaces any older session
+of the same agent at once (the old connection is closed, nothing else is touched).  ``data``
+names a pending client connection; the server answers ``ready`` and hands both sockets to a
+`Relay`.  A connection that sends neither within the hello timeout is dropped.
+
+*Proxy ports*: each `Proxy` owns its listeners.  An accepted client is checked against the
+proxy's whitelist (or the global one); then, if its agent has a session, it becomes a
+`Pending` entry (keyed by a connection id) and the agent is sent ``open``.  The pending client
+is closed, with the reason logged, when the agent reports ``fail``, when no data connection
+arrives within `data_timeout`, or when the agent is offline to begin with.  Pending entries are
+kept by the server, not the session: a data connection that arrives after its agent's admin
+connection was replaced still finds its client.
+
+*Heartbeats*: each side pings every `heartbeat` seconds and declares the peer dead after three
+intervals with nothing received.  Joined data connections do not depend on the admin
+connection and carry on through its loss.
+
+*Admin API*: the methods ``api_*`` are the operations behind `admin.py`'s routes; they raise
+`ApiError` with a 4xx status for bad requests, and every change to the proxies is saved
+(`state.py`) before it is reported as done.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import secrets
+import socket
+import ssl
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import state, tls
+from .admin import AdminServer, ApiError, listen_unix
+from .common import __version__
+from .credentials import valid_agent_id
+from .framed import FramedConn
+from .loop import READ, Loop, Timer
+from .net import client_ip, format_addr, listen, tune
+from .relay import Relay
+from .wire import PROTO_VERSION
+
+log = logging.getLogger("anywhere.server")
+
+ACCEPT_BUDGET = 64
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class ServerConfig:
+    port: int = 1111
+    bind: list[str] = field(default_factory=lambda: [""])
+    proxy_bind: list[str] = field(default_factory=lambda: [""])
+    server_id: str = "anywhered"
+    ca: str = "credential/ca.crt"
+    cert: str = "credential/server.crt"
+    key: str = "credential/server.key"
+    whitelist: list[str] = field(default_factory=list)
+    admin_socket: str = "/run/anywhere/anywhered.sock"
+    state_dir: str = "/var/lib/anywhere"
+    data_timeout: float = 10.0
+    heartbeat: float = 5.0
+    handshake_timeout: float = 10.0
+
+
+def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
+    """IPs and CIDRs (v4 and v6), as a list or one comma-separated string.  ValueError names the bad one."""
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        entries = [e for e in entries.split(",")]
+    if not isinstance(entries, list):
+        raise ValueError(f"{what} must be a list of IP addresses or CIDRs")
+    nets: list[Network] = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"{what} entry {entry!r} is not an IP address or CIDR")
+        try:
+            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{what} entry {entry.strip()!r} is not an IP address or CIDR") from None
+    return nets
+
+
+def allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
+    return any(ip.version == net.version and ip in net for net in nets)
+
+
+@dataclass
+class Proxy:
+    name: str
+    agent_id: str
+    local_ip: str
+    local_port: int
+    remote_port: int
+    whitelist: list[str]
+    nets: list[Network] = field(repr=False, default_factory=list)
+    listeners: list[socket.socket] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
+                "local_port": self.local_port, "remote_port": self.remote_port, "whitelist": list(self.whitelist)}
+
+    @property
+    def target(self) -> str:
+        return f"[{self.local_ip}]:{self.local_port}" if ":" in self.local_ip else f"{self.local_ip}:{self.local_port}"
+
+
+def validate_proxy(spec: Any) -> Proxy:
+    """A Proxy from an API body or the state file; ApiError(400) names the bad field."""
+    if not isinstance(spec, dict):
+        raise ApiError(400, "the body must be a JSON object describing the proxy")
+    known = {"name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+    agent_id = spec.get("agent_id")
+    if not isinstance(agent_id, str) or not valid_agent_id(agent_id):
+        raise ApiError(400, f"agent_id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
+    local_ip = spec.get("local_ip")
+    if not isinstance(local_ip, str) or not (_is_ip(local_ip) or HOSTNAME_RE.match(local_ip)):
+        raise ApiError(400, f"local_ip {local_ip!r} is not an IP address or host name")
+    ports = {}
+    for key in ("local_port", "remote_port"):
+        value = spec.get(key)
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise ApiError(400, f"{key} {value!r} must be a port number 1..65535")
+        ports[key] = value
+    whitelist_raw = spec.get("whitelist") or []
+    try:
+        nets = parse_whitelist(whitelist_raw)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    whitelist = [str(n) for n in nets]
+    name = spec.get("name") or f"{agent_id}:{ports['remote_port']}"
+    if not isinstance(name, str) or not NAME_RE.match(name) or name.isdigit():
+        raise ApiError(400, f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
+    return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"],
+                 remote_port=ports["remote_port"], whitelist=whitelist, nets=nets)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+class AgentSession:
+    """One connected agent: its admin connection and heartbeats."""
+
+    def __init__(self, server: "Server", conn: FramedConn, agent_id: str, version: str) -> None:
+        self.server = server
+        self.conn = conn
+        self.agent_id = agent_id
+        self.version = version
+        self.address = conn.peer
+        self.since = server.wall_time()
+        self.rtt: float | None = None
+        self._seq = 0
+        self._ping_sent: dict[int, float] = {}
+        self._timer: Timer = server.loop.call_later(server.config.heartbeat, self._tick)
+
+    def _tick(self) -> None:
+        loop, hb = self.server.loop, self.server.config.heartbeat
+        if not self.conn.open:
+            return
+        if loop.time() - self.conn.last_rx > 3 * hb:
+            log.warning("agent %s (%s): no heartbeat for %.0f s; closing its session", self.agent_id, self.address, 3 * hb)
+            self.conn.close("heartbeat timeout")
+            return
+        self._seq += 1
+        self._ping_sent = {self._seq: loop.time()}
+        self.conn.send("ping", seq=self._seq)
+        self._timer = loop.call_later(hb, self._tick)
+
+    def on_message(self, conn: FramedConn, msg: dict) -> None:
+        kind = msg["type"]
+        if kind == "ping":
+            conn.send("pong", seq=msg["seq"])
+        elif kind == "pong":
+            sent = self._ping_sent.pop(msg["seq"], None)
+            if sent is not None:
+                self.rtt = self.server.loop.time() - sent
+        elif kind == "fail":
+            self.server.on_agent_fail(self.agent_id, msg["conn"], msg["reason"])
+        else:
+            log.warning("agent %s (%s) sent an unexpected %r on its admin connection; closing it",
+                        self.agent_id, self.address, kind)
+            conn.close(f"unexpected {kind}")
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    def to_dict(self) -> dict:
+        return {"agent_id": self.agent_id, "address": self.address, "version": self.version,
+                "connected_since": self.since, "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+                "connections": self.server.count_connections(agent_id=self.agent_id)}
+
+
+@dataclass
+class Pending:
+    conn_id: int
+    proxy: Proxy
+    sock: socket.socket
+    peer: str
+    started: float
+    timer: Timer | None = None
+
+
+@dataclass
+class Tunnel:
+    conn_id: int
+    proxy: Proxy
+    peer: str
+    relay: Relay
+    started: float
+    started_wall: float
+
+    def to_dict(self, now: float) -> dict:
+        return {"id": self.conn_id, "proxy": self.proxy.name, "agent_id": self.proxy.agent_id,
+                "source": self.peer, "target": self.proxy.target, "remote_port": self.proxy.remote_port,
+                "bytes_in": self.relay.bytes_a_to_b, "bytes_out": self.relay.bytes_b_to_a,
+                "age": round(now - self.started, 3), "since": self.started_wall}
+
+
+class Server:
+    def __init__(self, loop: Loop, config: ServerConfig) -> None:
+        import time as _time
+        self.wall_time = _time.time
+        self.loop = loop
+        self.config = config
+        self.started_wall = self.wall_time()
+        self.started = loop.time()
+        self.ctx: ssl.SSLContext | None = None
+        self.global_nets = parse_whitelist(config.whitelist, "--wl")
+        self.agent_listeners: list[socket.socket] = []
+        self.handshaking: set[FramedConn] = set()
+        self.sessions: dict[str, AgentSession] = {}
+        self.proxies: dict[str, Proxy] = {}
+        self.pending: dict[int, Pending] = {}
+        self.tunnels: dict[int, Tunnel] = {}
+        self.admin = AdminServer(loop, self.handle_api)
+        self._next_id = secrets.randbits(30) + 1
+        self.closed = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind everything or raise (OSError, tls.CredentialError, state.StateError); nothing stays half-open."""
+        try:
+            self.ctx = tls.server_context(self.config.ca, self.config.cert, self.config.key)
+            stored = state.load(self.config.state_dir)
+            self.agent_listeners = listen(self.config.bind, self.config.port)
+            for sock in self.agent_listeners:
+                self.loop.register(sock, READ, lambda _m, s=sock: self._accept_agent(s))
+            self.admin.add_listener(listen_unix(self.config.admin_socket))
+            for spec in stored:
+                self._restore_proxy(spec)
+        except BaseException:
+            self.close()
+            raise
+        where = ", ".join(format_addr(s.getsockname()) for s in self.agent_listeners)
+        log.info("anywhered %s (server id %s) listening for agents on %s, admin socket %s",
+                 __version__, self.config.server_id, where, self.config.admin_socket)
+        if not self.global_nets:
+            log.warning("no global whitelist (--wl): proxies without their own whitelist accept clients from any address")
+
+    def _restore_proxy(self, spec: dict) -> None:
+        try:
+            proxy = validate_proxy(spec)
+            self._open_proxy(proxy)
+        except ApiError as exc:
+            log.error("stored proxy %s not restored: %s", spec.get("name", spec), exc.message)
+            return
+        log.info("proxy %s restored: port %d → agent %s → %s", proxy.name, proxy.remote_port, proxy.agent_id, proxy.target)
+
+    def close(self) -> None:
+        """Stop everything: listeners, sessions, pending clients, tunnels, admin socket.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for sock in self.agent_listeners:
+            self.loop.unregister(sock)
+            sock.close()
+        self.agent_listeners = []
+        for proxy in list(self.proxies.values()):
+            self._close_listeners(proxy)
+        for conn in list(self.handshaking):
+            conn.close("server stopping")
+        for session in list(self.sessions.values()):
+            session.conn.close("server stopping")
+        for pending in list(self.pending.values()):
+            self._drop_pending(pending, "server stopping")
+        for tunnel in list(self.tunnels.values()):
+            tunnel.relay.close("server stopping")
+        self.admin.close()
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    # -- agent port ------------------------------------------------------------------------------
+    def _accept_agent(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BUDGET):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on the agent port failed: %s", exc.strerror)
+                return
+            tune(sock)
+            assert self.ctx is not None  # set in start() before the listener exists
+            conn = FramedConn(self.loop, sock, self.ctx, server_side=True, peer=format_addr(addr),
+                              on_message=self._on_first_message, on_close=self._on_early_close,
+                              on_handshake=self._on_handshake, handshake_timeout=self.config.handshake_timeout)
+            self.handshaking.add(conn)
+
+    def _on_handshake(self, conn: FramedConn) -> None:
+        # the TLS handshake is done; the first frame must follow within the same timeout
+        conn._timer = self.loop.call_later(self.config.handshake_timeout, self._hello_timeout, conn)
+
+    def _hello_timeout(self, conn: FramedConn) -> None:
+        conn._timer = None
+        if conn in self.handshaking:
+            log.warning("connection from %s sent no hello within %.0f s; closing it", conn.peer, self.config.handshake_timeout)
+            conn.close("hello timeout")
+
+    def _on_early_close(self, conn: FramedConn, reason: str) -> None:
+        self.handshaking.discard(conn)
+        if reason != "server stopping":
+            log.warning("connection from %s (%s) closed before its hello: %s", conn.peer, conn.identity or "no certificate", reason)
+
+    def _on_first_message(self, conn: FramedConn, msg: dict) -> None:
+        self.handshaking.discard(conn)
+        if conn._timer:
+            conn._timer.cancel()
+            conn._timer = None
+        conn.on_close = self._on_quiet_close
+        kind = msg["type"]
+        if kind in ("hello", "data") and msg["proto"] != PROTO_VERSION:
+            reason = f"protocol version {msg['proto']} is not supported (this server speaks {PROTO_VERSION})"
+            log.warning("refusing %s from %s: %s", kind, conn.peer, reason)
+            conn.send_and_close("error", reason, reason=reason)
+            return
+        if kind not in ("hello", "data"):
+            log.warning("connection from %s started with %r instead of a hello; closing it", conn.peer, kind)
+            conn.send_and_close("error", "bad first message", reason=f"expected hello or data, got {kind}")
+            return
+        if msg["agent_id"] != conn.identity:
+            reason = (f"agent id {msg['agent_id']!r} does not match the identity of its certificate "
+                      f"({conn.identity!r}); refused")
+            log.warning("refusing %s from %s: %s", kind, conn.peer, reason)
+            conn.send_and_close("error", reason, reason=reason)
+            return
+        if kind == "hello":
+            self._on_hello(conn, msg)
+        else:
+            self._on_data(conn, msg)
+
+    def _on_quiet_close(self, conn: FramedConn, reason: str) -> None:
+        log.debug("connection from %s closed: %s", conn.peer, reason)
+
+    def _on_hello(self, conn: FramedConn, msg: dict) -> None:
+        agent_id = msg["agent_id"]
+        session = AgentSession(self, conn, agent_id, msg["version"])
+        old = self.sessions.get(agent_id)
+        self.sessions[agent_id] = session  # replace first: the old session's close then changes nothing
+        conn.on_message = session.on_message
+        conn.on_close = lambda c, reason, s=session: self._on_session_close(s, reason)
+        if old is not None:
+            log.info("agent %s reconnected from %s; replacing its session from %s", agent_id, conn.peer, old.address)
+            old.conn.close("replaced by a new session")
+        conn.send("welcome", proto=PROTO_VERSION, server_id=self.config.server_id, heartbeat=self.config.heartbeat)
+        log.info("agent %s connected from %s (version %s)", agent_id, conn.peer, msg["version"])
+
+    def _on_session_close(self, session: AgentSession, reason: str) -> None:
+        session.stop()
+        if self.sessions.get(session.agent_id) is session:
+            del self.sessions[session.agent_id]
+            if reason != "server stopping":
+                log.info("agent %s (%s) disconnected: %s", session.agent_id, session.address, reason)
+
+    def _on_data(self, conn: FramedConn, msg: dict) -> None:
+        pending = self.pending.get(msg["conn"])
+        if pending is None or pending.proxy.agent_id != msg["agent_id"]:
+            reason = f"no client is waiting for connection {msg['conn']}"
+            log.info("data connection from agent %s (%s): %s", msg["agent_id"], conn.peer, reason)
+            conn.send_and_close("error", reason, reason=reason)
+            return
+        del self.pending[pending.conn_id]
+        if pending.timer:
+            pending.timer.cancel()
+        conn.send("ready", conn=pending.conn_id)
+        if not conn.open:
+            self._close_client(pending.sock)
+            return
+        sock, leftover = conn.detach()
+        self._join(pending, sock, leftover)
+
+    def _join(self, pending: Pending, data_sock: ssl.SSLSocket, leftover: bytes) -> None:
+        proxy = pending.proxy
+        relay = Relay(self.loop, pending.sock, data_sock, b_framed=True, a_name=f"client {pending.peer}",
+                      b_name=f"agent {proxy.agent_id}", on_close=lambda r, reason, cid=pending.conn_id: self._on_tunnel_close(cid, reason))
+        tunnel = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started, self.wall_time())
+        self.tunnels[pending.conn_id] = tunnel
+        log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id, proxy.target)
+        relay.start(b_initial=leftover)
+
+    def _on_tunnel_close(self, conn_id: int, reason: str) -> None:
+        tunnel = self.tunnels.pop(conn_id, None)
+        if tunnel is None:
+            return
+        level = logging.INFO if reason in ("done", "server stopping") else logging.WARNING
+        log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id, tunnel.peer,
+                tunnel.proxy.target, tunnel.proxy.name, reason, tunnel.relay.bytes_a_to_b, tunnel.relay.bytes_b_to_a,
+                self.loop.time() - tunnel.started)
+
+    # -- proxy ports -------------------------------------------------------------------------------
+    def _open_proxy(self, proxy: Proxy) -> None:
+        if proxy.name in self.proxies:
+            raise ApiError(409, f"a proxy named {proxy.name} already exists")
+        for other in self.proxies.values():
+            if other.remote_port == proxy.remote_port:
+                raise ApiError(409, f"remote port {proxy.remote_port} is already used by proxy {other.name}")
+        if proxy.remote_port == self.config.port:
+            raise ApiError(409, f"remote port {proxy.remote_port} is the agent port")
+        try:
+            proxy.listeners = listen(self.config.proxy_bind, proxy.remote_port)
+        except OSError as exc:
+            raise ApiError(409, f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
+        for sock in proxy.listeners:
+            self.loop.register(sock, READ, lambda _m, s=sock, p=proxy: self._accept_client(p, s))
+        self.proxies[proxy.name] = proxy
+
+    def _close_listeners(self, proxy: Proxy) -> None:
+        for sock in proxy.listeners:
+            self.loop.unregister(sock)
+            sock.close()
+        proxy.listeners = []
+
+    def _accept_client(self, proxy: Proxy, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BUDGET):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on port %d failed: %s", proxy.remote_port, exc.strerror)
+                return
+            tune(sock)
+            self._on_client(proxy, sock, addr)
+
+    def _on_client(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:
+        peer = format_addr(addr)
+        nets = proxy.nets or self.global_nets
+        if nets and not allowed(client_ip(addr), nets):
+            log.warning("proxy %s: client %s refused: not in the %s whitelist", proxy.name, peer,
+                        "proxy's" if proxy.nets else "global")
+            self._close_client(sock)
+            return
+        session = self.sessions.get(proxy.agent_id)
+        if session is None or not session.conn.open:
+            log.warning("proxy %s: client %s closed: agent %s offline", proxy.name, peer, proxy.agent_id)
+            self._close_client(sock)
+            return
+        pending = Pending(self.new_id(), proxy, sock, peer, self.loop.time())
+        pending.timer = self.loop.call_later(self.config.data_timeout, self._pending_timeout, pending.conn_id)
+        self.pending[pending.conn_id] = pending
+        session.conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
+
+    def _pending_timeout(self, conn_id: int) -> None:
+        pending = self.pending.pop(conn_id, None)
+        if pending is not None:
+            pending.timer = None
+            self._drop_pending(pending, f"no data connection from agent {pending.proxy.agent_id} "
+                                        f"within {self.config.data_timeout:g} s")
+
+    def on_agent_fail(self, agent_id: str, conn_id: int, reason: str) -> None:
+        pending = self.pending.get(conn_id)
+        if pending is None or pending.proxy.agent_id != agent_id:
+            return
+        del self.pending[conn_id]
+        self._drop_pending(pending, f"agent {agent_id} could not reach {pending.proxy.target}: {reason}")
+
+    def _drop_pending(self, pending: Pending, reason: str) -> None:
+        self.pending.pop(pending.conn_id, None)
+        if pending.timer:
+            pending.timer.cancel()
+        if reason != "server stopping":
+            log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
+        self._close_client(pending.sock)
+
+    @staticmethod
+    def _close_client(sock: socket.socket) -> None:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    # -- queries -------------------------------------------------------------------------------------
+    def count_connections(self, agent_id: str | None = None, proxy: str | None = None) -> int:
+        return sum(1 for t in self.tunnels.values()
+                   if (agent_id is None or t.proxy.agent_id == agent_id) and (proxy is None or t.proxy.name == proxy))
+
+    def _save(self) -> None:
+        state.save(self.config.state_dir, [p.to_dict() for p in sorted(self.proxies.values(), key=lambda p: p.remote_port)])
+
+    # -- admin API -----------------------------------------------------------------------------------
+    def handle_api(self, method: str, target: str, body: Any) -> tuple[int, Any]:
+        path = urllib.parse.urlsplit(target).path.rstrip("/") or "/"
+        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
+        if parts[:1] != ["v1"] or len(parts) < 2:
+            raise ApiError(404, f"no such endpoint {path}; try /v1/status")
+        resource, rest = parts[1], parts[2:]
+        routes = {
+            ("GET", "status", 0): lambda: self.api_status(),
+            ("GET", "agents", 0): lambda: self.api_agents(),
+            ("GET", "proxies", 0): lambda: self.api_proxies(),
+            ("POST", "proxies", 0): lambda: self.api_add_proxy(body),
+            ("DELETE", "proxies", 1): lambda: self.api_delete_proxy(rest[0]),
+            ("GET", "connections", 0): lambda: self.api_connections(),
+        }
+        route = routes.get((method, resource, len(rest)))
+        if route is None:
+            if any(key[1] == resource and key[2] == len(rest) for key in routes):
+                raise ApiError(405, f"method {method} not allowed on {path}")
+            raise ApiError(404, f"no such endpoint {path}")
+        return route()
+
+    def api_status(self) -> tuple[int, Any]:
+        return 200, {"server_id": self.config.server_id, "version": __version__,
+                     "uptime": round(self.loop.time() - self.started, 3), "agents": len(self.sessions),
+                     "proxies": len(self.proxies), "connections": len(self.tunnels), "pending": len(self.pending)}
+
+    def api_agents(self) -> tuple[int, Any]:
+        return 200, {"agents": [s.to_dict() for s in sorted(self.sessions.values(), key=lambda s: s.agent_id)]}
+
+    def api_proxies(self) -> tuple[int, Any]:
+        out = []
+        for proxy in sorted(self.proxies.values(), key=lambda p: p.remote_port):
+            item = proxy.to_dict()
+            item["agent_online"] = proxy.agent_id in self.sessions
+            item["connections"] = self.count_connections(proxy=proxy.name)
+            out.append(item)
+        return 200, {"proxies": out}
+
+    def api_connections(self) -> tuple[int, Any]:
+        now = self.loop.time()
+        return 200, {"connections": [t.to_dict(now) for t in sorted(self.tunnels.values(), key=lambda t: t.conn_id)]}
+
+    def api_add_proxy(self, body: Any) -> tuple[int, Any]:
+        proxy = validate_proxy(body)
+        self._open_proxy(proxy)
+        try:
+            self._save()
+        except OSError as exc:
+            self._close_listeners(proxy)
+            del self.proxies[proxy.name]
+            log.error("proxy %s not added: cannot save the state: %s", proxy.name, exc)
+            raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {exc.strerror or exc}") from None
+        log.info("proxy %s added: port %d → agent %s → %s%s", proxy.name, proxy.remote_port, proxy.agent_id,
+                 proxy.target, f" (whitelist {','.join(proxy.whitelist)})" if proxy.whitelist else "")
+        return 201, {"proxy": proxy.to_dict()}
+
+    def find_proxy(self, key: str) -> Proxy:
+        proxy = self.proxies.get(key)
+        if proxy is None and key.isdigit():
+            proxy = next((p for p in self.proxies.values() if p.remote_port == int(key)), None)
+        if proxy is None:
+            raise ApiError(404, f"no proxy named {key} (and no proxy on remote port {key})" if key.isdigit()
+                           else f"no proxy named {key}")
+        return proxy
+
+    def api_delete_proxy(self, key: str) -> tuple[int, Any]:
+        proxy = self.find_proxy(key)
+        del self.proxies[proxy.name]
+        try:
+            self._save()
+        except OSError as exc:
+            self.proxies[proxy.name] = proxy
+            raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {exc.strerror or exc}") from None
+        self._close_listeners(proxy)
+        closed = 0
+        for pending in [p for p in self.pending.values() if p.proxy is proxy]:
+            self._drop_pending(pending, "proxy deleted")
+            closed += 1
+        for tunnel in [t for t in self.tunnels.values() if t.proxy is proxy]:
+            tunnel.relay.close("proxy deleted")
+            closed += 1
+        log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
+        return 200, {"deleted": proxy.name, "closed_connections": closed}

@@ -1,0 +1,206 @@
+"""The wire protocol between agent and server, sans-IO: bytes in, messages out.
+
+Theory of operation
+-------------------
+Every connection from an agent to the server (port 1111) is mutual TLS.  Inside it:
+
+Control frames
+    ``length (4 bytes, big-endian) | UTF-8 JSON object``; the object has a ``type`` and the
+    fields listed in `MESSAGES`.  A frame longer than `MAX_FRAME` is refused before its body
+    is read, so a peer cannot make us buffer more than that.  The first frame on a connection
+    says what the connection is:
+
+    * admin connection:  agent ``hello`` {proto, agent_id, version} → server ``welcome``
+      {proto, server_id, heartbeat} or ``error`` {reason}; then ``ping``/``pong`` both ways,
+      server ``open`` {conn, host, port} → agent ``fail`` {conn, reason} when the target
+      cannot be reached (success is the data connection itself).
+    * data connection:   agent ``data`` {proto, agent_id, conn} → server ``ready`` {conn} or
+      ``error`` {reason}; after ``ready`` the connection switches to the chunk stream.
+
+    ``proto`` is the protocol version; a peer speaking another version gets an ``error`` that
+    names both versions.
+
+Chunk stream (data connection, after ``ready``)
+    Each direction is a sequence of chunks: ``length (4 bytes, big-endian) | payload``.
+    Length 0 is END (the sender will send nothing more in this direction: a TCP half-close
+    carried end to end), `ABORT` (0xFFFFFFFF) means the sender's side failed (reset) and the
+    connection must be torn down.  A payload is at most `MAX_CHUNK` bytes.  An explicit END,
+    rather than TLS close_notify, leaves the TLS connection usable once both directions
+    have ended, so a later change can reuse it for the next client.
+
+Decoders raise `ProtocolError` for anything malformed; the caller closes that one connection
+and logs the peer.  `receive_data(b"")` means EOF, as in h11.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+PROTO_VERSION = 1
+MAX_FRAME = 64 * 1024
+MAX_CHUNK = 1024 * 1024
+END = 0
+ABORT = 0xFFFFFFFF
+
+_HEADER = struct.Struct("!I")
+HEADER_SIZE = _HEADER.size
+pack_header = _HEADER.pack_into
+
+# type -> {field: python type}; every listed field is required, extra fields are ignored
+# (a newer peer may add some).
+MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"proto": int, "agent_id": str, "version": str},
+    "welcome": {"proto": int, "server_id": str, "heartbeat": (int, float)},
+    "error": {"reason": str},
+    "ping": {"seq": int},
+    "pong": {"seq": int},
+    "open": {"conn": int, "host": str, "port": int},
+    "fail": {"conn": int, "reason": str},
+    "data": {"proto": int, "agent_id": str, "conn": int},
+    "ready": {"conn": int},
+}
+
+
+class ProtocolError(Exception):
+    """The remote peer broke the protocol (its fault, not ours)."""
+
+
+def encode(msg_type: str, **fields: Any) -> bytes:
+    """One control frame.  Raises ValueError for a message we would refuse ourselves."""
+    msg = {"type": msg_type, **fields}
+    _check(msg, ValueError)
+    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"{msg_type} frame of {len(body)} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(len(body)) + body
+
+
+def _check(msg: Any, exc: type[Exception]) -> dict:
+    if not isinstance(msg, dict):
+        raise exc("frame is not a JSON object")
+    msg_type = msg.get("type")
+    spec = MESSAGES.get(msg_type) if isinstance(msg_type, str) else None
+    if spec is None:
+        raise exc(f"unknown message type {msg_type!r}")
+    for name, kind in spec.items():
+        value = msg.get(name)
+        # bool is an int subclass: refuse it where a number is meant
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise exc(f"{msg_type}: field {name!r} missing or not {_kind_name(kind)}")
+    for name in ("conn", "port", "seq"):
+        if name in spec and not (0 <= msg[name] < 2**63):
+            raise exc(f"{msg_type}: field {name!r} out of range")
+    if "port" in spec and not (1 <= msg["port"] <= 65535):
+        raise exc(f"{msg_type}: port {msg['port']} out of range 1..65535")
+    return msg
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+class FrameDecoder:
+    """Control frames in, messages (dicts) out."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+        self.eof = False
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self.eof = True
+            return
+        if self.eof:
+            raise ProtocolError("data after end of stream")
+        self._buf += data
+
+    def next_message(self) -> dict | None:
+        """The next complete message, or None if more bytes are needed."""
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            if self.eof and buf:
+                raise ProtocolError("connection closed in the middle of a frame header")
+            return None
+        (length,) = _HEADER.unpack_from(buf)
+        if length > self._max:
+            raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {self._max}")
+        if len(buf) < HEADER_SIZE + length:
+            if self.eof:
+                raise ProtocolError("connection closed in the middle of a frame")
+            return None
+        body = bytes(buf[HEADER_SIZE:HEADER_SIZE + length])
+        del buf[:HEADER_SIZE + length]
+        try:
+            msg = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from None
+        return _check(msg, ProtocolError)
+
+    def take_leftover(self) -> bytes:
+        """Bytes received after the last complete frame (the start of the chunk stream)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class ChunkDecoder:
+    """The chunk stream of one direction of a data connection.
+
+    `feed(view)` returns ``(payloads, end)``: the payload pieces in order (memoryviews into
+    `view`, valid until the caller reuses its buffer) and ``None``, ``"end"`` or ``"abort"``.
+    """
+
+    __slots__ = ("_hdr", "_remaining", "ended", "max_chunk")
+
+    def __init__(self, max_chunk: int = MAX_CHUNK) -> None:
+        self._hdr = b""
+        self._remaining = 0
+        self.ended: str | None = None
+        self.max_chunk = max_chunk
+
+    def feed(self, view: memoryview) -> tuple[list[memoryview], str | None]:
+        payloads: list[memoryview] = []
+        pos, n = 0, len(view)
+        while pos < n:
+            if self.ended is not None:
+                raise ProtocolError(f"data after {self.ended.upper()} on the data stream")
+            if self._remaining:
+                take = min(self._remaining, n - pos)
+                payloads.append(view[pos:pos + take])
+                pos += take
+                self._remaining -= take
+                continue
+            need = HEADER_SIZE - len(self._hdr)
+            if need < HEADER_SIZE or n - pos < HEADER_SIZE:
+                piece = bytes(view[pos:pos + need])
+                self._hdr += piece
+                pos += len(piece)
+                if len(self._hdr) < HEADER_SIZE:
+                    break
+                (length,) = _HEADER.unpack(self._hdr)
+                self._hdr = b""
+            else:
+                (length,) = _HEADER.unpack_from(view, pos)
+                pos += HEADER_SIZE
+            if length == END:
+                self.ended = "end"
+            elif length == ABORT:
+                self.ended = "abort"
+            elif length > self.max_chunk:
+                raise ProtocolError(f"chunk of {length} bytes exceeds the maximum of {self.max_chunk}")
+            else:
+                self._remaining = length
+        return payloads, self.ended
+
+    @property
+    def mid_chunk(self) -> bool:
+        return bool(self._remaining or self._hdr)
+
+
+def chunk_header(length: int) -> bytes:
+    return _HEADER.pack(length)
