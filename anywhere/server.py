@@ -79,7 +79,7 @@ def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
     if entries is None:
         return []
     if isinstance(entries, str):
-        entries = [e for e in entries.split(",")]
+        entries = [e for e in entries.split(",") if e.strip()]
     if not isinstance(entries, list):
         raise ValueError(f"{what} must be a list of IP addresses or CIDRs")
     nets: list[Network] = []
