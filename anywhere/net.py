@@ -60,8 +60,11 @@ def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -
                 socks.append(_listen_any(port, backlog))
                 continue
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            for family, kind, proto, _, sockaddr in infos[:1] if host == "localhost" else infos:
-                socks.append(_bind(family, sockaddr, backlog, v6only=True))
+            seen = set()
+            for family, _type, _proto, _name, sockaddr in infos:
+                if sockaddr[:2] not in seen:
+                    seen.add(sockaddr[:2])
+                    socks.append(_bind(family, sockaddr, backlog, v6only=True))
     except OSError:
         for s in socks:
             s.close()
