@@ -167,6 +167,42 @@ class Agent:
         log.warning("%s; retrying in %.1f s", reason, delay)
         self._retry = self.loop.call_later(delay, self._connect)
 
+    def reload(self, new: AgentConfig) -> list[str]:
+        """Apply a new configuration; all or nothing (raises tls.CredentialError and changes nothing).
+
+        Relays are never touched.  If anything about reaching the server changed (address, name,
+        id, credentials), the admin connection is re-established with the new settings now.
+        """
+        ctx = tls.client_context(new.ca, new.cert, new.key)
+        old = self.config
+        changed = [f for f in vars(old) if getattr(old, f) != getattr(new, f)]
+        self.ctx = ctx
+        self.config = new
+        reconnect = {"agent_id", "server_host", "server_port", "server_name", "ca", "cert", "key"} & set(changed)
+        if reconnect and not self.closed:
+            log.info("reload: %s changed; reconnecting to the server", ", ".join(sorted(reconnect)))
+            self.failures = 0
+            if self.conn is not None:
+                conn, self.conn = self.conn, None
+                self.connected = False
+                if self._hb:
+                    self._hb.cancel()
+                    self._hb = None
+                conn.close("reconnecting with a new configuration")
+            if self.dialer is not None:
+                self.dialer.cancel()
+                self.dialer = None
+            if self._retry is not None:
+                self._retry.cancel()
+            self._connect()
+        log.info("configuration reloaded%s", f"; changed: {', '.join(changed)}" if changed else "; nothing changed")
+        return changed
+
+    def status_line(self) -> str:
+        where = f"{self.config.server_host}:{self.config.server_port}"
+        state = f"connected to {self.server_id or where}" if self.connected else f"connecting to {where}"
+        return f"agent {self.config.agent_id}: {state}, {len(self.relays)} connection(s)"
+
     # -- requests ------------------------------------------------------------------------------------
     def _on_open(self, msg: dict) -> None:
         setup = _DataSetup(self, msg["conn"], msg["host"], msg["port"])

@@ -1,37 +1,56 @@
-"""anywhere: the agent, with the original's flags (-i -s -p --ca --cert --key)."""
+"""anywhere: the agent, with the original's flags (-i -s -p --ca --cert --key).
+
+Settings may also come from an INI file (`--config /etc/anywhere/agents/NAME.conf`, as the
+systemd template `anywhere-agent@NAME` runs it); flags given override the file, and the agent
+id defaults to NAME.  `anywhere check-config --config PATH` validates a file and prints the
+effective settings.  Under systemd: READY=1 once started, STATUS= with the connection state,
+watchdog pings from the loop; SIGHUP reloads the file (relays are kept).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from . import config as configuration
 from . import tls
 from .agent import Agent, AgentConfig
-from .common import DEFAULT_AGENT_PORT, __version__, default_credential, setup_logging
+from .common import __version__, default_credential, setup_logging
 from .credentials import valid_agent_id
 from .ctl import _port
+from .daemonize import AlreadyRunning, PidFile, detach
 from .loop import Loop
+from .notify import Notifier
 
 log = logging.getLogger("anywhere.agent")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="anywhere", description="The Anywhere agent: reach targets in this network for anywhered.")
+def build_parser(check: bool = False) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anywhere check-config" if check else "anywhere",
+                                     description="The Anywhere agent: reach targets in this network for anywhered. "
+                                                 "`anywhere check-config --config PATH` validates a configuration file.")
     parser.add_argument("--version", action="version", version=f"anywhere agent {__version__}")
-    parser.add_argument("-i", "--agent-id", help="this agent's id (default: the identity in its certificate)")
-    parser.add_argument("-s", "--server-ip", required=True, help="the server's name or address (v4 or v6)")
-    parser.add_argument("-p", "--server-port", type=_port, default=DEFAULT_AGENT_PORT, help="the server's agent port (default 1111)")
+    parser.add_argument("--config", metavar="PATH", help="configuration file, e.g. /etc/anywhere/agents/NAME.conf")
+    parser.add_argument("-i", "--agent-id", help="this agent's id (default: NAME of the config file, else the certificate's identity)")
+    parser.add_argument("-s", "--server-ip", help="the server's name or address (v4 or v6)")
+    parser.add_argument("-p", "--server-port", type=_port, help="the server's agent port (default 1111)")
     parser.add_argument("--server-name", help="the name to expect in the server's certificate (default: --server-ip)")
     parser.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
     parser.add_argument("--cert", help="this agent's certificate (default credential/client.crt)")
     parser.add_argument("--key", help="this agent's private key (default credential/client.key)")
-    parser.add_argument("--dial-timeout", type=float, default=5.0, help="seconds to reach a target (default 5)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--dial-timeout", type=float, help="seconds to reach a target (default 5)")
+    parser.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
+    parser.add_argument("--log-file", help="append logs to this file instead of stderr")
+    if not check:
+        parser.add_argument("--daemon", action="store_true", help="detach (hosts without systemd; needs --pidfile)")
+        parser.add_argument("--pidfile", help="pid file for --daemon (locked; a second start is refused)")
     return parser
 
 
@@ -46,28 +65,106 @@ def certificate_identity(cert_path: str) -> str | None:
     return str(names[0].value) if names else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    cert = args.cert or default_credential("client.crt")
+def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
+    """Effective settings (defaults < file < flags) and the log level.  Raises ConfigError."""
+    overrides = {"agent_id": args.agent_id, "server": args.server_ip, "server_port": args.server_port,
+                 "server_name": args.server_name, "ca": args.ca, "cert": args.cert, "key": args.key,
+                 "dial_timeout": args.dial_timeout, "log_level": args.log_level}
+    if args.config:
+        name = os.path.basename(args.config)
+        name = name[:-5] if name.endswith(".conf") else name
+        values, _ = configuration.agent_config(args.config, name, overrides, required=True)
+    else:
+        values = {k: v for k, v in overrides.items() if v is not None}
+        values.setdefault("server_port", 1111)
+        values.setdefault("dial_timeout", 5.0)
+        values.setdefault("handshake_timeout", 10.0)
+        values.setdefault("log_level", "info")
+    where = args.config or "the command line"
+    if not values.get("server"):
+        raise configuration.ConfigError([f"{where}: no server: give -s HOST" + (" or set server in [agent]" if args.config else "")])
+    ca = values.get("ca") or default_credential("ca.crt")
+    if args.config and not values.get("cert"):
+        base = os.path.join(os.path.dirname(ca), values["agent_id"])
+        cert, key = values.get("cert") or base + ".crt", values.get("key") or base + ".key"
+    else:
+        cert = values.get("cert") or default_credential("client.crt")
+        key = values.get("key") or default_credential("client.key")
     identity = certificate_identity(cert)
-    agent_id = args.agent_id or identity
+    agent_id = values.get("agent_id") or identity
     if not agent_id:
-        print(f"anywhere: no --agent-id given and no identity readable from {cert}", file=sys.stderr)
-        return 2
+        raise configuration.ConfigError([f"{where}: no agent id given and no identity readable from {cert}"])
     if not valid_agent_id(agent_id):
-        print(f"anywhere: agent id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'", file=sys.stderr)
-        return 2
+        raise configuration.ConfigError([f"{where}: agent id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'"])
     if identity is not None and identity != agent_id:
-        print(f"anywhere: --agent-id {agent_id!r} does not match the identity of {cert} ({identity!r}); "
-              f"the server would refuse it. Issue a certificate for {agent_id!r} "
-              f"(anywherectl credentials issue {agent_id} DIR)", file=sys.stderr)
+        raise configuration.ConfigError([
+            f"{where}: agent id {agent_id!r} does not match the identity of {cert} ({identity!r}); the server "
+            f"would refuse it. Issue a certificate for {agent_id!r} (anywherectl credentials issue {agent_id} DIR)"])
+    config = AgentConfig(agent_id=agent_id, server_host=values["server"], server_port=int(values["server_port"]),
+                         server_name=values.get("server_name"), ca=os.path.abspath(ca), cert=os.path.abspath(cert),
+                         key=os.path.abspath(key), dial_timeout=float(values["dial_timeout"]),
+                         handshake_timeout=float(values.get("handshake_timeout") or 10.0))
+    return config, values["log_level"]
+
+
+def cmd_check_config(argv: list[str]) -> int:
+    args = build_parser(check=True).parse_args(argv)
+    try:
+        config, level = load(args)
+    except configuration.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    settings: dict[str, Any] = dict(vars(config))
+    settings["log_level"] = level
+    print(f"# {args.config or 'command line'}: OK; effective settings, flags applied:")
+    print("[agent]")
+    print(configuration.render(settings))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check-config"]:
+        return cmd_check_config(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        config, level = load(args)
+        setup_logging(level, args.log_file)
+    except configuration.ConfigError as exc:
+        print(f"anywhere: {exc}", file=sys.stderr)
         return 2
-    config = AgentConfig(agent_id=agent_id, server_host=args.server_ip, server_port=args.server_port,
-                         server_name=args.server_name, ca=args.ca or default_credential("ca.crt"), cert=cert,
-                         key=args.key or default_credential("client.key"), dial_timeout=args.dial_timeout)
+    except OSError as exc:
+        print(f"anywhere: {exc}", file=sys.stderr)
+        return 2
+    if args.daemon and not args.pidfile:
+        print("anywhere: --daemon needs --pidfile PATH", file=sys.stderr)
+        return 2
+    pidfile = PidFile(args.pidfile) if args.pidfile else None
+    if pidfile:
+        try:
+            pidfile.acquire()
+        except (AlreadyRunning, OSError) as exc:
+            print(f"anywhere: {exc}", file=sys.stderr)
+            return 1
+    try:
+        try:
+            tls.client_context(config.ca, config.cert, config.key)  # fail in the terminal, before detaching
+        except tls.CredentialError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        if args.daemon:
+            assert pidfile is not None  # checked above
+            detach(pidfile, os.path.abspath(args.log_file) if args.log_file else None)
+        return _run(config, args)
+    finally:
+        if pidfile:
+            pidfile.release()
+
+
+def _run(config: AgentConfig, args: argparse.Namespace) -> int:
     loop = Loop()
     agent = Agent(loop, config)
+    notifier = Notifier()
     try:
         agent.start()
     except tls.CredentialError as exc:
@@ -77,15 +174,37 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(signum: int) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
+        notifier.stopping()
         loop.stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
-    log.info("anywhere agent %s (%s) starting; server %s:%d", agent_id, __version__, args.server_ip, args.server_port)
+    def reload(_signum: int) -> None:
+        notifier.reloading()
+        try:
+            new, level = load(args)
+            agent.reload(new)
+            logging.getLogger().setLevel(level.upper())
+        except (configuration.ConfigError, tls.CredentialError) as exc:
+            log.error("reload refused, the running configuration stays in force: %s", exc)
+        finally:
+            notifier.ready(agent.status_line())
+
+    def report_status() -> None:
+        notifier.status(agent.status_line())
+        loop.call_later(2.0, report_status)
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    log.info("anywhere agent %s (%s) starting; server %s:%d", config.agent_id, __version__, config.server_host,
+             config.server_port)
+    notifier.ready(agent.status_line())
+    notifier.start_watchdog(loop)
+    report_status()
     try:
         loop.run()
     finally:
         agent.close()
+        notifier.close()
         loop.close()
     log.info("agent stopped")
     return 0

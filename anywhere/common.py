@@ -17,14 +17,15 @@ DEFAULT_STATE_DIR = "/var/lib/anywhere"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", log_file: str | None = None) -> None:
+    """Log to stderr (the journal under systemd) or append to `log_file`; raises OSError if it cannot be opened."""
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r} (use debug, info, warning or error)")
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(numeric)
@@ -37,12 +38,19 @@ def install_root() -> str | None:
     return None
 
 
+SYSTEM_CREDENTIALS = "/etc/anywhere/credential"
+
+
 def default_credential(name: str) -> str:
-    """credential/NAME as in the original layout: in the current directory, else beside bin/."""
+    """credential/NAME as in the original layout: in the current directory, else beside bin/
+    (the unpacked tarball), else /etc/anywhere/credential/NAME (the packages)."""
     relative = os.path.join("credential", name)
     if os.path.exists(relative):
         return relative
     root = install_root()
     if root and os.path.exists(os.path.join(root, relative)):
         return os.path.join(root, relative)
+    system = os.path.join(SYSTEM_CREDENTIALS, name)
+    if os.path.exists(system):
+        return system
     return relative

@@ -188,6 +188,17 @@ def cmd_status(args: argparse.Namespace) -> None:
                                           ("server_id", "version", "uptime", "agents", "proxies", "connections")))
 
 
+def cmd_reload(args: argparse.Namespace) -> None:
+    data = Client(args.admin_socket).call("POST", "/v1/reload")
+
+    def render(d: dict) -> str:
+        lines = [f"reloaded {d.get('config', '')}: " + (f"changed {', '.join(d['changed'])}" if d["changed"] else "nothing changed")]
+        if d.get("restart_required"):
+            lines.append(f"not applied until a restart: {', '.join(d['restart_required'])}")
+        return "\n".join(lines)
+    _emit(args, data, render)
+
+
 def cmd_credentials_init(args: argparse.Namespace) -> None:
     paths = credentials.init(args.dir, args.server_name, args.server_ip or [], force=args.force)
     print("wrote " + ", ".join(paths))
@@ -241,6 +252,8 @@ def add_admin_commands(sub: Any) -> None:
     agent.add_parser("list", parents=[common], help="list connected agents").set_defaults(func=cmd_agent_list)
     conn = sub.add_parser("conn", help="list live connections").add_subparsers(dest="verb", metavar="VERB", required=True)
     conn.add_parser("list", parents=[common], help="list live tunneled connections").set_defaults(func=cmd_conn_list)
+    sub.add_parser("reload", parents=[common], help="make the daemon re-read its configuration; fails if it is refused"
+                   ).set_defaults(func=cmd_reload)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ import socket
 import ssl
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from . import state, tls
 from .admin import AdminServer, ApiError, listen_unix
@@ -257,6 +257,9 @@ class Server:
         self.admin = AdminServer(loop, self.handle_api)
         self._next_id = secrets.randbits(30) + 1
         self.closed = False
+        self.draining = False
+        # set by the entry point: re-reads the configuration, returns the outcome or raises ApiError
+        self.reload_hook: Callable[[], dict] | None = None
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -287,6 +290,49 @@ class Server:
             log.error("stored proxy %s not restored: %s", spec.get("name", spec), exc.message)
             return
         log.info("proxy %s restored: port %d → agent %s → %s", proxy.name, proxy.remote_port, proxy.agent_id, proxy.target)
+
+    # -- reload and drain ------------------------------------------------------------------------
+    RESTART_ONLY = ("port", "bind", "proxy_bind", "admin_socket", "state_dir")
+
+    def reload(self, new: ServerConfig) -> dict:
+        """Apply a new configuration to what can change at run time; all or nothing.
+
+        The whitelist, timeouts, heartbeat, server id and credentials apply to new connections;
+        agent sessions and live connections are kept.  Listening addresses need a restart and
+        are reported as such.  Raises tls.CredentialError or ValueError, and then changes nothing.
+        """
+        nets = parse_whitelist(new.whitelist, "whitelist")
+        ctx = tls.server_context(new.ca, new.cert, new.key)
+        old = self.config
+        changed = [name for name in ("server_id", "ca", "cert", "key", "whitelist", "data_timeout",
+                                     "heartbeat", "handshake_timeout") if getattr(old, name) != getattr(new, name)]
+        restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+        for name in restart:
+            setattr(new, name, getattr(old, name))  # keep reporting what is really in force
+        self.ctx = ctx
+        self.global_nets = nets
+        self.config = new
+        for name in restart:
+            log.warning("reload: %s changed in the configuration; it takes effect at the next restart", name)
+        log.info("configuration reloaded%s", f"; changed: {', '.join(changed)}" if changed else "; nothing changed")
+        return {"changed": changed, "restart_required": restart}
+
+    def begin_drain(self) -> None:
+        """Stop accepting clients; live and pending connections may finish (the agent port stays open for them)."""
+        if self.draining:
+            return
+        self.draining = True
+        for proxy in self.proxies.values():
+            self._close_listeners(proxy)
+        log.info("draining: %d connection(s) live, %d waiting for their agent", len(self.tunnels), len(self.pending))
+
+    @property
+    def drained(self) -> bool:
+        return not self.tunnels and not self.pending
+
+    def status_line(self) -> str:
+        return (f"{len(self.sessions)} agent(s), {len(self.proxies)} prox{'y' if len(self.proxies) == 1 else 'ies'}, "
+                f"{len(self.tunnels)} connection(s)" + (" (draining)" if self.draining else ""))
 
     def close(self) -> None:
         """Stop everything: listeners, sessions, pending clients, tunnels, admin socket.  Idempotent."""
@@ -377,6 +423,9 @@ class Server:
 
     def _on_hello(self, conn: FramedConn, msg: dict) -> None:
         agent_id = msg["agent_id"]
+        if self.draining:
+            conn.send_and_close("error", "server stopping", reason="the server is stopping; try again shortly")
+            return
         session = AgentSession(self, conn, agent_id, msg["version"])
         old = self.sessions.get(agent_id)
         self.sessions[agent_id] = session  # replace first: the old session's close then changes nothing
@@ -467,6 +516,9 @@ class Server:
 
     def _on_client(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:
         peer = format_addr(addr)
+        if self.draining:
+            self._close_client(sock)
+            return
         nets = proxy.nets or self.global_nets
         if nets and not allowed(client_ip(addr), nets):
             log.warning("proxy %s: client %s refused: not in the %s whitelist", proxy.name, peer,
@@ -534,6 +586,7 @@ class Server:
             ("POST", "proxies", 0): lambda: self.api_add_proxy(body),
             ("DELETE", "proxies", 1): lambda: self.api_delete_proxy(rest[0]),
             ("GET", "connections", 0): lambda: self.api_connections(),
+            ("POST", "reload", 0): lambda: self.api_reload(),
         }
         route = routes.get((method, resource, len(rest)))
         if route is None:
@@ -541,6 +594,11 @@ class Server:
                 raise ApiError(405, f"method {method} not allowed on {path}")
             raise ApiError(404, f"no such endpoint {path}")
         return route()
+
+    def api_reload(self) -> tuple[int, Any]:
+        if self.reload_hook is None:
+            raise ApiError(501, "this server was started without a configuration to reload")
+        return 200, self.reload_hook()
 
     def api_status(self) -> tuple[int, Any]:
         return 200, {"server_id": self.config.server_id, "version": __version__,

@@ -1,23 +1,40 @@
-"""anywhered: `start` runs the server; `proxy`, `agent` and `conn` drive a running one (as anywherectl)."""
+"""anywhered: `start` runs the server, `check-config` checks its configuration, and
+`proxy`/`agent`/`conn`/`reload` drive a running one (as anywherectl does).
+
+Settings come from /etc/anywhere/anywhered.conf (or `--config PATH`), and every flag given on
+the command line overrides the file.  Under systemd the process notifies READY=1 once its
+listeners and admin socket exist, pings the watchdog from its loop, reports live counts in
+STATUS=, reloads on `anywherectl reload` or SIGHUP (RELOADING=1 … READY=1), and on SIGTERM
+stops accepting, lets live connections finish for `drain_timeout` seconds, then exits 0.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+from typing import Any
 
+from . import config as configuration
 from . import ctl, state, tls
-from .common import (DEFAULT_ADMIN_SOCKET, DEFAULT_AGENT_PORT, DEFAULT_STATE_DIR, __version__,
-                     default_credential, setup_logging)
+from .admin import ApiError
+from .common import DEFAULT_ADMIN_SOCKET, __version__, default_credential, setup_logging
+from .daemonize import AlreadyRunning, PidFile, detach
 from .loop import Loop
-from .server import Server, ServerConfig, parse_whitelist
+from .notify import Notifier
+from .server import Server, ServerConfig
 
 log = logging.getLogger("anywhere.server")
 
+STATUS_INTERVAL = 2.0
 
-def _hosts(text: str) -> list[str]:
-    return [h.strip() for h in text.split(",")] if text else [""]
+
+def _hosts(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [h.strip() for h in text.split(",")] if text.strip() else [""]
 
 
 def _positive(text: str) -> float:
@@ -30,69 +47,198 @@ def _positive(text: str) -> float:
     return value
 
 
+def _server_options(p: argparse.ArgumentParser) -> None:
+    # every default is None: only flags actually given override the configuration file
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help=f"configuration file (default {configuration.DEFAULT_SERVER_CONFIG}, used if it exists)")
+    p.add_argument("-p", "--port", type=ctl._port, help="agent port (default 1111)")
+    p.add_argument("-s", "--server-id", help="this server's id, told to agents (default anywhered)")
+    p.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
+    p.add_argument("--cert", help="server certificate (default credential/server.crt)")
+    p.add_argument("--key", help="server private key (default credential/server.key)")
+    p.add_argument("--wl", help="global whitelist: comma-separated IPs/CIDRs, v4 or v6 (none: open)")
+    p.add_argument("-a", "--api-port", type=ctl._port, help="REST API port (accepted; not used yet)")
+    p.add_argument("-g", "--grpc-port", type=ctl._port, help="gRPC port (accepted; not used yet)")
+    p.add_argument("--bind", help="addresses for the agent port, comma-separated (default: all, v4+v6)")
+    p.add_argument("--proxy-bind", help="addresses for proxy ports, comma-separated (default: all, v4+v6)")
+    p.add_argument("--admin-socket", help=f"admin API socket (default {DEFAULT_ADMIN_SOCKET})")
+    p.add_argument("--state-dir", help="where proxies are stored (default /var/lib/anywhere)")
+    p.add_argument("--data-timeout", type=_positive, help="seconds to wait for the agent's data connection (default 10)")
+    p.add_argument("--heartbeat", type=_positive, help="heartbeat interval in seconds (default 5)")
+    p.add_argument("--handshake-timeout", type=_positive, help="TLS handshake and hello timeout (default 10)")
+    p.add_argument("--drain-timeout", type=_positive, help="seconds live connections may finish on SIGTERM (default 10)")
+    p.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
+    p.add_argument("--log-file", help="append logs to this file instead of stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anywhered", description="The Anywhere server.")
     parser.add_argument("--version", action="version", version=f"anywhered {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    start = sub.add_parser("start", help="run the server in the foreground")
-    start.add_argument("-p", "--port", type=ctl._port, default=DEFAULT_AGENT_PORT, help="agent port (default 1111)")
-    start.add_argument("-s", "--server-id", default="anywhered", help="this server's id, told to agents")
-    start.add_argument("--ca", default=None, help="CA certificate (default credential/ca.crt)")
-    start.add_argument("--cert", default=None, help="server certificate (default credential/server.crt)")
-    start.add_argument("--key", default=None, help="server private key (default credential/server.key)")
-    start.add_argument("--wl", default="", help="global whitelist: comma-separated IPs/CIDRs, v4 or v6 (none: open)")
-    start.add_argument("-a", "--api-port", type=ctl._port, help="REST API port (accepted; not used yet)")
-    start.add_argument("-g", "--grpc-port", type=ctl._port, help="gRPC port (accepted; not used yet)")
-    start.add_argument("--bind", default="", help="addresses for the agent port, comma-separated (default: all, v4+v6)")
-    start.add_argument("--proxy-bind", default="", help="addresses for proxy ports, comma-separated (default: all, v4+v6)")
-    start.add_argument("--admin-socket", default=DEFAULT_ADMIN_SOCKET, help=f"admin API socket (default {DEFAULT_ADMIN_SOCKET})")
-    start.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"where proxies are stored (default {DEFAULT_STATE_DIR})")
-    start.add_argument("--data-timeout", type=_positive, default=10.0, help="seconds to wait for the agent's data connection (default 10)")
-    start.add_argument("--heartbeat", type=_positive, default=5.0, help="heartbeat interval in seconds (default 5)")
-    start.add_argument("--handshake-timeout", type=_positive, default=10.0, help="TLS handshake and hello timeout (default 10)")
-    start.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    start = sub.add_parser("start", help="run the server")
+    _server_options(start)
+    start.add_argument("--daemon", action="store_true", help="detach (hosts without systemd; needs --pidfile)")
+    start.add_argument("--pidfile", help="pid file for --daemon (locked; a second start is refused)")
     start.set_defaults(func=cmd_start)
+    check = sub.add_parser("check-config", help="validate the configuration and print the effective settings")
+    _server_options(check)
+    check.set_defaults(func=cmd_check_config)
     ctl.add_admin_commands(sub)
     return parser
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
+    """The effective settings: defaults < configuration file < flags.  Raises configuration.ConfigError."""
+    path = args.config or configuration.DEFAULT_SERVER_CONFIG
+    overrides = {
+        "port": args.port, "server_id": args.server_id, "ca": args.ca, "cert": args.cert, "key": args.key,
+        "whitelist": None if args.wl is None else [e.strip() for e in args.wl.split(",") if e.strip()],
+        "bind": _hosts(args.bind), "proxy_bind": _hosts(args.proxy_bind), "admin_socket": args.admin_socket,
+        "state_dir": args.state_dir, "data_timeout": args.data_timeout, "heartbeat": args.heartbeat,
+        "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout,
+        "log_level": args.log_level,
+    }
+    if args.wl is not None:
+        try:
+            configuration.check_networks(overrides["whitelist"])
+        except configuration.ValidateError as exc:
+            raise configuration.ConfigError([f"--wl {args.wl}: {exc}"]) from None
+    config, extra = configuration.server_config(path, overrides, required=args.config is not None)
+    for name in ("ca", "cert", "key"):
+        if getattr(config, name) is None:
+            setattr(config, name, default_credential({"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}[name]))
+    for name in ("ca", "cert", "key", "admin_socket", "state_dir"):
+        setattr(config, name, os.path.abspath(getattr(config, name)))
+    return config, extra
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        parse_whitelist(args.wl, "--wl")
-    except ValueError as exc:
-        print(f"anywhered: {exc}", file=sys.stderr)
+        config, extra = load(args)
+    except configuration.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    settings: dict[str, Any] = dict(vars(config))
+    for name in ("bind", "proxy_bind"):
+        settings[name] = ["*" if h == "" else h for h in settings[name]]
+    settings.update(extra)
+    path = args.config or configuration.DEFAULT_SERVER_CONFIG
+    source = path if os.path.exists(path) else f"{path} (absent: built-in defaults)"
+    print(f"# {source}: OK; effective settings, flags applied:")
+    print("[server]")
+    print(configuration.render(settings))
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    try:
+        config, extra = load(args)
+        setup_logging(extra["log_level"], args.log_file)
+    except (configuration.ConfigError, OSError) as exc:
+        print(f"anywhered: {exc}" if isinstance(exc, OSError) else str(exc), file=sys.stderr)
         return 2
-    config = ServerConfig(
-        port=args.port, bind=_hosts(args.bind), proxy_bind=_hosts(args.proxy_bind), server_id=args.server_id,
-        ca=args.ca or default_credential("ca.crt"), cert=args.cert or default_credential("server.crt"),
-        key=args.key or default_credential("server.key"),
-        whitelist=[e.strip() for e in args.wl.split(",") if e.strip()], admin_socket=args.admin_socket,
-        state_dir=args.state_dir, data_timeout=args.data_timeout, heartbeat=args.heartbeat,
-        handshake_timeout=args.handshake_timeout)
+    if args.daemon and not args.pidfile:
+        print("anywhered: --daemon needs --pidfile PATH", file=sys.stderr)
+        return 2
     for flag, value in (("--api-port", args.api_port), ("--grpc-port", args.grpc_port)):
         if value is not None:
             log.warning("%s %d accepted but not used yet: the admin API is on the Unix socket %s",
-                        flag, value, args.admin_socket)
+                        flag, value, config.admin_socket)
+    pidfile = PidFile(args.pidfile) if args.pidfile else None
+    if pidfile:
+        try:
+            pidfile.acquire()
+        except (AlreadyRunning, OSError) as exc:
+            print(f"anywhered: {exc}", file=sys.stderr)
+            return 1
     loop = Loop()
     server = Server(loop, config)
     try:
         server.start()
-    except (OSError, tls.CredentialError, state.StateError) as exc:
+    except (OSError, tls.CredentialError, state.StateError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         loop.close()
+        if pidfile:
+            pidfile.release()
         return 1
+    try:
+        if args.daemon:
+            assert pidfile is not None  # checked above
+            detach(pidfile, os.path.abspath(args.log_file) if args.log_file else None)
+        return _serve(loop, server, args, extra)
+    finally:
+        if pidfile:
+            pidfile.release()
 
-    def stop(signum: int) -> None:
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        loop.stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop)
+def _serve(loop: Loop, server: Server, args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    notifier = Notifier()
+    drain_timeout = float(extra["drain_timeout"])
+    stopping: dict[str, Any] = {"deadline": None}
+
+    def reload() -> dict:
+        notifier.reloading()
+        try:
+            try:
+                new, new_extra = load(args)
+            except configuration.ConfigError as exc:
+                log.error("reload refused, the running configuration stays in force:\n%s", exc)
+                raise ApiError(422, f"configuration refused, nothing changed:\n{exc}") from None
+            try:
+                outcome = server.reload(new)
+            except (tls.CredentialError, ValueError) as exc:
+                log.error("reload refused, the running configuration stays in force: %s", exc)
+                raise ApiError(422, f"configuration refused, nothing changed: {exc}") from None
+            logging.getLogger().setLevel(new_extra["log_level"].upper())
+            nonlocal drain_timeout
+            drain_timeout = float(new_extra["drain_timeout"])
+            outcome["config"] = args.config or configuration.DEFAULT_SERVER_CONFIG
+            return outcome
+        finally:
+            notifier.ready(server.status_line())
+
+    def on_hup(_signum: int) -> None:
+        try:
+            reload()
+        except ApiError:
+            pass  # logged by reload()
+
+    def on_stop(signum: int) -> None:
+        if stopping["deadline"] is not None:
+            log.info("received %s again; closing every connection now", signal.Signals(signum).name)
+            loop.stop()
+            return
+        log.info("received %s; stopping: no new connections, up to %g s for live ones to finish",
+                 signal.Signals(signum).name, drain_timeout)
+        stopping["deadline"] = loop.time() + drain_timeout
+        server.begin_drain()
+        notifier.stopping(server.status_line())
+        check_drained()
+
+    def check_drained() -> None:
+        if server.drained or loop.time() >= stopping["deadline"]:
+            if not server.drained:
+                log.warning("drain time over: closing %d remaining connection(s)", len(server.tunnels) + len(server.pending))
+            loop.stop()
+            return
+        loop.call_later(0.05, check_drained)
+
+    def report_status() -> None:
+        notifier.status(server.status_line())
+        loop.call_later(STATUS_INTERVAL, report_status)
+
+    server.reload_hook = reload
+    loop.add_signal_handler(signal.SIGTERM, on_stop)
+    loop.add_signal_handler(signal.SIGINT, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    notifier.ready(server.status_line())
+    notifier.start_watchdog(loop)
+    report_status()
     try:
         loop.run()
     finally:
         server.close()
+        notifier.close()
         loop.close()
     log.info("anywhered stopped")
     return 0
@@ -100,8 +246,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func is cmd_start:
-        return cmd_start(args)
+    if args.func in (cmd_start, cmd_check_config):
+        return args.func(args)
     return ctl.run(args, "anywhered")
 
 

@@ -1,0 +1,276 @@
+"""INI configuration files, read with configobj and checked with validate against the specs below.
+
+Theory of operation
+-------------------
+A config file is parsed → checked against its configspec (which fills the defaults) → turned
+into a `ServerConfig` / `AgentConfig`; command-line flags that were given override the file.
+Every problem is collected before anything is reported, and each one names the file, the
+section, the key, the bad value and what is expected::
+
+    anywhered.conf [server] port = 70000: must be 1..65535
+
+Unknown sections and keys are errors too (a typo must not be silently ignored).  The checks
+are our own validate functions (`port`, `seconds`, `addresses`, `networks`, …) so the messages
+say what an operator needs, not what a type system would.  Nothing here opens a socket: a bad
+file stops the process before it binds anything, and a reload that fails changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import fields, replace
+from typing import Any, Callable
+
+from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
+from validate import ValidateError, Validator
+
+from .agent import AgentConfig
+from .credentials import valid_agent_id
+from .server import HOSTNAME_RE, ServerConfig
+
+DEFAULT_SERVER_CONFIG = "/etc/anywhere/anywhered.conf"
+AGENTS_DIR = "/etc/anywhere/agents"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+SERVER_SPEC = """
+[server]
+port = port(default=1111)
+bind = addresses(default=list())
+proxy_bind = addresses(default=list())
+server_id = name(default=anywhered)
+ca = path(default=None)
+cert = path(default=None)
+key = path(default=None)
+whitelist = networks(default=list())
+admin_socket = path(default=/run/anywhere/anywhered.sock)
+state_dir = path(default=/var/lib/anywhere)
+data_timeout = seconds(default=10)
+handshake_timeout = seconds(default=10)
+heartbeat = seconds(default=5)
+drain_timeout = seconds(default=10)
+log_level = loglevel(default=info)
+""".strip().splitlines()
+
+AGENT_SPEC = """
+[agent]
+agent_id = agentid(default=None)
+server = host(default=None)
+server_port = port(default=1111)
+server_name = host(default=None)
+ca = path(default=None)
+cert = path(default=None)
+key = path(default=None)
+dial_timeout = seconds(default=5)
+handshake_timeout = seconds(default=10)
+log_level = loglevel(default=info)
+""".strip().splitlines()
+
+
+class ConfigError(Exception):
+    """One or more problems in a config file; str() has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Bad(ValidateError):
+    pass
+
+
+# -- checks (validate functions): value in, converted value out, _Bad("what is expected") ------------
+def _text(value: Any) -> str:
+    if isinstance(value, list):
+        raise _Bad("must be a single value, not a list")
+    return str(value).strip()
+
+
+def _list(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def check_port(value: Any, default: Any = None) -> int:
+    text = _text(value)
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise _Bad("must be 1..65535")
+    return int(text)
+
+
+def check_seconds(value: Any, default: Any = None) -> float:
+    text = _text(value)
+    try:
+        number = float(text)
+    except ValueError:
+        raise _Bad("must be a number of seconds greater than 0") from None
+    if not 0 < number <= 86400:
+        raise _Bad("must be a number of seconds greater than 0 (at most 86400)")
+    return number
+
+
+def check_path(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if not text:
+        raise _Bad("must be a path")
+    return text
+
+
+def check_name(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if not text or len(text) > 64 or not text.isprintable():
+        raise _Bad("must be 1-64 printable characters")
+    return text
+
+
+def check_agent_id(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if not valid_agent_id(text):
+        raise _Bad("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return text
+
+
+def check_host(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if not (_is_ip(text) or HOSTNAME_RE.match(text)):
+        raise _Bad("must be a host name or an IP address")
+    return text
+
+
+def check_addresses(value: Any, default: Any = None) -> list[str]:
+    items = _list(value)
+    for item in items:
+        if item not in ("*", "::") and not _is_ip(item) and not HOSTNAME_RE.match(item):
+            raise _Bad(f"{item!r} is not an address: use IP addresses or host names, comma-separated")
+    return ["" if i in ("*", "::") else i for i in items]
+
+
+def check_networks(value: Any, default: Any = None) -> list[str]:
+    items = _list(value)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _Bad(f"{item!r} is not an IP address or CIDR (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)") from None
+    return items
+
+
+def check_loglevel(value: Any, default: Any = None) -> str:
+    text = _text(value).lower()
+    if text not in LOG_LEVELS:
+        raise _Bad(f"must be one of {', '.join(LOG_LEVELS)}")
+    return text
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+CHECKS: dict[str, Callable[..., Any]] = {
+    "port": check_port, "seconds": check_seconds, "path": check_path, "name": check_name,
+    "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
+    "networks": check_networks, "loglevel": check_loglevel,
+}
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+def read(path: str, spec: list[str], required: bool = True) -> dict[str, dict[str, Any]]:
+    """Parse and check one file; {section: {key: value}} with defaults filled.  Raises ConfigError."""
+    label = path
+    if not os.path.exists(path):
+        if required:
+            raise ConfigError([f"{label}: no such file"])
+        cfg = ConfigObj([], configspec=spec, encoding="utf-8")
+    else:
+        try:
+            cfg = ConfigObj(path, configspec=spec, encoding="utf-8", file_error=True, raise_errors=False,
+                            list_values=True, interpolation=False)
+        except ConfigObjError as exc:
+            errors = getattr(exc, "errors", None) or [exc]
+            raise ConfigError([f"{label} line {getattr(e, 'line_number', '?')}: {_parse_message(e)}" for e in errors]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{label}: cannot read: {exc}"]) from None
+    raw = {section: dict(cfg[section]) for section in cfg.sections if isinstance(cfg[section], dict)}
+    problems: list[str] = []
+    result = cfg.validate(Validator(CHECKS), preserve_errors=True, copy=False)
+    if result is not True:
+        for sections, key, error in flatten_errors(cfg, result):
+            where = "".join(f"[{s}]" for s in sections)
+            if key is None:
+                problems.append(f"{label} {where}: missing section")
+                continue
+            value = _lookup(raw, sections).get(key)
+            shown = ", ".join(value) if isinstance(value, list) else value
+            reason = str(error) if error else "is required"
+            problems.append(f"{label} {where} {key} = {shown}: {reason}")
+    for sections, name in get_extra_values(cfg):
+        where = "".join(f"[{s}]" for s in sections)
+        kind = "section" if isinstance(_lookup(cfg, sections).get(name), dict) else "key"
+        if kind == "section":
+            problems.append(f"{label} [{name}]: unknown section")
+        else:
+            problems.append(f"{label} {where} {name}: unknown key" if where else f"{label} {name}: unknown key (outside any section)")
+    if problems:
+        raise ConfigError(problems)
+    return {section: dict(cfg[section]) for section in cfg.sections}
+
+
+def _lookup(tree: Any, sections: list[str]) -> dict:
+    for s in sections:
+        tree = tree.get(s, {}) if isinstance(tree, dict) else {}
+    return tree if isinstance(tree, dict) else {}
+
+
+def _parse_message(error: Exception) -> str:
+    text = str(error)
+    # configobj says e.g. 'Invalid line ("port 70") (matched as neither section nor keyword) at line 3.'
+    return text.split(" at line ")[0] if " at line " in text else text
+
+
+# -- building the role configs ---------------------------------------------------------------------------
+def server_config(path: str, overrides: dict[str, Any], required: bool = False) -> tuple[ServerConfig, dict[str, Any]]:
+    """The server's settings: file (if any) over defaults, then `overrides` (flags given) on top.
+
+    Returns the config and the extra settings that are not part of ServerConfig (log_level, drain_timeout).
+    """
+    values = read(path, SERVER_SPEC, required=required)["server"]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(ServerConfig)}
+    config = replace(ServerConfig(), **{k: v for k, v in values.items() if k in known})
+    config.bind = list(config.bind) or [""]
+    config.proxy_bind = list(config.proxy_bind) or [""]
+    extra = {k: v for k, v in values.items() if k not in known}
+    return config, extra
+
+
+def agent_config(path: str, name: str | None, overrides: dict[str, Any], required: bool = True) -> tuple[dict[str, Any], str]:
+    """The agent's settings as a dict (AgentConfig's fields + log_level): file, then overrides."""
+    values = read(path, AGENT_SPEC, required=required)["agent"]
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("agent_id") is None and name:
+        values["agent_id"] = name
+    return values, path
+
+
+def agents_config_path(name: str) -> str:
+    return os.path.join(AGENTS_DIR, f"{name}.conf")
+
+
+def render(settings: dict[str, Any]) -> str:
+    """Effective settings, INI style, for check-config."""
+    lines = []
+    for key in sorted(settings):
+        value = settings[key]
+        if isinstance(value, list):
+            value = ", ".join(value) if value else "(none)"
+        elif value is None:
+            value = "(unset)"
+        lines.append(f"{key} = {value}")
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "read", "server_config", "agent_config", "render", "AgentConfig", "ServerConfig"]

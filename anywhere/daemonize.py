@@ -1,0 +1,67 @@
+"""`--daemon --pidfile PATH` for hosts without systemd (never used under systemd).
+
+The pid file is locked with fcntl.flock in the parent, before detaching, so a second start
+is refused in the operator's terminal ("already running as pid N") rather than in a log; the
+lock's fd is kept across the detach, the pid is rewritten by the daemon, and the file is removed
+on exit.  Detaching uses python-daemon's DaemonContext with umask 0o027, every file descriptor
+already open (listeners bound before detaching, so bind errors also reach the terminal) kept,
+and no signal handlers of its own: the loop installs ours.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class PidFile:
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(f"already running as pid {other} (pid file {self.path} is locked)") from None
+        self.fd = fd
+        self.write()
+
+    def write(self) -> None:
+        assert self.fd is not None  # acquire() first (our own call order)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def open_fds() -> list[int]:
+    return [int(n) for n in os.listdir("/proc/self/fd") if int(n) > 2]
+
+
+def detach(pidfile: PidFile, log_file: str | None) -> None:
+    """Become a daemon: the parent exits 0, the child returns from here."""
+    import daemon  # python-daemon; imported here so the normal path does not need it
+
+    stream = open(log_file, "a", buffering=1) if log_file else None  # noqa: SIM115 (lives as long as the daemon)
+    keep = open_fds()
+    ctx = daemon.DaemonContext(files_preserve=keep, umask=0o027, working_directory="/", signal_map={},
+                               stdout=stream, stderr=stream, detach_process=True)
+    ctx.open()
+    pidfile.write()
