@@ -9,10 +9,12 @@ PYTEST_ARGS ?=
 
 all: test
 
-# Debian packages the tests use: iproute2 (ip netns, for the multi-host tests), python3-venv.
+# Debian packages the tests use: iproute2 (ip netns, for the multi-host tests), systemd
+# (systemd-analyze, for the unit checks), python3-venv.
 system-deps:
 	@missing=""; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

@@ -1,0 +1,173 @@
+"""Config files: every key's bad value names file, section, key, value and what is expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anywhere import config
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+
+SERVER_BAD = [
+    ("port", "70000", "must be 1..65535"),
+    ("port", "http", "must be 1..65535"),
+    ("bind", "not an address!", "is not an address"),
+    ("proxy_bind", "1.2.3.4, -bad-", "is not an address"),
+    ("server_id", "x" * 65, "must be 1-64 printable characters"),
+    ("ca", '""', "must be a path"),
+    ("cert", '""', "must be a path"),
+    ("key", '""', "must be a path"),
+    ("whitelist", "203.0.113.7, 10.0.0.0/33", "'10.0.0.0/33' is not an IP address or CIDR"),
+    ("admin_socket", '""', "must be a path"),
+    ("state_dir", '""', "must be a path"),
+    ("data_timeout", "soon", "must be a number of seconds greater than 0"),
+    ("handshake_timeout", "-1", "must be a number of seconds greater than 0"),
+    ("heartbeat", "0", "must be a number of seconds greater than 0"),
+    ("drain_timeout", "1e9", "must be a number of seconds greater than 0"),
+    ("log_level", "loud", "must be one of debug, info, warning, error"),
+]
+
+AGENT_BAD = [
+    ("agent_id", "agent 1", "must be 1-64 letters, digits"),
+    ("server", "bad host!", "must be a host name or an IP address"),
+    ("server_port", "0", "must be 1..65535"),
+    ("server_name", "a b", "must be a host name or an IP address"),
+    ("ca", '""', "must be a path"),
+    ("cert", '""', "must be a path"),
+    ("key", '""', "must be a path"),
+    ("dial_timeout", "x", "must be a number of seconds greater than 0"),
+    ("handshake_timeout", "0", "must be a number of seconds greater than 0"),
+    ("log_level", "verbose", "must be one of debug, info, warning, error"),
+]
+
+
+def test_every_server_key_is_covered():
+    keys = {line.split("=")[0].strip() for line in config.SERVER_SPEC if "=" in line}
+    assert keys == {k for k, _, _ in SERVER_BAD}
+
+
+def test_every_agent_key_is_covered():
+    keys = {line.split("=")[0].strip() for line in config.AGENT_SPEC if "=" in line}
+    assert keys == {k for k, _, _ in AGENT_BAD}
+
+
+@pytest.mark.parametrize("key,value,expected", SERVER_BAD)
+def test_server_bad_value_message(tmp_path, key, value, expected):
+    path = tmp_path / "anywhered.conf"
+    path.write_text(f"[server]\n{key} = {value}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.server_config(str(path), {})
+    shown = value.strip('"')
+    assert str(err.value).startswith(f"{path} [server] {key} = {shown}: ")
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("key,value,expected", AGENT_BAD)
+def test_agent_bad_value_message(tmp_path, key, value, expected):
+    path = tmp_path / "agent-1.conf"
+    path.write_text(f"[agent]\nserver = 127.0.0.1\n{key} = {value}\n" if key != "server" else f"[agent]\n{key} = {value}\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.agent_config(str(path), "agent-1", {})
+    shown = value.strip('"')
+    assert f"{path} [agent] {key} = {shown}: " in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_documented_example_message(tmp_path):
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nport = 70000\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.server_config(str(path), {})
+    assert str(err.value) == f"{path} [server] port = 70000: must be 1..65535"
+
+
+def test_all_problems_reported_at_once_with_unknown_keys_and_sections(tmp_path):
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nport = 70000\ncolour = blue\nheartbeat = 0\n[extra]\na = 1\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.server_config(str(path), {})
+    problems = err.value.problems
+    assert f"{path} [server] port = 70000: must be 1..65535" in problems
+    assert f"{path} [server] colour: unknown key" in problems
+    assert f"{path} [extra]: unknown section" in problems
+    assert any("heartbeat = 0" in p for p in problems)
+    assert len(problems) == 4
+
+
+def test_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nport 1111\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.server_config(str(path), {})
+    assert f"{path} line 2:" in str(err.value)
+
+
+def test_defaults_without_file_and_flags_override_file(tmp_path):
+    cfg, extra = config.server_config(str(tmp_path / "absent.conf"), {})
+    assert (cfg.port, cfg.heartbeat, cfg.whitelist, extra["drain_timeout"], extra["log_level"]) == (1111, 5.0, [], 10.0, "info")
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nport = 2222\nwhitelist = 10.0.0.0/8, 2001:db8::/32\nheartbeat = 2\n")
+    cfg, _ = config.server_config(str(path), {"port": 3333, "heartbeat": None})
+    assert cfg.port == 3333  # the flag wins
+    assert cfg.heartbeat == 2.0  # a flag not given leaves the file's value
+    assert cfg.whitelist == ["10.0.0.0/8", "2001:db8::/32"]
+
+
+def test_explicit_missing_file_is_an_error(tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        config.server_config(str(tmp_path / "nope.conf"), {}, required=True)
+    assert "nope.conf: no such file" in str(err.value)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_prints_effective_settings(tmp_path):
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nport = 2222\nwhitelist = 203.0.113.7\n")
+    res = _run("anywhere.server_cli", "check-config", "--config", str(path), "--heartbeat", "3")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "port = 2222" in lines
+    assert "heartbeat = 3.0" in lines  # the flag applied
+    assert "whitelist = 203.0.113.7" in lines
+    assert "bind = *" in lines
+
+
+def test_check_config_refuses_bad_file_and_start_binds_nothing(tmp_path):
+    path = tmp_path / "anywhered.conf"
+    sock = tmp_path / "a.sock"
+    path.write_text(f"[server]\nport = 70000\nadmin_socket = {sock}\n")
+    res = _run("anywhere.server_cli", "check-config", "--config", str(path))
+    assert res.returncode == 1
+    assert f"{path} [server] port = 70000: must be 1..65535" in res.stderr
+    res = _run("anywhere.server_cli", "start", "--config", str(path))
+    assert res.returncode != 0
+    assert f"{path} [server] port = 70000: must be 1..65535" in res.stderr
+    assert not sock.exists()
+
+
+def test_agent_check_config_defaults_id_to_file_name(tmp_path, creds):
+    path = tmp_path / "agent-1.conf"
+    crt, key = creds.agent("agent-1")
+    path.write_text(f"[agent]\nserver = 127.0.0.1\nca = {creds.ca}\ncert = {crt}\nkey = {key}\n")
+    res = _run("anywhere.agent_cli", "check-config", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "agent_id = agent-1" in res.stdout.splitlines()
+    assert "server_port = 1111" in res.stdout.splitlines()
+    # an id that does not match the certificate is refused before anything starts
+    res = _run("anywhere.agent_cli", "check-config", "--config", str(path), "-i", "agent-2")
+    assert res.returncode == 1
+    assert "does not match the identity" in res.stderr
+
+
+def test_example_configs_are_valid():
+    cfg, _ = config.server_config(str(ETC / "anywhered.conf"), {}, required=True)
+    assert cfg.port == 1111
+    values, _ = config.agent_config(str(ETC / "agents" / "agent.conf.example"), "agent-1", {})
+    assert values["server"] == "tunnel.example.com" and values["agent_id"] == "agent-1"
