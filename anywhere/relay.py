@@ -41,7 +41,7 @@ import ssl
 from typing import Callable
 
 from .loop import READ, WRITE, Loop
-from .wire import ABORT, END, HEADER_SIZE, ChunkDecoder, ProtocolError, chunk_header, pack_header
+from .wire import ABORT, END, HEADER_SIZE, MAX_CHUNK, ChunkDecoder, ProtocolError, chunk_header, pack_header
 
 SCRATCH_SIZE = 256 * 1024
 MAX_ROUNDS = 4  # scratch buffers moved per readiness event before giving others a turn
@@ -180,6 +180,7 @@ class _Half:
                     return False
                 rest = b"".join(bytes(p) for p in payloads[i + 1:])
                 if rest:
+                    self.nbytes += len(rest)
                     self.pending += rest
                 if end is not None:
                     self._note_end(end)
@@ -263,6 +264,11 @@ class Relay:
             if initial and not self.closed:
                 if half.decoder is not None:
                     half._decode(memoryview(initial))
+                elif half.encode:
+                    half.nbytes += len(initial)
+                    framed = b"".join(chunk_header(len(initial[i:i + MAX_CHUNK])) + initial[i:i + MAX_CHUNK]
+                                      for i in range(0, len(initial), MAX_CHUNK))
+                    half._write(framed)
                 else:
                     half.nbytes += len(initial)
                     half._write(initial)

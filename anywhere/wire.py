@@ -71,7 +71,10 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     """One control frame.  Raises ValueError for a message we would refuse ourselves."""
     msg = {"type": msg_type, **fields}
     _check(msg, ValueError)
-    body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        body = json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except TypeError as exc:
+        raise ValueError(f"{msg_type}: {exc}") from None
     if len(body) > MAX_FRAME:
         raise ValueError(f"{msg_type} frame of {len(body)} bytes exceeds {MAX_FRAME}")
     return _HEADER.pack(len(body)) + body
@@ -92,6 +95,8 @@ def _check(msg: Any, exc: type[Exception]) -> dict:
     for name in ("conn", "port", "seq"):
         if name in spec and not (0 <= msg[name] < 2**63):
             raise exc(f"{msg_type}: field {name!r} out of range")
+    if "heartbeat" in spec and not (0 < msg["heartbeat"] <= 3600):  # also refuses NaN and infinities
+        raise exc(f"{msg_type}: heartbeat {msg['heartbeat']!r} out of range (0, 3600]")
     if "port" in spec and not (1 <= msg["port"] <= 65535):
         raise exc(f"{msg_type}: port {msg['port']} out of range 1..65535")
     return msg
@@ -137,8 +142,8 @@ class FrameDecoder:
         del buf[:HEADER_SIZE + length]
         try:
             msg = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError(f"frame is not valid UTF-8 JSON: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ProtocolError(f"frame is not valid UTF-8 JSON: {exc.__class__.__name__}") from None
         return _check(msg, ProtocolError)
 
     def take_leftover(self) -> bytes:
