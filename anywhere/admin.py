@@ -25,6 +25,7 @@ from typing import Any, Callable
 import h11
 
 from .loop import READ, WRITE, Loop, Timer
+from .net import accept_all
 
 log = logging.getLogger("anywhere.admin")
 
@@ -90,19 +91,14 @@ class AdminServer:
         self.loop.register(sock, READ, lambda _mask, s=sock: self._accept(s))
 
     def _accept(self, listener: socket.socket) -> None:
-        for _ in range(16):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("admin accept failed: %s", exc.strerror)
-                return
-            if len(self.conns) >= MAX_CONNS:
-                log.warning("admin connection refused: %d already open", MAX_CONNS)
-                sock.close()
-                continue
-            self.conns.add(_AdminConn(self, sock, addr))
+        accept_all(listener, self._on_accept, "the admin socket", budget=16)
+
+    def _on_accept(self, sock: socket.socket, addr: Any) -> None:
+        if len(self.conns) >= MAX_CONNS:
+            log.warning("admin connection refused: %d already open", MAX_CONNS)
+            sock.close()
+            return
+        self.conns.add(_AdminConn(self, sock, addr))
 
     def close(self) -> None:
         for sock in self.listeners:

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -25,9 +25,9 @@ from .agent import Agent, AgentConfig
 from .common import __version__, default_credential, setup_logging
 from .credentials import valid_agent_id
 from .ctl import _port
-from .daemonize import AlreadyRunning, PidFile, detach
 from .loop import Loop
 from .notify import Notifier
+from .service import run_loop, with_pidfile
 
 log = logging.getLogger("anywhere.agent")
 
@@ -130,35 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, level = load(args)
         setup_logging(level, args.log_file)
-    except configuration.ConfigError as exc:
+    except (configuration.ConfigError, OSError) as exc:
         print(f"anywhere: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"anywhere: {exc}", file=sys.stderr)
-        return 2
-    if args.daemon and not args.pidfile:
-        print("anywhere: --daemon needs --pidfile PATH", file=sys.stderr)
-        return 2
-    pidfile = PidFile(args.pidfile) if args.pidfile else None
-    if pidfile:
-        try:
-            pidfile.acquire()
-        except (AlreadyRunning, OSError) as exc:
-            print(f"anywhere: {exc}", file=sys.stderr)
-            return 1
-    try:
+
+    def prepare() -> Callable[[], int] | int:
         try:
             tls.client_context(config.ca, config.cert, config.key)  # fail in the terminal, before detaching
         except tls.CredentialError as exc:
             log.error("cannot start: %s", exc)
             return 1
-        if args.daemon:
-            assert pidfile is not None  # checked above
-            detach(pidfile, os.path.abspath(args.log_file) if args.log_file else None)
-        return _run(config, args)
-    finally:
-        if pidfile:
-            pidfile.release()
+        return lambda: _run(config, args)
+
+    return with_pidfile(args, "anywhere", prepare)
 
 
 def _run(config: AgentConfig, args: argparse.Namespace) -> int:
@@ -188,26 +172,9 @@ def _run(config: AgentConfig, args: argparse.Namespace) -> int:
         finally:
             notifier.ready(agent.status_line())
 
-    def report_status() -> None:
-        notifier.status(agent.status_line())
-        loop.call_later(2.0, report_status)
-
-    loop.add_signal_handler(signal.SIGTERM, stop)
-    loop.add_signal_handler(signal.SIGINT, stop)
-    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info("anywhere agent %s (%s) starting; server %s:%d", config.agent_id, __version__, config.server_host,
              config.server_port)
-    notifier.ready(agent.status_line())
-    notifier.start_watchdog(loop)
-    report_status()
-    try:
-        loop.run()
-    finally:
-        agent.close()
-        notifier.close()
-        loop.close()
-    log.info("agent stopped")
-    return 0
+    return run_loop(loop, notifier, "agent", agent.status_line, stop, reload, agent.close)
 
 
 if __name__ == "__main__":

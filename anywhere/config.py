@@ -27,6 +27,7 @@ from validate import ValidateError, Validator
 
 from .agent import AgentConfig
 from .credentials import valid_agent_id
+from .net import is_ip
 from .server import HOSTNAME_RE, ServerConfig
 
 DEFAULT_SERVER_CONFIG = "/etc/anywhere/anywhered.conf"
@@ -132,7 +133,7 @@ def check_agent_id(value: Any, default: Any = None) -> str:
 
 def check_host(value: Any, default: Any = None) -> str:
     text = _text(value)
-    if not (_is_ip(text) or HOSTNAME_RE.match(text)):
+    if not (is_ip(text) or HOSTNAME_RE.match(text)):
         raise _Bad("must be a host name or an IP address")
     return text
 
@@ -140,7 +141,7 @@ def check_host(value: Any, default: Any = None) -> str:
 def check_addresses(value: Any, default: Any = None) -> list[str]:
     items = _list(value)
     for item in items:
-        if item not in ("*", "::") and not _is_ip(item) and not HOSTNAME_RE.match(item):
+        if item not in ("*", "::") and not is_ip(item) and not HOSTNAME_RE.match(item):
             raise _Bad(f"{item!r} is not an address: use IP addresses or host names, comma-separated")
     return ["" if i in ("*", "::") else i for i in items]
 
@@ -160,14 +161,6 @@ def check_loglevel(value: Any, default: Any = None) -> str:
     if text not in LOG_LEVELS:
         raise _Bad(f"must be one of {', '.join(LOG_LEVELS)}")
     return text
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 CHECKS: dict[str, Callable[..., Any]] = {

@@ -281,13 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, prog: str) -> int:
     try:
         args.func(args)
-    except CtlError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except credentials.CredentialsError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
+    except (CtlError, credentials.CredentialsError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -13,9 +13,12 @@ import errno
 import ipaddress
 import os
 import socket
-from typing import Callable
+import logging
+from typing import Any, Callable
 
 from .loop import WRITE, Loop, Timer
+
+log = logging.getLogger("anywhere.net")
 
 Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 
@@ -46,6 +49,20 @@ def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def accept_all(listener: socket.socket, handle: Callable[[socket.socket, Any], None], what: str,
+               budget: int = 64) -> None:
+    """Accept what is waiting (at most `budget` connections per readiness event) and hand each on."""
+    for _ in range(budget):
+        try:
+            sock, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept on %s failed: %s", what, exc.strerror or exc)
+            return
+        handle(sock, addr)
 
 
 def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -> list[socket.socket]:

@@ -44,7 +44,7 @@ from .common import __version__
 from .credentials import valid_agent_id
 from .framed import FramedConn
 from .loop import READ, Loop, Timer
-from .net import client_ip, format_addr, listen, tune
+from .net import accept_all, client_ip, format_addr, is_ip, listen, tune
 from .relay import Relay
 from .wire import PROTO_VERSION
 
@@ -129,7 +129,7 @@ def validate_proxy(spec: Any) -> Proxy:
     if not isinstance(agent_id, str) or not valid_agent_id(agent_id):
         raise ApiError(400, f"agent_id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
     local_ip = spec.get("local_ip")
-    if not isinstance(local_ip, str) or not (_is_ip(local_ip) or HOSTNAME_RE.match(local_ip)):
+    if not isinstance(local_ip, str) or not (is_ip(local_ip) or HOSTNAME_RE.match(local_ip)):
         raise ApiError(400, f"local_ip {local_ip!r} is not an IP address or host name")
     ports = {}
     for key in ("local_port", "remote_port"):
@@ -150,14 +150,6 @@ def validate_proxy(spec: Any) -> Proxy:
         raise ApiError(400, f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"],
                  remote_port=ports["remote_port"], whitelist=whitelist, nets=nets)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 class AgentSession:
@@ -361,20 +353,15 @@ class Server:
 
     # -- agent port ------------------------------------------------------------------------------
     def _accept_agent(self, listener: socket.socket) -> None:
-        for _ in range(ACCEPT_BUDGET):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept on the agent port failed: %s", exc.strerror)
-                return
-            tune(sock)
-            assert self.ctx is not None  # set in start() before the listener exists
-            conn = FramedConn(self.loop, sock, self.ctx, server_side=True, peer=format_addr(addr),
-                              on_message=self._on_first_message, on_close=self._on_early_close,
-                              on_handshake=self._on_handshake, handshake_timeout=self.config.handshake_timeout)
-            self.handshaking.add(conn)
+        accept_all(listener, self._on_agent_conn, "the agent port", ACCEPT_BUDGET)
+
+    def _on_agent_conn(self, sock: socket.socket, addr: Any) -> None:
+        tune(sock)
+        assert self.ctx is not None  # set in start() before the listener exists
+        conn = FramedConn(self.loop, sock, self.ctx, server_side=True, peer=format_addr(addr),
+                          on_message=self._on_first_message, on_close=self._on_early_close,
+                          on_handshake=self._on_handshake, handshake_timeout=self.config.handshake_timeout)
+        self.handshaking.add(conn)
 
     def _on_handshake(self, conn: FramedConn) -> None:
         # the TLS handshake is done; the first frame must follow within the same timeout
@@ -503,18 +490,11 @@ class Server:
         proxy.listeners = []
 
     def _accept_client(self, proxy: Proxy, listener: socket.socket) -> None:
-        for _ in range(ACCEPT_BUDGET):
-            try:
-                sock, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept on port %d failed: %s", proxy.remote_port, exc.strerror)
-                return
-            tune(sock)
-            self._on_client(proxy, sock, addr)
+        accept_all(listener, lambda sock, addr: self._on_client(proxy, sock, addr), f"port {proxy.remote_port}",
+                   ACCEPT_BUDGET)
 
     def _on_client(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:
+        tune(sock)
         peer = format_addr(addr)
         if self.draining:
             self._close_client(sock)

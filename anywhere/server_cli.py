@@ -15,20 +15,18 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from . import config as configuration
 from . import ctl, state, tls
 from .admin import ApiError
 from .common import DEFAULT_ADMIN_SOCKET, __version__, default_credential, setup_logging
-from .daemonize import AlreadyRunning, PidFile, detach
 from .loop import Loop
 from .notify import Notifier
+from .service import run_loop, with_pidfile
 from .server import Server, ServerConfig
 
 log = logging.getLogger("anywhere.server")
-
-STATUS_INTERVAL = 2.0
 
 
 def _hosts(text: str | None) -> list[str] | None:
@@ -137,60 +135,44 @@ def cmd_start(args: argparse.Namespace) -> int:
     except (configuration.ConfigError, OSError) as exc:
         print(f"anywhered: {exc}" if isinstance(exc, OSError) else str(exc), file=sys.stderr)
         return 2
-    if args.daemon and not args.pidfile:
-        print("anywhered: --daemon needs --pidfile PATH", file=sys.stderr)
-        return 2
     for flag, value in (("--api-port", args.api_port), ("--grpc-port", args.grpc_port)):
         if value is not None:
             log.warning("%s %d accepted but not used yet: the admin API is on the Unix socket %s",
                         flag, value, config.admin_socket)
-    pidfile = PidFile(args.pidfile) if args.pidfile else None
-    if pidfile:
+
+    def prepare() -> Callable[[], int] | int:
+        loop = Loop()
+        server = Server(loop, config)
         try:
-            pidfile.acquire()
-        except (AlreadyRunning, OSError) as exc:
-            print(f"anywhered: {exc}", file=sys.stderr)
+            server.start()
+        except (OSError, tls.CredentialError, state.StateError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            loop.close()
             return 1
-    loop = Loop()
-    server = Server(loop, config)
-    try:
-        server.start()
-    except (OSError, tls.CredentialError, state.StateError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        loop.close()
-        if pidfile:
-            pidfile.release()
-        return 1
-    try:
-        if args.daemon:
-            assert pidfile is not None  # checked above
-            detach(pidfile, os.path.abspath(args.log_file) if args.log_file else None)
-        return _serve(loop, server, args, extra)
-    finally:
-        if pidfile:
-            pidfile.release()
+        return lambda: _serve(loop, server, args, extra)
+
+    return with_pidfile(args, "anywhered", prepare)
 
 
 def _serve(loop: Loop, server: Server, args: argparse.Namespace, extra: dict[str, Any]) -> int:
     notifier = Notifier()
     drain_timeout = float(extra["drain_timeout"])
-    stopping: dict[str, Any] = {"deadline": None}
+    deadline: float | None = None
 
     def reload() -> dict:
+        nonlocal drain_timeout
         notifier.reloading()
         try:
             try:
                 new, new_extra = load(args)
+                outcome = server.reload(new)
             except configuration.ConfigError as exc:
                 log.error("reload refused, the running configuration stays in force:\n%s", exc)
                 raise ApiError(422, f"configuration refused, nothing changed:\n{exc}") from None
-            try:
-                outcome = server.reload(new)
             except (tls.CredentialError, ValueError) as exc:
                 log.error("reload refused, the running configuration stays in force: %s", exc)
                 raise ApiError(422, f"configuration refused, nothing changed: {exc}") from None
             logging.getLogger().setLevel(new_extra["log_level"].upper())
-            nonlocal drain_timeout
             drain_timeout = float(new_extra["drain_timeout"])
             outcome["config"] = args.config or configuration.DEFAULT_SERVER_CONFIG
             return outcome
@@ -204,44 +186,29 @@ def _serve(loop: Loop, server: Server, args: argparse.Namespace, extra: dict[str
             pass  # logged by reload()
 
     def on_stop(signum: int) -> None:
-        if stopping["deadline"] is not None:
+        nonlocal deadline
+        if deadline is not None:
             log.info("received %s again; closing every connection now", signal.Signals(signum).name)
             loop.stop()
             return
         log.info("received %s; stopping: no new connections, up to %g s for live ones to finish",
                  signal.Signals(signum).name, drain_timeout)
-        stopping["deadline"] = loop.time() + drain_timeout
+        deadline = loop.time() + drain_timeout
         server.begin_drain()
         notifier.stopping(server.status_line())
         check_drained()
 
     def check_drained() -> None:
-        if server.drained or loop.time() >= stopping["deadline"]:
+        assert deadline is not None  # set by on_stop before the first call
+        if server.drained or loop.time() >= deadline:
             if not server.drained:
                 log.warning("drain time over: closing %d remaining connection(s)", len(server.tunnels) + len(server.pending))
             loop.stop()
             return
         loop.call_later(0.05, check_drained)
 
-    def report_status() -> None:
-        notifier.status(server.status_line())
-        loop.call_later(STATUS_INTERVAL, report_status)
-
     server.reload_hook = reload
-    loop.add_signal_handler(signal.SIGTERM, on_stop)
-    loop.add_signal_handler(signal.SIGINT, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    notifier.ready(server.status_line())
-    notifier.start_watchdog(loop)
-    report_status()
-    try:
-        loop.run()
-    finally:
-        server.close()
-        notifier.close()
-        loop.close()
-    log.info("anywhered stopped")
-    return 0
+    return run_loop(loop, notifier, "anywhered", server.status_line, on_stop, on_hup, server.close)
 
 
 def main(argv: list[str] | None = None) -> int:
