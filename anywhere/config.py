@@ -133,7 +133,7 @@ def check_agent_id(value: Any, default: Any = None) -> str:
 
 def check_host(value: Any, default: Any = None) -> str:
     text = _text(value)
-    if not (is_ip(text) or HOSTNAME_RE.match(text)):
+    if not (is_ip(text) or HOSTNAME_RE.fullmatch(text)):
         raise _Bad("must be a host name or an IP address")
     return text
 
@@ -141,7 +141,7 @@ def check_host(value: Any, default: Any = None) -> str:
 def check_addresses(value: Any, default: Any = None) -> list[str]:
     items = _list(value)
     for item in items:
-        if item not in ("*", "::") and not is_ip(item) and not HOSTNAME_RE.match(item):
+        if item not in ("*", "::") and not is_ip(item) and not HOSTNAME_RE.fullmatch(item):
             raise _Bad(f"{item!r} is not an address: use IP addresses or host names, comma-separated")
     return ["" if i in ("*", "::") else i for i in items]
 

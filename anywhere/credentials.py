@@ -31,7 +31,7 @@ class CredentialsError(Exception):
 
 
 def valid_agent_id(agent_id: str) -> bool:
-    return bool(AGENT_ID_RE.match(agent_id))
+    return bool(AGENT_ID_RE.fullmatch(agent_id))
 
 
 def _now() -> datetime.datetime:
@@ -156,6 +156,8 @@ def issue(agent_id: str, directory: str, basename: str | None = None, force: boo
         raise CredentialsError(f"CA in {directory} is unreadable: {exc}") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise CredentialsError(f"{ca_key_path}: not an ECDSA key")
+    if basename is not None and not valid_agent_id(basename):
+        raise CredentialsError(f"--basename {basename!r} is not valid: a file name of letters, digits, '.', '_' or '-'")
     cert, key = _leaf(agent_id, [], ExtendedKeyUsageOID.CLIENT_AUTH, ca_cert, ca_key)
     base = os.path.join(directory, basename or agent_id)
     files = {base + ".crt": (_cert_bytes(cert), 0o644), base + ".key": (_key_bytes(key), 0o600)}

@@ -178,15 +178,17 @@ class FramedConn:
         if self.state in ("open", "closing"):
             self._set_mask((READ if self.state == "open" else 0) | (WRITE if self.out else 0) or WRITE)
 
-    def send_and_close(self, msg_type: str, reason: str, **fields: Any) -> None:
-        """Send one last message, then close once it has left (or after a short grace)."""
+    def send_and_close(self, msg_type: str, why: str, **fields: Any) -> None:
+        """Send one last message, then close (for `why`) once it has left, or after a short grace."""
         if self.state != "open":
-            self.close(reason)
+            self.close(why)
             return
         self.out += encode(msg_type, **fields)
         self.state = "closing"
-        self.reason = reason
-        self._timer = self.loop.call_later(CLOSE_GRACE, self.close, reason)
+        self.reason = why
+        if self._timer:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(CLOSE_GRACE, self.close, why)
         self._flush()
 
     # -- ending ----------------------------------------------------------------------------------

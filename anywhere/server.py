@@ -129,7 +129,7 @@ def validate_proxy(spec: Any) -> Proxy:
     if not isinstance(agent_id, str) or not valid_agent_id(agent_id):
         raise ApiError(400, f"agent_id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
     local_ip = spec.get("local_ip")
-    if not isinstance(local_ip, str) or not (is_ip(local_ip) or HOSTNAME_RE.match(local_ip)):
+    if not isinstance(local_ip, str) or not (is_ip(local_ip) or HOSTNAME_RE.fullmatch(local_ip)):
         raise ApiError(400, f"local_ip {local_ip!r} is not an IP address or host name")
     ports = {}
     for key in ("local_port", "remote_port"):
@@ -146,7 +146,7 @@ def validate_proxy(spec: Any) -> Proxy:
         raise ApiError(400, str(exc)) from None
     whitelist = [str(n) for n in nets]
     name = spec.get("name") or f"{agent_id}:{ports['remote_port']}"
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.isdigit():
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.isdigit():
         raise ApiError(400, f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"],
                  remote_port=ports["remote_port"], whitelist=whitelist, nets=nets)

@@ -3,8 +3,8 @@
 Both sides use TLS 1.2 or newer with CERT_REQUIRED: the server demands an agent certificate
 signed by the CA (extended key usage clientAuth, checked by OpenSSL), the agent demands a server
 certificate signed by the same CA whose SAN matches the name it dialled or `--server-name`.
-The identity of an agent is the commonName of its certificate (`credentials.py` writes the same
-value as a DNS SAN); the server compares it with the id the agent claims in its hello.
+The identity of an agent is the commonName of its certificate (`credentials.py` writes the agent
+id there); the server compares it with the id the agent claims in its hello.
 """
 
 from __future__ import annotations
