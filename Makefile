@@ -6,15 +6,66 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: all test demo venv system-deps clean
+.PHONY: bench
 
-all: test
+# Packages (packaging/build.py; Debian's python3, standard library only).  `make` builds the
+# PyInstaller tarball; `make deb` / `make rpm` the packages; all go into $(DIST), scratch space is
+# $(WORKDIR).  The tools they need (PyInstaller in its own venv build/venv, debhelper, rpmbuild,
+# ...) are installed on first use.
+.PHONY: tarball deb rpm packages package-deps lint-packages
+BUILD_PYTHON ?= /usr/bin/python3
+BUILD := $(BUILD_PYTHON) packaging/build.py
+DIST ?= dist
+WORKDIR ?= build
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' anywhere/common.py)
+# The tarball's credential/ (made at build time, for this build only): CREDENTIALS=no leaves it out
+# (the archive's checksum is then the same for every build of a commit); SERVER_NAME and
+# SERVER_IPS (comma-separated) are the names in its server certificate.
+CREDENTIALS ?= yes
+SERVER_NAME ?= localhost
+SERVER_IPS ?= 127.0.0.1,::1
+# PKG_VERSION=V: build the .deb / .rpm as version V (default: anywhere's own, $(VERSION)).
+PKG_VERSION ?=
+comma := ,
+TARBALL_FLAGS = --server-name $(SERVER_NAME) $(foreach ip,$(subst $(comma), ,$(SERVER_IPS)),--server-ip $(ip)) \
+	$(if $(filter no,$(CREDENTIALS)),--no-credentials)
+
+all: tarball
+
+# dist/anywhere.tar.gz (+ dist/anywhere.tar.gz.sha256): unpack into /usr/local/anywhere
+tarball:
+	$(BUILD) tarball --out $(DIST) --work $(WORKDIR)/tarball $(TARBALL_FLAGS)
+
+# dist/anywhere_VERSION_all.deb
+deb:
+	$(BUILD) deb --out $(DIST) --work $(WORKDIR)/deb $(if $(PKG_VERSION),--version $(PKG_VERSION))
+
+# dist/anywhere-VERSION-1.noarch.rpm
+rpm:
+	$(BUILD) rpm --out $(DIST) --work $(WORKDIR)/rpm $(if $(PKG_VERSION),--version $(PKG_VERSION))
+
+packages: tarball deb rpm
+
+# every Debian package the builds and the linters need
+package-deps:
+	$(BUILD) deps all
+
+# lintian and rpmlint on the packages, as the tests run them
+lint-packages: deb rpm
+	$(BUILD) deps lint
+	lintian --pedantic --fail-on error,warning $(DIST)/anywhere_$(VERSION)_all.deb
+	rpmlint -r packaging/rpm/anywhere.rpmlintrc $(DIST)/anywhere-$(VERSION)-1.noarch.rpm
 
 # Debian packages the tests use: iproute2 (ip netns, for the multi-host tests), systemd
-# (systemd-analyze, for the unit checks), python3-venv.
+# (systemd-analyze, for the unit checks), systemd-container + debootstrap + zstd (the test
+# under a real systemd, in systemd-nspawn), python3-venv.
 system-deps:
 	@missing=""; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
+	[ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	command -v zstd >/dev/null 2>&1 || missing="$$missing zstd"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
@@ -39,3 +90,20 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+
+# The benchmark (not part of `make test`): installs iperf3, wrk, nginx, socat and OpenSSH from
+# Debian's packages if missing, then runs bench/run.py (options: make bench BENCH_ARGS="--quick").
+bench: $(STAMP)
+	@missing=""; \
+	command -v iperf3 >/dev/null 2>&1 || missing="$$missing iperf3"; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx-light"; \
+	command -v socat >/dev/null 2>&1 || missing="$$missing socat"; \
+	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	command -v ssh >/dev/null 2>&1 || missing="$$missing openssh-client"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	$(VPY) bench/run.py $(BENCH_ARGS)

@@ -63,8 +63,11 @@ class Agent:
         self.heartbeat = 5.0
         self.server_id = ""
         self.failures = 0
-        self.relays: set[Relay] = set()
-        self.setups: set[_DataSetup] = set()
+        self.data_conns: set[_DataConn] = set()  # every data connection, whatever its state
+        self.warm: set[_DataConn] = set()  # those waiting for the server's next open
+        self.opening = 0  # warm ones being set up
+        self.pool_target = 0  # warm data connections to keep, as the server's welcome asks
+        self.server_peer = ""
         self._retry: Timer | None = None
         self._hb: Timer | None = None
         self._seq = 0
@@ -112,6 +115,12 @@ class Agent:
             pass
         elif kind == "open" and self.connected:
             self._on_open(msg)
+        elif kind == "error" and msg.get("code") == "replaced":
+            # another process with our id took the session: do not fight it every second
+            log.error("server %s: %s; another agent is running with id %s? retrying in at most %g s",
+                      conn.peer, msg["reason"], self.config.agent_id, self.config.backoff_max)
+            self.failures = max(self.failures, 30)
+            conn.close("replaced by another session")
         elif kind == "error":
             log.error("server %s refused this agent: %s", conn.peer, msg["reason"])
             conn.close(f"refused by the server: {msg['reason']}")
@@ -130,8 +139,11 @@ class Agent:
         self.failures = 0
         self.heartbeat = max(0.05, float(msg["heartbeat"]))
         self.server_id = msg["server_id"]
+        self.server_peer = conn.peer
+        self.pool_target = msg["pool"]
         log.info("connected to server %s at %s as agent %s", self.server_id, conn.peer, self.config.agent_id)
         self._hb = self.loop.call_later(self.heartbeat, self._tick)
+        self.refill()
 
     def _tick(self) -> None:
         conn = self.conn
@@ -155,6 +167,8 @@ class Agent:
             self._hb = None
         if self.closed:
             return
+        for data in list(self.warm) + [d for d in self.data_conns if d.state == "connecting" and not d.conn_id]:
+            data.abort(None)  # warm ones go with the session; relays carry on
         if was_connected:
             log.warning("lost the server at %s: %s", conn.peer, reason)
         self._schedule_retry(reason if was_connected else f"connection to {conn.peer} failed: {reason}")
@@ -205,13 +219,22 @@ class Agent:
 
     # -- requests ------------------------------------------------------------------------------------
     def _on_open(self, msg: dict) -> None:
-        setup = _DataSetup(self, msg["conn"], msg["host"], msg["port"])
-        self.setups.add(setup)
+        _DataConn(self, msg)
 
-    def report_failure(self, conn_id: int, target: str, reason: str) -> None:
-        log.warning("connection %d: cannot reach %s: %s", conn_id, target, reason)
+    def report_failure(self, conn_id: int, reason: str) -> None:
         if self.conn is not None and self.conn.open:
             self.conn.send("fail", conn=conn_id, reason=reason)
+
+    def refill(self) -> None:
+        """Open warm data connections until `pool_target` are warm or on their way."""
+        if self.closed or not self.connected:
+            return
+        for _ in range(max(0, self.pool_target - len(self.warm) - self.opening)):
+            _DataConn(self, None)
+
+    @property
+    def relays(self) -> list[Relay]:
+        return [d.relay for d in self.data_conns if d.relay is not None]
 
     # -- ending --------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -226,10 +249,8 @@ class Agent:
             self.dialer.cancel()
         if self.conn:
             self.conn.close("agent stopping")
-        for setup in list(self.setups):
-            setup.abort("agent stopping")
-        for relay in list(self.relays):
-            relay.close("agent stopping")
+        for data in list(self.data_conns):
+            data.abort("agent stopping")
 
 
 def backoff_delay(failures: int, low: float, high: float) -> float:
@@ -238,29 +259,65 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     return max(low, random.uniform(ceiling / 2, ceiling))
 
 
-class _DataSetup:
-    """One requested connection: dial the target, then the data connection, then join them."""
+class _DataConn:
+    """One data connection to the server, through its life:
 
-    def __init__(self, agent: Agent, conn_id: int, host: str, port: int) -> None:
+    * requested (``open`` on the admin connection): dial the target, then the server, send
+      ``data`` naming the connection, and on ``ready`` relay;
+    * warm (opened ahead of demand): dial the server, send ``pool`` and wait; on ``open`` dial
+      the target and answer ``ready`` (then relay) or ``fail`` (and stay warm);
+    * after a relay whose both directions ENDed cleanly, warm again, for the next client.
+    """
+
+    def __init__(self, agent: Agent, request: dict | None) -> None:
         self.agent = agent
         self.loop = agent.loop
-        self.conn_id = conn_id
-        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.conn_id = 0
+        self.target = ""
         self.target_sock: socket.socket | None = None
         self.data: FramedConn | None = None
-        self.dialer: Dialer | None = Dialer(self.loop, host, port, agent.config.dial_timeout, self._on_target)
+        self.dialer: Dialer | None = None
+        self.relay: Relay | None = None
+        self.state = "connecting"
         self.done = False
+        agent.data_conns.add(self)
+        if request is not None:
+            self._dial_target(request)
+        else:
+            agent.opening += 1
+            self._dial_server()
+
+    # -- the target -------------------------------------------------------------------------------
+    def _dial_target(self, request: dict) -> None:
+        self.conn_id = request["conn"]
+        host, port = request["host"], request["port"]
+        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.dialer = Dialer(self.loop, host, port, self.agent.config.dial_timeout, self._on_target)
 
     def _on_target(self, sock: socket.socket | None, error: str | None) -> None:
         self.dialer = None
         if sock is None:
-            self.agent.report_failure(self.conn_id, self.target, error or "unknown error")
-            self._finish()
+            reason = error or "unknown error"
+            log.warning("connection %d: cannot reach %s: %s", self.conn_id, self.target, reason)
+            if self.data is not None:  # warm: answer on this connection and stay warm
+                self.data.send("fail", conn=self.conn_id, reason=reason)
+                self._become_warm(self.data)
+            else:
+                self.agent.report_failure(self.conn_id, reason)
+                self.abort(None)
             return
         self.target_sock = sock
+        if self.data is not None:
+            self.data.send("ready", conn=self.conn_id)
+            self._join()
+        else:
+            self._dial_server()
+
+    # -- the server ---------------------------------------------------------------------------------
+    def _dial_server(self) -> None:
         addr = self.agent.server_addr
         if addr is None:
-            self.abort("no server address")
+            self.abort("no server address yet")
             return
         self.dialer = Dialer(self.loop, addr[0], addr[1], self.agent.config.connect_timeout, self._on_server)
 
@@ -276,51 +333,95 @@ class _DataSetup:
                                handshake_timeout=self.agent.config.handshake_timeout)
 
     def _on_handshake(self, conn: FramedConn) -> None:
-        conn.send("data", proto=PROTO_VERSION, agent_id=self.agent.config.agent_id, conn=self.conn_id)
+        if self.conn_id:
+            conn.send("data", proto=PROTO_VERSION, agent_id=self.agent.config.agent_id, conn=self.conn_id)
+        else:
+            conn.send("pool", proto=PROTO_VERSION, agent_id=self.agent.config.agent_id)
+            self._become_warm(conn)
+
+    def _become_warm(self, conn: FramedConn) -> None:
+        if self.state == "connecting" and not self.conn_id:
+            self.agent.opening -= 1
+        self.state = "warm"
+        self.conn_id = 0
+        self.target = ""
+        self.data = conn
+        self.agent.warm.add(self)
 
     def _on_message(self, conn: FramedConn, msg: dict) -> None:
-        if msg["type"] == "ready" and msg["conn"] == self.conn_id:
-            sock, leftover = conn.detach()
-            self.data = None
-            target, self.target_sock = self.target_sock, None
-            assert target is not None  # dialled before the data connection was opened
-            relay = Relay(self.loop, target, sock, b_framed=True, a_name=f"target {self.target}",
-                          b_name="server", on_close=self._on_relay_close)
-            self.agent.relays.add(relay)
-            self._finish()
-            relay.start(b_initial=leftover)
-        elif msg["type"] == "error":
+        kind = msg["type"]
+        if self.state == "warm" and kind == "open":
+            self.state = "dialing"
+            self.agent.warm.discard(self)
+            self.agent.refill()
+            self._dial_target(msg)
+        elif self.state == "connecting" and kind == "ready" and msg["conn"] == self.conn_id:
+            self._join()
+        elif kind == "error":
             self.abort(f"server refused the data connection: {msg['reason']}")
         else:
-            self.abort(f"unexpected {msg['type']} on the data connection")
+            self.abort(f"unexpected {kind} on a data connection in state {self.state}")
 
-    def _on_data_close(self, conn: FramedConn, reason: str) -> None:
-        self.data = None
-        self.abort(f"data connection closed: {reason}")
+    def _join(self) -> None:
+        conn, self.data = self.data, None
+        assert conn is not None and self.target_sock is not None  # both dialled before joining
+        sock, leftover = conn.detach()
+        target, self.target_sock = self.target_sock, None
+        self.state = "relaying"
+        self.relay = Relay(self.loop, target, sock, b_framed=True, a_name=f"target {self.target}", b_name="server",
+                           on_close=self._on_relay_close, reuse=True)
+        self.relay.start(b_initial=leftover)
 
     def _on_relay_close(self, relay: Relay, reason: str) -> None:
-        self.agent.relays.discard(relay)
+        self.relay = None
         level = logging.DEBUG if reason in ("done", "agent stopping") else logging.INFO
         log.log(level, "connection %d to %s ended (%s): %d bytes to the target, %d back", self.conn_id, self.target,
                 reason, relay.bytes_b_to_a, relay.bytes_a_to_b)
+        if relay.handoff is None or self.agent.closed:
+            self._finish()
+            return
+        sock, trailing = relay.handoff
+        conn = FramedConn.resume(self.loop, sock, trailing, peer=self.agent.server_peer, identity=None,
+                                 on_message=self._on_message, on_close=self._on_data_close)
+        self._become_warm(conn)
 
-    def abort(self, reason: str) -> None:
+    def _on_data_close(self, conn: FramedConn, reason: str) -> None:
+        if conn is not self.data:
+            return
+        self.data = None
+        if self.state == "warm":
+            log.debug("warm data connection closed: %s", reason)
+            self._finish()
+            self.agent.refill()
+        else:
+            self.abort(f"data connection closed: {reason}")
+
+    # -- ending -----------------------------------------------------------------------------------
+    def abort(self, reason: str | None) -> None:
+        """Give up on this data connection (and its target); `reason` None: already logged."""
         if self.done:
             return
-        self.done = True
-        if reason != "agent stopping":
-            log.warning("connection %d to %s: %s", self.conn_id, self.target, reason)
+        if reason is not None and reason != "agent stopping":
+            log.warning("data connection%s: %s", f" {self.conn_id} to {self.target}" if self.conn_id else "", reason)
         if self.dialer:
             self.dialer.cancel()
             self.dialer = None
         if self.data:
             data, self.data = self.data, None
-            data.close(reason)
+            data.close(reason or "aborted")
         if self.target_sock:
             self.target_sock.close()
             self.target_sock = None
+        if self.relay:
+            relay, self.relay = self.relay, None
+            relay.close(reason or "aborted")
         self._finish()
 
     def _finish(self) -> None:
+        if self.done:
+            return
+        if self.state == "connecting" and not self.conn_id:
+            self.agent.opening -= 1
         self.done = True
-        self.agent.setups.discard(self)
+        self.agent.warm.discard(self)
+        self.agent.data_conns.discard(self)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import subprocess
 import sys
 
 __version__ = "0.1.0"
@@ -15,6 +17,40 @@ DEFAULT_ADMIN_SOCKET = "/run/anywhere/anywhered.sock"
 DEFAULT_STATE_DIR = "/var/lib/anywhere"
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT_JOURNAL = "%(levelname)s %(name)s: %(message)s"
+
+
+@functools.lru_cache(maxsize=None)
+def build_commit() -> str:
+    """The commit this code was built from: baked in by the package builds (anywhere/_build.py),
+    else read from git when running from a checkout, else "unknown"."""
+    from . import _build
+    return _build.commit or git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) or "unknown"
+
+
+def version_line(prog: str) -> str:
+    """What `--version` prints, e.g. 'anywhered 0.1.0 ("main-0123456789ab")'."""
+    return f'{prog} {__version__} ("{build_commit()}")'
+
+
+def git_commit(root: str) -> str | None:
+    """'BRANCH-SHA12' (BRANCH is 'HEAD' when detached; '-dirty' added when tracked files differ from
+    the commit) of the git checkout at `root`, or None if `root` is not one or git cannot tell."""
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD", "--abbrev-ref", "HEAD"],
+                              capture_output=True, text=True, timeout=10, env=env)
+        if head.returncode != 0 or len(head.stdout.split()) != 2:
+            return None
+        sha, branch = head.stdout.split()
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, env=env)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = "-dirty" if status.returncode == 0 and status.stdout.strip() else ""
+    return f"{branch}-{sha[:12]}{dirty}"
 
 
 def setup_logging(level: str = "info", log_file: str | None = None) -> None:
@@ -26,7 +62,9 @@ def setup_logging(level: str = "info", log_file: str | None = None) -> None:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    # under systemd, stderr goes to the journal, which stamps each line itself
+    journal = not log_file and bool(os.environ.get("JOURNAL_STREAM"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT_JOURNAL if journal else LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(numeric)
 

@@ -50,6 +50,9 @@ data_timeout = seconds(default=10)
 handshake_timeout = seconds(default=10)
 heartbeat = seconds(default=5)
 drain_timeout = seconds(default=10)
+pool_size = count(0, 1024, default=8)
+pool_max = count(0, 65536, default=256)
+pool_idle_timeout = seconds(default=60)
 log_level = loglevel(default=info)
 """.strip().splitlines()
 
@@ -96,6 +99,14 @@ def check_port(value: Any, default: Any = None) -> int:
     text = _text(value)
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise _Bad("must be 1..65535")
+    return int(text)
+
+
+def check_count(value: Any, low: Any = 0, high: Any = 2**31) -> int:
+    text = _text(value)
+    low, high = int(low), int(high)
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise _Bad(f"must be a whole number {low}..{high}")
     return int(text)
 
 
@@ -164,7 +175,7 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 
 
 CHECKS: dict[str, Callable[..., Any]] = {
-    "port": check_port, "seconds": check_seconds, "path": check_path, "name": check_name,
+    "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel,
 }
@@ -234,6 +245,8 @@ def server_config(path: str, overrides: dict[str, Any], required: bool = False) 
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(ServerConfig)}
     config = replace(ServerConfig(), **{k: v for k, v in values.items() if k in known})
+    if config.pool_max < config.pool_size:
+        raise ConfigError([f"{path} [server] pool_max = {config.pool_max}: must be at least pool_size ({config.pool_size})"])
     config.bind = list(config.bind) or [""]
     config.proxy_bind = list(config.proxy_bind) or [""]
     extra = {k: v for k, v in values.items() if k not in known}

@@ -40,24 +40,51 @@ class FramedConn:
                  on_close: Callable[["FramedConn", str], None],
                  on_handshake: Callable[["FramedConn"], None] | None = None,
                  server_hostname: str | None = None, handshake_timeout: float = 10.0) -> None:
+        self._init(loop, peer, on_message, on_close)
+        self.on_handshake = on_handshake
+        self.state = "handshake"
+        raw.setblocking(False)
+        self.sock: ssl.SSLSocket = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
+                                                   do_handshake_on_connect=False)
+        self._timer = loop.call_later(handshake_timeout, self._on_handshake_timeout)
+        self._set_mask(READ | WRITE)
+        loop.call_soon(self._handshake)
+
+    def _init(self, loop: Loop, peer: str, on_message: Callable[["FramedConn", dict], None],
+              on_close: Callable[["FramedConn", str], None]) -> None:
         self.loop = loop
         self.peer = peer
         self.on_message = on_message
         self.on_close = on_close
-        self.on_handshake = on_handshake
+        self.on_handshake: Callable[["FramedConn"], None] | None = None
         self.decoder = FrameDecoder()
         self.out = bytearray()
-        self.state = "handshake"
         self.reason = ""
         self.mask = 0
         self.last_rx = loop.time()
         self.identity: str | None = None
-        raw.setblocking(False)
-        self.sock: ssl.SSLSocket = ctx.wrap_socket(raw, server_side=server_side, server_hostname=server_hostname,
-                                                   do_handshake_on_connect=False)
-        self._timer: Timer | None = loop.call_later(handshake_timeout, self._on_handshake_timeout)
-        self._set_mask(READ | WRITE)
-        loop.call_soon(self._handshake)
+        self.idle_since = 0.0  # when it last became an idle (warm) data connection
+        self._timer: Timer | None = None
+
+    @classmethod
+    def resume(cls, loop: Loop, sock: ssl.SSLSocket, initial: bytes, *, peer: str, identity: str | None,
+               on_message: Callable[["FramedConn", dict], None],
+               on_close: Callable[["FramedConn", str], None]) -> "FramedConn":
+        """Control frames again on a connection a relay has finished with (`Relay.handoff`)."""
+        self = cls.__new__(cls)
+        self._init(loop, peer, on_message, on_close)
+        self.sock = sock
+        self.identity = identity
+        self.state = "open"
+        if initial:
+            self.decoder.receive_data(initial)
+        self._set_mask(READ)
+        loop.call_soon(self._resume_read)
+        return self
+
+    def _resume_read(self) -> None:
+        if self.state == "open":
+            self._read()  # TLS may already hold decrypted bytes the selector will not report
 
     # -- plumbing ------------------------------------------------------------------------------
     def _set_mask(self, mask: int) -> None:

@@ -158,6 +158,8 @@ class _Half:
 
     def _forward(self, n: int) -> bool:
         """Pass on n freshly read bytes from the scratch buffer; False if dst is backed up."""
+        if self.relay.first_byte_at is None:
+            self.relay.first_byte_at = self.relay.loop.time()
         if self.encode:
             pack_header(_scratch, 0, n)
             self.nbytes += n
@@ -170,6 +172,8 @@ class _Half:
     def _decode(self, view: memoryview) -> bool:
         try:
             payloads, end = self.decoder.feed(view)
+            if self.decoder.trailing and not self.relay.reuse:
+                raise ProtocolError("data after END on the data stream")
         except ProtocolError as exc:
             self.relay._abort(f"{self.src.name} sent a malformed data stream: {exc}")
             return False
@@ -244,7 +248,7 @@ class Relay:
 
     def __init__(self, loop: Loop, a: socket.socket, b: socket.socket, *, a_framed: bool = False,
                  b_framed: bool = False, a_name: str = "A", b_name: str = "B",
-                 on_close: Callable[["Relay", str], None] | None = None) -> None:
+                 on_close: Callable[["Relay", str], None] | None = None, reuse: bool = False) -> None:
         self.loop = loop
         self.a = _Side(self, a, a_framed, a_name)
         self.b = _Side(self, b, b_framed, b_name)
@@ -255,6 +259,11 @@ class Relay:
         self.on_close = on_close
         self.closed = False
         self.reason = ""
+        # reuse: when both directions have ended, B (the framed data connection) is not closed but
+        # handed over in `handoff` as (socket, bytes read past the END) for its next use
+        self.reuse = reuse and b_framed and not a_framed
+        self.handoff: tuple[socket.socket, bytes] | None = None
+        self.first_byte_at: float | None = None
         for side in (self.a, self.b):
             side.sock.setblocking(False)
 
@@ -316,7 +325,15 @@ class Relay:
             return
         self.closed = True
         self.reason = reason
-        for side in (self.a, self.b):
+        sides = (self.a, self.b)
+        if reason == "done" and self.reuse:
+            decoder = self.b_to_a.decoder
+            self.handoff = (self.b.sock, decoder.trailing if decoder is not None else b"")
+            if self.b.mask:
+                self.loop.unregister(self.b.sock)
+                self.b.mask = 0
+            sides = (self.a,)
+        for side in sides:
             if side.mask:
                 self.loop.unregister(side.sock)
                 side.mask = 0

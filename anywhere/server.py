@@ -51,6 +51,7 @@ from .wire import PROTO_VERSION
 log = logging.getLogger("anywhere.server")
 
 ACCEPT_BUDGET = 64
+POOL_SWEEP = 5.0
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
@@ -72,6 +73,9 @@ class ServerConfig:
     data_timeout: float = 10.0
     heartbeat: float = 5.0
     handshake_timeout: float = 10.0
+    pool_size: int = 8  # warm data connections each agent keeps ready
+    pool_max: int = 256  # idle data connections kept per agent at most (reused ones included)
+    pool_idle_timeout: float = 60.0  # idle ones beyond pool_size are closed after this
 
 
 def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
@@ -201,7 +205,8 @@ class AgentSession:
     def to_dict(self) -> dict:
         return {"agent_id": self.agent_id, "address": self.address, "version": self.version,
                 "connected_since": self.since, "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
-                "connections": self.server.count_connections(agent_id=self.agent_id)}
+                "connections": self.server.count_connections(agent_id=self.agent_id),
+                "warm": len(self.server.warm.get(self.agent_id, ()))}
 
 
 @dataclass
@@ -212,6 +217,7 @@ class Pending:
     peer: str
     started: float
     timer: Timer | None = None
+    warm: FramedConn | None = None  # the warm data connection asked to serve it, if any
 
 
 @dataclass
@@ -246,6 +252,8 @@ class Server:
         self.proxies: dict[str, Proxy] = {}
         self.pending: dict[int, Pending] = {}
         self.tunnels: dict[int, Tunnel] = {}
+        self.warm: dict[str, list[FramedConn]] = {}  # per agent, idle data connections, most recent last
+        self.handshakes = 0  # TLS handshakes completed on the agent port
         self.admin = AdminServer(loop, self.handle_api)
         self._next_id = secrets.randbits(30) + 1
         self.closed = False
@@ -265,6 +273,7 @@ class Server:
             self.admin.add_listener(listen_unix(self.config.admin_socket))
             for spec in stored:
                 self._restore_proxy(spec)
+            self._sweep_timer = self.loop.call_later(POOL_SWEEP, self._sweep_warm)
         except BaseException:
             self.close()
             raise
@@ -296,8 +305,9 @@ class Server:
         nets = parse_whitelist(new.whitelist, "whitelist")
         ctx = tls.server_context(new.ca, new.cert, new.key)
         old = self.config
-        changed = [name for name in ("server_id", "ca", "cert", "key", "whitelist", "data_timeout",
-                                     "heartbeat", "handshake_timeout") if getattr(old, name) != getattr(new, name)]
+        changed = [name for name in ("server_id", "ca", "cert", "key", "whitelist", "data_timeout", "heartbeat",
+                                     "handshake_timeout", "pool_size", "pool_max", "pool_idle_timeout")
+                   if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         for name in restart:
             setattr(new, name, getattr(old, name))  # keep reporting what is really in force
@@ -343,6 +353,11 @@ class Server:
             session.conn.close("server stopping")
         for pending in list(self.pending.values()):
             self._drop_pending(pending, "server stopping")
+        for conns in list(self.warm.values()):
+            for conn in list(conns):
+                conn.close("server stopping")
+        if getattr(self, "_sweep_timer", None):
+            self._sweep_timer.cancel()
         for tunnel in list(self.tunnels.values()):
             tunnel.relay.close("server stopping")
         self.admin.close()
@@ -364,6 +379,7 @@ class Server:
         self.handshaking.add(conn)
 
     def _on_handshake(self, conn: FramedConn) -> None:
+        self.handshakes += 1
         # the TLS handshake is done; the first frame must follow within the same timeout
         conn._timer = self.loop.call_later(self.config.handshake_timeout, self._hello_timeout, conn)
 
@@ -385,12 +401,12 @@ class Server:
             conn._timer = None
         conn.on_close = self._on_quiet_close
         kind = msg["type"]
-        if kind in ("hello", "data") and msg["proto"] != PROTO_VERSION:
+        if kind in ("hello", "data", "pool") and msg["proto"] != PROTO_VERSION:
             reason = f"protocol version {msg['proto']} is not supported (this server speaks {PROTO_VERSION})"
             log.warning("refusing %s from %s: %s", kind, conn.peer, reason)
             conn.send_and_close("error", reason, reason=reason)
             return
-        if kind not in ("hello", "data"):
+        if kind not in ("hello", "data", "pool"):
             log.warning("connection from %s started with %r instead of a hello; closing it", conn.peer, kind)
             conn.send_and_close("error", "bad first message", reason=f"expected hello or data, got {kind}")
             return
@@ -402,6 +418,8 @@ class Server:
             return
         if kind == "hello":
             self._on_hello(conn, msg)
+        elif kind == "pool":
+            self._add_warm(conn, msg["agent_id"])
         else:
             self._on_data(conn, msg)
 
@@ -419,15 +437,22 @@ class Server:
         conn.on_message = session.on_message
         conn.on_close = lambda c, reason, s=session: self._on_session_close(s, reason)
         if old is not None:
-            log.info("agent %s reconnected from %s; replacing its session from %s", agent_id, conn.peer, old.address)
-            old.conn.close("replaced by a new session")
-        conn.send("welcome", proto=PROTO_VERSION, server_id=self.config.server_id, heartbeat=self.config.heartbeat)
+            healthy = old.conn.open and self.loop.time() - old.conn.last_rx < self.config.heartbeat
+            log.log(logging.WARNING if healthy else logging.INFO,
+                    "agent %s connected from %s; replacing its session from %s%s", agent_id, conn.peer, old.address,
+                    " which was still alive: are two agents running with the same id?" if healthy else "")
+            reason = f"replaced by a new session of agent {agent_id} from {conn.peer}"
+            old.conn.send_and_close("error", reason, reason=reason, code="replaced")
+        conn.send("welcome", proto=PROTO_VERSION, server_id=self.config.server_id, heartbeat=self.config.heartbeat,
+                  pool=self.config.pool_size)
         log.info("agent %s connected from %s (version %s)", agent_id, conn.peer, msg["version"])
 
     def _on_session_close(self, session: AgentSession, reason: str) -> None:
         session.stop()
         if self.sessions.get(session.agent_id) is session:
             del self.sessions[session.agent_id]
+            for conn in list(self.warm.get(session.agent_id, ())):
+                conn.close("agent session ended")
             if reason != "server stopping":
                 log.info("agent %s (%s) disconnected: %s", session.agent_id, session.address, reason)
 
@@ -445,22 +470,30 @@ class Server:
         if not conn.open:
             self._close_client(pending.sock)
             return
-        sock, leftover = conn.detach()
-        self._join(pending, sock, leftover)
+        self._join(pending, conn)
 
-    def _join(self, pending: Pending, data_sock: ssl.SSLSocket, leftover: bytes) -> None:
+    def _join(self, pending: Pending, conn: FramedConn) -> None:
         proxy = pending.proxy
+        peer = conn.peer
+        data_sock, leftover = conn.detach()
         relay = Relay(self.loop, pending.sock, data_sock, b_framed=True, a_name=f"client {pending.peer}",
-                      b_name=f"agent {proxy.agent_id}", on_close=lambda r, reason, cid=pending.conn_id: self._on_tunnel_close(cid, reason))
+                      b_name=f"agent {proxy.agent_id}", reuse=True,
+                      on_close=lambda r, reason, cid=pending.conn_id: self._on_tunnel_close(cid, r, reason, peer))
         tunnel = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started, self.wall_time())
         self.tunnels[pending.conn_id] = tunnel
         log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id, proxy.target)
         relay.start(b_initial=leftover)
 
-    def _on_tunnel_close(self, conn_id: int, reason: str) -> None:
+    def _on_tunnel_close(self, conn_id: int, relay: Relay, reason: str, data_peer: str) -> None:
         tunnel = self.tunnels.pop(conn_id, None)
         if tunnel is None:
             return
+        if relay.handoff is not None:  # both directions ended: the data connection is warm again
+            sock, trailing = relay.handoff
+            agent_id = tunnel.proxy.agent_id
+            conn = FramedConn.resume(self.loop, sock, trailing, peer=data_peer, identity=agent_id,
+                                     on_message=self._on_warm_message, on_close=self._on_warm_close)
+            self._add_warm(conn, agent_id)
         level = logging.INFO if reason in ("done", "server stopping") else logging.WARNING
         log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id, tunnel.peer,
                 tunnel.proxy.target, tunnel.proxy.name, reason, tunnel.relay.bytes_a_to_b, tunnel.relay.bytes_b_to_a,
@@ -513,7 +546,86 @@ class Server:
         pending = Pending(self.new_id(), proxy, sock, peer, self.loop.time())
         pending.timer = self.loop.call_later(self.config.data_timeout, self._pending_timeout, pending.conn_id)
         self.pending[pending.conn_id] = pending
-        session.conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
+        self._ask_agent(pending, session)
+
+    def _ask_agent(self, pending: Pending, session: AgentSession) -> None:
+        """Send `open` on a warm data connection if the agent has one, else on its admin connection."""
+        proxy = pending.proxy
+        warm = self.warm.get(proxy.agent_id)
+        if warm:
+            conn = warm.pop()
+            pending.warm = conn
+            conn.on_message = lambda c, m, cid=pending.conn_id: self._on_warm_reply(c, m, cid)
+            conn.on_close = lambda c, reason, cid=pending.conn_id: self._on_warm_lost(c, reason, cid)
+            conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
+        else:
+            session.conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
+
+    # -- warm data connections ---------------------------------------------------------------------
+    def _add_warm(self, conn: FramedConn, agent_id: str) -> None:
+        conns = self.warm.setdefault(agent_id, [])
+        if self.draining or agent_id not in self.sessions or len(conns) >= self.config.pool_max:
+            conn.close("not needed")
+            return
+        conn.on_message = self._on_warm_message
+        conn.on_close = self._on_warm_close
+        conn.identity = agent_id
+        conn.idle_since = self.loop.time()
+        conns.append(conn)
+
+    def _on_warm_message(self, conn: FramedConn, msg: dict) -> None:
+        log.warning("agent %s sent %r on an idle data connection; closing it", conn.identity, msg["type"])
+        conn.close(f"unexpected {msg['type']}")
+
+    def _on_warm_close(self, conn: FramedConn, reason: str) -> None:
+        conns = self.warm.get(conn.identity or "", [])
+        if conn in conns:
+            conns.remove(conn)
+
+    def _on_warm_reply(self, conn: FramedConn, msg: dict, conn_id: int) -> None:
+        pending = self.pending.get(conn_id)
+        kind = msg["type"]
+        if pending is None:  # the client is gone (timeout): the answer comes too late
+            conn.close("late answer")
+            return
+        if kind == "ready" and msg["conn"] == conn_id:
+            del self.pending[conn_id]
+            if pending.timer:
+                pending.timer.cancel()
+            self._join(pending, conn)
+        elif kind == "fail" and msg["conn"] == conn_id:
+            pending.warm = None
+            self._add_warm(conn, pending.proxy.agent_id)
+            self.on_agent_fail(pending.proxy.agent_id, conn_id, msg["reason"])
+        else:
+            log.warning("agent %s answered %r to open on a data connection; closing it", conn.identity, kind)
+            conn.close(f"unexpected {kind}")
+
+    def _on_warm_lost(self, conn: FramedConn, reason: str, conn_id: int) -> None:
+        pending = self.pending.get(conn_id)
+        if pending is None or pending.warm is not conn:
+            return
+        pending.warm = None
+        session = self.sessions.get(pending.proxy.agent_id)
+        if session is None or not session.conn.open:
+            self._drop_pending(pending, f"agent {pending.proxy.agent_id} went offline")
+            return
+        log.info("connection %d: warm data connection lost (%s); asking agent %s again", conn_id, reason,
+                 pending.proxy.agent_id)
+        self._ask_agent(pending, session)
+
+    def _sweep_warm(self) -> None:
+        """Close idle data connections beyond pool_size that have idled for pool_idle_timeout."""
+        now = self.loop.time()
+        for conns in self.warm.values():
+            extra = len(conns) - self.config.pool_size
+            for conn in list(conns):  # oldest first
+                if extra <= 0:
+                    break
+                if now - conn.idle_since >= self.config.pool_idle_timeout:
+                    conn.close("idle")
+                    extra -= 1
+        self._sweep_timer = self.loop.call_later(POOL_SWEEP, self._sweep_warm)
 
     def _pending_timeout(self, conn_id: int) -> None:
         pending = self.pending.pop(conn_id, None)
@@ -533,6 +645,9 @@ class Server:
         self.pending.pop(pending.conn_id, None)
         if pending.timer:
             pending.timer.cancel()
+        if pending.warm is not None and pending.warm.open:
+            warm, pending.warm = pending.warm, None
+            warm.close("its client is gone")  # its state is unknown now: do not reuse it
         if reason != "server stopping":
             log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
         self._close_client(pending.sock)
@@ -583,7 +698,8 @@ class Server:
     def api_status(self) -> tuple[int, Any]:
         return 200, {"server_id": self.config.server_id, "version": __version__,
                      "uptime": round(self.loop.time() - self.started, 3), "agents": len(self.sessions),
-                     "proxies": len(self.proxies), "connections": len(self.tunnels), "pending": len(self.pending)}
+                     "proxies": len(self.proxies), "connections": len(self.tunnels), "pending": len(self.pending),
+                     "warm_data_connections": sum(len(c) for c in self.warm.values()), "tls_handshakes": self.handshakes}
 
     def api_agents(self) -> tuple[int, Any]:
         return 200, {"agents": [s.to_dict() for s in sorted(self.sessions.values(), key=lambda s: s.agent_id)]}

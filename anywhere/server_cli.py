@@ -65,6 +65,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=_positive, help="heartbeat interval in seconds (default 5)")
     p.add_argument("--handshake-timeout", type=_positive, help="TLS handshake and hello timeout (default 10)")
     p.add_argument("--drain-timeout", type=_positive, help="seconds live connections may finish on SIGTERM (default 10)")
+    p.add_argument("--pool-size", type=int, help="warm data connections each agent keeps ready (default 8; 0: none)")
     p.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     p.add_argument("--log-file", help="append logs to this file instead of stderr")
 
@@ -93,7 +94,7 @@ def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
         "whitelist": None if args.wl is None else [e.strip() for e in args.wl.split(",") if e.strip()],
         "bind": _hosts(args.bind), "proxy_bind": _hosts(args.proxy_bind), "admin_socket": args.admin_socket,
         "state_dir": args.state_dir, "data_timeout": args.data_timeout, "heartbeat": args.heartbeat,
-        "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout,
+        "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout, "pool_size": args.pool_size,
         "log_level": args.log_level,
     }
     if args.wl is not None:

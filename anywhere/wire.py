@@ -16,6 +16,13 @@ Control frames
       cannot be reached (success is the data connection itself).
     * data connection:   agent ``data`` {proto, agent_id, conn} → server ``ready`` {conn} or
       ``error`` {reason}; after ``ready`` the connection switches to the chunk stream.
+    * warm data connection: agent ``pool`` {proto, agent_id}, then nothing until the server
+      uses it: server ``open`` {conn, host, port} → agent ``ready`` {conn} (then the chunk
+      stream) or ``fail`` {conn, reason} (and it stays warm).
+
+    Once both directions of a chunk stream have ENDed, a data connection of either kind is
+    warm again: the next frame on it is the server's next ``open``.  ``welcome`` tells the
+    agent how many warm data connections to keep (``pool``).
 
     ``proto`` is the protocol version; a peer speaking another version gets an ``error`` that
     names both versions.
@@ -52,13 +59,14 @@ pack_header = _HEADER.pack_into
 # (a newer peer may add some).
 MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"proto": int, "agent_id": str, "version": str},
-    "welcome": {"proto": int, "server_id": str, "heartbeat": (int, float)},
+    "welcome": {"proto": int, "server_id": str, "heartbeat": (int, float), "pool": int},
     "error": {"reason": str},
     "ping": {"seq": int},
     "pong": {"seq": int},
     "open": {"conn": int, "host": str, "port": int},
     "fail": {"conn": int, "reason": str},
     "data": {"proto": int, "agent_id": str, "conn": int},
+    "pool": {"proto": int, "agent_id": str},
     "ready": {"conn": int},
 }
 
@@ -97,6 +105,8 @@ def _check(msg: Any, exc: type[Exception]) -> dict:
             raise exc(f"{msg_type}: field {name!r} out of range")
     if "heartbeat" in spec and not (0 < msg["heartbeat"] <= 3600):  # also refuses NaN and infinities
         raise exc(f"{msg_type}: heartbeat {msg['heartbeat']!r} out of range (0, 3600]")
+    if "pool" in spec and not (0 <= msg["pool"] <= 1024):
+        raise exc(f"{msg_type}: pool {msg['pool']} out of range 0..1024")
     if "port" in spec and not (1 <= msg["port"] <= 65535):
         raise exc(f"{msg_type}: port {msg['port']} out of range 1..65535")
     return msg
@@ -158,20 +168,29 @@ class ChunkDecoder:
 
     `feed(view)` returns ``(payloads, end)``: the payload pieces in order (memoryviews into
     `view`, valid until the caller reuses its buffer) and ``None``, ``"end"`` or ``"abort"``.
+    Bytes after END in the same feed are not part of this stream (on a connection being reused
+    they are the next control frame): they are kept in `trailing` for the caller.  Anything
+    after ABORT, or fed after the end, is a protocol error.
     """
 
-    __slots__ = ("_hdr", "_remaining", "ended", "max_chunk")
+    __slots__ = ("_hdr", "_remaining", "ended", "max_chunk", "trailing")
 
     def __init__(self, max_chunk: int = MAX_CHUNK) -> None:
         self._hdr = b""
         self._remaining = 0
         self.ended: str | None = None
         self.max_chunk = max_chunk
+        self.trailing = b""
 
     def feed(self, view: memoryview) -> tuple[list[memoryview], str | None]:
         payloads: list[memoryview] = []
         pos, n = 0, len(view)
+        if n and self.ended is not None:
+            raise ProtocolError(f"data after {self.ended.upper()} on the data stream")
         while pos < n:
+            if self.ended == "end":
+                self.trailing = bytes(view[pos:])
+                break
             if self.ended is not None:
                 raise ProtocolError(f"data after {self.ended.upper()} on the data stream")
             if self._remaining:

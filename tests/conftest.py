@@ -279,3 +279,18 @@ def recv_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+
+
+@pytest.fixture
+def peers():
+    """`peers(port, ctx, ...)` makes a hand-written agent-side TLS peer (handpeer.HandPeer), closed after the test."""
+    from handpeer import HandPeer
+    made: list[HandPeer] = []
+
+    def make(*args, **kwargs) -> HandPeer:
+        peer = HandPeer(*args, **kwargs)
+        made.append(peer)
+        return peer
+    yield make
+    for peer in made:
+        peer.close()

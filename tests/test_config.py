@@ -28,6 +28,9 @@ SERVER_BAD = [
     ("handshake_timeout", "-1", "must be a number of seconds greater than 0"),
     ("heartbeat", "0", "must be a number of seconds greater than 0"),
     ("drain_timeout", "1e9", "must be a number of seconds greater than 0"),
+    ("pool_size", "2000", "must be a whole number 0..1024"),
+    ("pool_max", "-1", "must be a whole number 0..65536"),
+    ("pool_idle_timeout", "0", "must be a number of seconds greater than 0"),
     ("log_level", "loud", "must be one of debug, info, warning, error"),
 ]
 

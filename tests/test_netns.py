@@ -18,7 +18,6 @@ process is ended by pid and every namespace deleted in teardown, also when a tes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,6 @@ import select
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
