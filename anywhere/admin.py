@@ -5,9 +5,12 @@ Theory of operation
 `AdminServer` accepts on one or more listening sockets (the Unix socket, later optionally TCP).
 Each accepted connection is an `_AdminConn` that feeds bytes to an `h11.Connection` and reacts to
 its events.  A request's body is collected up to `MAX_BODY` bytes (a larger Content-Length gets
-413 at once), parsed as JSON and handed with the method and path to the ``handler``, which
-returns ``(status, object)`` or raises `ApiError`.  Every response is JSON: ``{"error": "..."}``
-for failures.  A request must arrive whole within `REQUEST_TIMEOUT` seconds (a slow or silent
+413 at once), parsed as JSON and handed as a `Request` (method, path, body, and who asked: the
+peer's uid/gid/pid from SO_PEERCRED on the Unix socket, the address on TCP) to the ``handler``,
+which returns ``(status, object)`` or raises `ApiError`.  Responses are JSON (``{"error": "..."}``
+for failures), or a `RawBody` such as the Prometheus exposition.  On a TCP listener every
+request needs ``Authorization: Bearer <token>`` (compared in constant time), except the paths
+the listener declares public.  A request must arrive whole within `REQUEST_TIMEOUT` seconds (a slow or silent
 client is dropped), and garbage gets a 400 from h11's own protocol error, then a close.  Nothing
 one client does affects another or the daemon.
 """
@@ -15,11 +18,16 @@ one client does affects another or the daemon.
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import logging
 import os
+import pwd
 import socket
 import stat
+import struct
+import urllib.parse
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import h11
@@ -42,7 +50,60 @@ class ApiError(Exception):
         self.message = message
 
 
-Handler = Callable[[str, str, Any], tuple[int, Any]]
+@dataclass
+class RawBody:
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class Caller:
+    """Who sent a request: a local process (Unix socket) or a TCP peer holding the token."""
+    transport: str  # "unix" or "tcp"
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    address: str = ""
+
+    def __str__(self) -> str:
+        if self.transport == "unix":
+            try:
+                user = pwd.getpwuid(self.uid).pw_name if self.uid is not None else "?"
+            except KeyError:
+                user = "?"
+            return f"uid={self.uid}({user}) pid={self.pid}"
+        return f"token@{self.address}"
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    body: Any
+    caller: Caller
+    path: str = ""
+    query: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        split = urllib.parse.urlsplit(self.target)
+        self.path = urllib.parse.unquote(split.path).rstrip("/") or "/"
+        self.query = dict(urllib.parse.parse_qsl(split.query))
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    token: Callable[[], str | None] | None = None  # None: no token needed (the Unix socket)
+    public: Callable[[], tuple[str, ...]] = tuple  # paths served without the token (read per request)
+
+
+Handler = Callable[[Request], tuple[int, Any]]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", data)
 
 
 def listen_unix(path: str, mode: int = 0o660) -> socket.socket:
@@ -80,30 +141,37 @@ class AdminServer:
     def __init__(self, loop: Loop, handler: Handler) -> None:
         self.loop = loop
         self.handler = handler
-        self.listeners: list[socket.socket] = []
+        self.listeners: list[Listener] = []
         self.conns: set[_AdminConn] = set()
         self.unix_paths: list[str] = []
 
-    def add_listener(self, sock: socket.socket) -> None:
-        self.listeners.append(sock)
+    def add_listener(self, sock: socket.socket, token: Callable[[], str | None] | None = None,
+                     public: Callable[[], tuple[str, ...]] = tuple) -> None:
+        listener = Listener(sock, token, public)
+        self.listeners.append(listener)
         if sock.family == socket.AF_UNIX:
             self.unix_paths.append(sock.getsockname())
-        self.loop.register(sock, READ, lambda _mask, s=sock: self._accept(s))
+        what = "the admin socket" if sock.family == socket.AF_UNIX else "the REST port"
+        self.loop.register(sock, READ, lambda _mask: accept_all(sock, lambda c, a: self._on_accept(listener, c, a),
+                                                                what, budget=16))
 
-    def _accept(self, listener: socket.socket) -> None:
-        accept_all(listener, self._on_accept, "the admin socket", budget=16)
+    def remove_listener(self, sock: socket.socket) -> None:
+        for listener in [entry for entry in self.listeners if entry.sock is sock]:
+            self.listeners.remove(listener)
+            self.loop.unregister(sock)
+            sock.close()
 
-    def _on_accept(self, sock: socket.socket, addr: Any) -> None:
+    def _on_accept(self, listener: Listener, sock: socket.socket, addr: Any) -> None:
         if len(self.conns) >= MAX_CONNS:
             log.warning("admin connection refused: %d already open", MAX_CONNS)
             sock.close()
             return
-        self.conns.add(_AdminConn(self, sock, addr))
+        self.conns.add(_AdminConn(self, listener, sock, addr))
 
     def close(self) -> None:
-        for sock in self.listeners:
-            self.loop.unregister(sock)
-            sock.close()
+        for listener in self.listeners:
+            self.loop.unregister(listener.sock)
+            listener.sock.close()
         self.listeners.clear()
         for path in self.unix_paths:
             try:
@@ -116,11 +184,21 @@ class AdminServer:
 
 
 class _AdminConn:
-    def __init__(self, server: AdminServer, sock: socket.socket, addr: Any) -> None:
+    def __init__(self, server: AdminServer, listener: Listener, sock: socket.socket, addr: Any) -> None:
         self.server = server
+        self.listener = listener
         self.loop = server.loop
         self.sock = sock
-        self.peer = addr if addr else "unix"
+        if sock.family == socket.AF_UNIX:
+            try:
+                pid, uid, gid = peer_credentials(sock)
+            except OSError:
+                pid = uid = gid = None
+            self.caller = Caller("unix", uid=uid, gid=gid, pid=pid)
+        else:
+            from .net import format_addr
+            self.caller = Caller("tcp", address=format_addr(addr))
+        self.peer = str(self.caller)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
         self.out = bytearray()
         self.request: h11.Request | None = None
@@ -200,8 +278,10 @@ class _AdminConn:
         except (UnicodeDecodeError, ValueError) as exc:
             self._respond(400, {"error": f"request body is not valid JSON: {exc}"})
             return
+        request = Request(method, target, body, self.caller)
         try:
-            status, obj = self.server.handler(method, target, body)
+            self._authorize(request)
+            status, obj = self.server.handler(request)
         except ApiError as exc:
             status, obj = exc.status, {"error": exc.message}
         except Exception:
@@ -209,9 +289,31 @@ class _AdminConn:
             status, obj = 500, {"error": "internal error; see the daemon's log"}
         self._respond(status, obj)
 
+    def _authorize(self, request: Request) -> None:
+        token_of = self.listener.token
+        if token_of is None or request.path in self.listener.public():
+            return
+        expected = token_of()
+        given = ""
+        assert self.request is not None  # set before dispatch
+        for name, value in self.request.headers:
+            if name == b"authorization":
+                scheme, _, credential = value.decode("latin-1").partition(" ")
+                given = credential.strip() if scheme.lower() == "bearer" else ""
+        if not expected or not given or not hmac.compare_digest(given.encode(), expected.encode()):
+            log.warning("REST request %s %s from %s refused: %s", request.method, request.path, self.caller.address,
+                        "no bearer token" if not given else "wrong token")
+            raise ApiError(401, "a valid bearer token is required (Authorization: Bearer TOKEN)")
+
     def _respond(self, status: int, obj: Any, close: bool = False) -> None:
-        body = (json.dumps(obj, indent=None, separators=(",", ":")) + "\n").encode("utf-8")
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if isinstance(obj, RawBody):
+            body, content_type = obj.data, obj.content_type
+        else:
+            body = (json.dumps(obj, indent=None, separators=(",", ":")) + "\n").encode("utf-8")
+            content_type = "application/json"
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if status == 401:
+            headers.append(("WWW-Authenticate", 'Bearer realm="anywhered"'))
         if close:
             headers.append(("Connection", "close"))
         try:

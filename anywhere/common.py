@@ -24,8 +24,11 @@ LOG_FORMAT_JOURNAL = "%(levelname)s %(name)s: %(message)s"
 def build_commit() -> str:
     """The commit this code was built from: baked in by the package builds (anywhere/_build.py),
     else read from git when running from a checkout, else "unknown"."""
-    from . import _build
-    return _build.commit or git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) or "unknown"
+    try:
+        from ._build import commit
+    except ImportError:
+        commit = None
+    return commit or git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) or "unknown"
 
 
 def version_line(prog: str) -> str:

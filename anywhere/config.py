@@ -53,6 +53,10 @@ drain_timeout = seconds(default=10)
 pool_size = count(0, 1024, default=8)
 pool_max = count(0, 65536, default=256)
 pool_idle_timeout = seconds(default=60)
+audit_log = audit(default="")
+api_listen = endpoints(default=list())
+api_token_file = path(default=None)
+metrics_public = boolean(default=False)
 log_level = loglevel(default=info)
 """.strip().splitlines()
 
@@ -167,6 +171,32 @@ def check_networks(value: Any, default: Any = None) -> list[str]:
     return items
 
 
+def check_audit(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if text and text != "journal" and not text.startswith("/"):
+        raise _Bad("must be empty (off), journal, or an absolute file path")
+    return text
+
+
+def check_endpoints(value: Any, default: Any = None) -> list[str]:
+    items = _list(value)
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or (host and not is_ip(host) and not HOSTNAME_RE.fullmatch(host)):
+            raise _Bad(f"{item!r} is not HOST:PORT (e.g. 127.0.0.1:1112, [::1]:1112, :1112 for every address)")
+    return items
+
+
+def check_boolean(value: Any, default: Any = None) -> bool:
+    text = _text(value).lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise _Bad("must be true or false")
+
+
 def check_loglevel(value: Any, default: Any = None) -> str:
     text = _text(value).lower()
     if text not in LOG_LEVELS:
@@ -177,7 +207,8 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
-    "networks": check_networks, "loglevel": check_loglevel,
+    "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
+    "boolean": check_boolean,
 }
 
 

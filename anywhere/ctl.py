@@ -153,10 +153,13 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
     data = Client(args.admin_socket).call("GET", "/v1/proxies")
-    _emit(args, data, lambda d: table(d["proxies"], [
-        ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("remote_port", "REMOTE PORT"),
-        ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"), ("whitelist", "WHITELIST"),
-        ("connections", "CONNS")]))
+    rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=_human(p.get("bytes_in", 0)),
+                 bytes_out=_human(p.get("bytes_out", 0))) for p in data["proxies"]]
+    _emit(args, data, lambda d: table(rows, [
+        ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
+        ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
+        ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
+        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT")]))
 
 
 def cmd_proxy_del(args: argparse.Namespace) -> None:
@@ -169,10 +172,12 @@ def cmd_proxy_del(args: argparse.Namespace) -> None:
 
 def cmd_agent_list(args: argparse.Namespace) -> None:
     data = Client(args.admin_socket).call("GET", "/v1/agents")
-    rows = [dict(a, connected_since=_since(a.get("connected_since"))) for a in data["agents"]]
+    rows = [dict(a, connected_since=_since(a.get("connected_since")), bytes_in=_human(a.get("bytes_in", 0)),
+                 bytes_out=_human(a.get("bytes_out", 0))) for a in data["agents"]]
     _emit(args, data, lambda _d: table(rows, [
         ("agent_id", "AGENT"), ("address", "ADDRESS"), ("connected_since", "CONNECTED SINCE"),
-        ("rtt_ms", "RTT MS"), ("connections", "CONNS"), ("version", "VERSION")]))
+        ("rtt_ms", "RTT MS"), ("connections", "CONNS"), ("bytes_in", "IN"), ("bytes_out", "OUT"),
+        ("version", "VERSION")]))
 
 
 def cmd_conn_list(args: argparse.Namespace) -> None:
@@ -182,10 +187,67 @@ def cmd_conn_list(args: argparse.Namespace) -> None:
         ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
 
 
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+def render_status(d: dict) -> str:
+    rejected = ", ".join(f"{k} {v}" for k, v in d["rejected"].items() if v) or "none"
+    lines = [
+        f"anywhered {d['version']}, server id {d['server_id']}, up {_duration(d['uptime'])}"
+        + (" (draining)" if d.get("draining") else ""),
+        f"agents:      {d['agents']} connected",
+        f"proxies:     {d['proxies']}",
+        f"connections: {d['connections']} live, {d['connections_total']} in all; "
+        f"{d['warm_data_connections']} warm data connection(s)",
+        f"bytes:       {_human(d['bytes_in'])} in, {_human(d['bytes_out'])} out",
+        f"rejected:    {rejected}",
+        "last errors:" + ("" if d["last_errors"] else " none"),
+    ]
+    for e in d["last_errors"]:
+        lines.append(f"  {_since(e['time'])} {e['level']}: {e['message']}")
+    return "\n".join(lines)
+
+
 def cmd_status(args: argparse.Namespace) -> None:
-    data = Client(args.admin_socket).call("GET", "/v1/status")
-    _emit(args, data, lambda d: "\n".join(f"{k}: {d[k]}" for k in
-                                          ("server_id", "version", "uptime", "agents", "proxies", "connections")))
+    _emit(args, Client(args.admin_socket).call("GET", "/v1/status"), render_status)
+
+
+def cmd_conn_kill(args: argparse.Namespace) -> None:
+    if (args.id is None) == (args.proxy is None):
+        raise CtlError("say which: conn kill ID, or conn kill --proxy NAME")
+    client = Client(args.admin_socket)
+    if args.id is not None:
+        data = client.call("DELETE", f"/v1/connections/{args.id}")
+    else:
+        data = client.call("DELETE", "/v1/connections?proxy=" + requests.utils.quote(args.proxy, safe=""))
+    _emit(args, data, lambda d: f"killed {len(d['killed'])} connection(s)" +
+          (f": {', '.join(str(i) for i in d['killed'])}" if d["killed"] else ""))
+
+
+def cmd_agent_disconnect(args: argparse.Namespace) -> None:
+    data = Client(args.admin_socket).call("POST", f"/v1/agents/{requests.utils.quote(args.agent_id, safe='')}/disconnect")
+    _emit(args, data, lambda d: f"agent {d['disconnected']} disconnected; {d['closed_connections']} connection(s) closed")
+
+
+def cmd_proxy_enable(args: argparse.Namespace) -> None:
+    verb = "enable" if args.enable else "disable"
+    data = Client(args.admin_socket).call("POST", f"/v1/proxies/{requests.utils.quote(args.name, safe='')}/{verb}")
+    _emit(args, data, lambda d: f"proxy {d['proxy']['name']} {verb}d")
 
 
 def cmd_reload(args: argparse.Namespace) -> None:
@@ -248,10 +310,21 @@ def add_admin_commands(sub: Any) -> None:
     dele.add_argument("--remote-port", type=_port, help="the proxy's remote port")
     dele.add_argument("--agent-id", help=argparse.SUPPRESS)  # accepted for the original's command lines
     dele.set_defaults(func=cmd_proxy_del)
+    for verb in ("enable", "disable"):
+        p = proxy.add_parser(verb, parents=[common], help=f"{verb} a proxy (disabled: no new clients, not deleted)")
+        p.add_argument("name", help="the proxy's name (or its remote port)")
+        p.set_defaults(func=cmd_proxy_enable, enable=verb == "enable")
     agent = sub.add_parser("agent", help="list agents").add_subparsers(dest="verb", metavar="VERB", required=True)
     agent.add_parser("list", parents=[common], help="list connected agents").set_defaults(func=cmd_agent_list)
+    disc = agent.add_parser("disconnect", parents=[common], help="close an agent's session and its connections")
+    disc.add_argument("agent_id", metavar="ID")
+    disc.set_defaults(func=cmd_agent_disconnect)
     conn = sub.add_parser("conn", help="list live connections").add_subparsers(dest="verb", metavar="VERB", required=True)
     conn.add_parser("list", parents=[common], help="list live tunneled connections").set_defaults(func=cmd_conn_list)
+    kill = conn.add_parser("kill", parents=[common], help="close a live connection (ID), or every one of a proxy")
+    kill.add_argument("id", nargs="?", type=int, metavar="ID")
+    kill.add_argument("--proxy", metavar="NAME", help="kill every connection of this proxy")
+    kill.set_defaults(func=cmd_conn_kill)
     sub.add_parser("reload", parents=[common], help="make the daemon re-read its configuration; fails if it is refused"
                    ).set_defaults(func=cmd_reload)
 

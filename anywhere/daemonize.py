@@ -2,8 +2,9 @@
 
 The pid file is locked with fcntl.flock in the parent, before detaching, so a second start
 is refused in the operator's terminal ("already running as pid N") rather than in a log; the
-lock's fd is kept across the detach, the pid is rewritten by the daemon, and the file is removed
-on exit.  Detaching uses python-daemon's DaemonContext with umask 0o027, every file descriptor
+lock's fd is kept across the detach, the daemon writes its pid, and the file is removed on exit.
+The command returns only once the daemon has written its pid (it reports through a pipe), so a
+script may read the pid file as soon as `anywhered start --daemon` has exited.  Detaching uses python-daemon's DaemonContext with umask 0o027, every file descriptor
 already open (listeners bound before detaching, so bind errors also reach the terminal) kept,
 and no signal handlers of its own: the loop installs ours.
 """
@@ -23,7 +24,7 @@ class PidFile:
         self.path = os.path.abspath(path)
         self.fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, write: bool = True) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -33,7 +34,9 @@ class PidFile:
             os.close(fd)
             raise AlreadyRunning(f"already running as pid {other} (pid file {self.path} is locked)") from None
         self.fd = fd
-        self.write()
+        os.ftruncate(fd, 0)
+        if write:
+            self.write()
 
     def write(self) -> None:
         assert self.fd is not None  # acquire() first (our own call order)
@@ -56,12 +59,28 @@ def open_fds() -> list[int]:
 
 
 def detach(pidfile: PidFile, log_file: str | None) -> None:
-    """Become a daemon: the parent exits 0, the child returns from here."""
+    """Become a daemon: the calling process exits (0 once the daemon has written its pid), the
+    daemon returns from here."""
     import daemon  # python-daemon; imported here so the normal path does not need it
 
     stream = open(log_file, "a", buffering=1) if log_file else None  # noqa: SIM115 (lives as long as the daemon)
+    read_end, write_end = os.pipe()
+    first = os.fork()
+    if first > 0:  # the command the operator ran: wait for the daemon's word, then leave
+        os.close(write_end)
+        word = b""
+        while True:
+            chunk = os.read(read_end, 64)
+            if not chunk:
+                break
+            word += chunk
+        os.waitpid(first, 0)
+        os._exit(0 if word == b"ok" else 1)
+    os.close(read_end)
     keep = open_fds()
     ctx = daemon.DaemonContext(files_preserve=keep, umask=0o027, working_directory="/", signal_map={},
                                stdout=stream, stderr=stream, detach_process=True)
     ctx.open()
     pidfile.write()
+    os.write(write_end, b"ok")
+    os.close(write_end)

@@ -159,7 +159,7 @@ class _Half:
     def _forward(self, n: int) -> bool:
         """Pass on n freshly read bytes from the scratch buffer; False if dst is backed up."""
         if self.relay.first_byte_at is None:
-            self.relay.first_byte_at = self.relay.loop.time()
+            self.relay._first_byte()
         if self.encode:
             pack_header(_scratch, 0, n)
             self.nbytes += n
@@ -264,6 +264,7 @@ class Relay:
         self.reuse = reuse and b_framed and not a_framed
         self.handoff: tuple[socket.socket, bytes] | None = None
         self.first_byte_at: float | None = None
+        self.on_first_byte: Callable[["Relay"], None] | None = None
         for side in (self.a, self.b):
             side.sock.setblocking(False)
 
@@ -289,6 +290,14 @@ class Relay:
                 half.on_readable()
         if not self.closed:
             self._update_interest()
+
+    def _first_byte(self) -> None:
+        self.first_byte_at = self.loop.time()
+        if self.on_first_byte is not None:
+            try:
+                self.on_first_byte(self)
+            except Exception:  # a metric must never break the relay
+                log.exception("on_first_byte callback failed")
 
     @property
     def bytes_a_to_b(self) -> int:

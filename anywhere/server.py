@@ -30,28 +30,32 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 import secrets
 import socket
 import ssl
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import state, tls
 from .admin import AdminServer, ApiError, listen_unix
+from .api import Api
+from .audit import AuditLog
 from .common import __version__
 from .credentials import valid_agent_id
 from .framed import FramedConn
 from .loop import READ, Loop, Timer
 from .net import accept_all, client_ip, format_addr, is_ip, listen, tune
 from .relay import Relay
+from .stats import Counters, Metrics, RecentErrors
 from .wire import PROTO_VERSION
 
 log = logging.getLogger("anywhere.server")
 
 ACCEPT_BUDGET = 64
 POOL_SWEEP = 5.0
+STATS_SAVE_INTERVAL = 30.0
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
@@ -76,6 +80,10 @@ class ServerConfig:
     pool_size: int = 8  # warm data connections each agent keeps ready
     pool_max: int = 256  # idle data connections kept per agent at most (reused ones included)
     pool_idle_timeout: float = 60.0  # idle ones beyond pool_size are closed after this
+    audit_log: str = ""  # "", "journal" or a file
+    api_listen: list[str] = field(default_factory=list)  # REST port: ["HOST:PORT", ...]; empty: off
+    api_token_file: str | None = None
+    metrics_public: bool = False
 
 
 def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
@@ -97,6 +105,31 @@ def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
     return nets
 
 
+def read_token(path: str | None) -> str:
+    """The REST port's bearer token: the first line of a file that only its owner may read."""
+    if not path:
+        raise ValueError("the REST port needs a token: set api_token_file (a file of mode 0600)")
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as exc:
+        raise ValueError(f"api_token_file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"api_token_file {path}: mode {oct(mode & 0o777)[2:]} lets others read the token; use 0600")
+    if len(token) < 16:
+        raise ValueError(f"api_token_file {path}: the token must be at least 16 characters")
+    return token
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 def allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
     return any(ip.version == net.version and ip in net for net in nets)
 
@@ -109,12 +142,14 @@ class Proxy:
     local_port: int
     remote_port: int
     whitelist: list[str]
+    enabled: bool = True
     nets: list[Network] = field(repr=False, default_factory=list)
     listeners: list[socket.socket] = field(repr=False, default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
-                "local_port": self.local_port, "remote_port": self.remote_port, "whitelist": list(self.whitelist)}
+                "local_port": self.local_port, "remote_port": self.remote_port, "whitelist": list(self.whitelist),
+                "enabled": self.enabled}
 
     @property
     def target(self) -> str:
@@ -125,7 +160,7 @@ def validate_proxy(spec: Any) -> Proxy:
     """A Proxy from an API body or the state file; ApiError(400) names the bad field."""
     if not isinstance(spec, dict):
         raise ApiError(400, "the body must be a JSON object describing the proxy")
-    known = {"name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist"}
+    known = {"name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist", "enabled"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
@@ -152,7 +187,10 @@ def validate_proxy(spec: Any) -> Proxy:
     name = spec.get("name") or f"{agent_id}:{ports['remote_port']}"
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.isdigit():
         raise ApiError(400, f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
-    return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"],
+    enabled = spec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ApiError(400, f"enabled {enabled!r} must be true or false")
+    return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=whitelist, nets=nets)
 
 
@@ -167,6 +205,7 @@ class AgentSession:
         self.address = conn.peer
         self.since = server.wall_time()
         self.rtt: float | None = None
+        self.last_pong: float | None = None
         self._seq = 0
         self._ping_sent: dict[int, float] = {}
         self._timer: Timer = server.loop.call_later(server.config.heartbeat, self._tick)
@@ -192,6 +231,8 @@ class AgentSession:
             sent = self._ping_sent.pop(msg["seq"], None)
             if sent is not None:
                 self.rtt = self.server.loop.time() - sent
+                self.last_pong = self.server.wall_time()
+                self.server.metrics.heartbeat_rtt.labels(self.agent_id).observe(self.rtt)
         elif kind == "fail":
             self.server.on_agent_fail(self.agent_id, msg["conn"], msg["reason"])
         else:
@@ -254,7 +295,16 @@ class Server:
         self.tunnels: dict[int, Tunnel] = {}
         self.warm: dict[str, list[FramedConn]] = {}  # per agent, idle data connections, most recent last
         self.handshakes = 0  # TLS handshakes completed on the agent port
-        self.admin = AdminServer(loop, self.handle_api)
+        self.proxy_stats: dict[str, Counters] = {}
+        self.agent_stats: dict[str, Counters] = {}
+        self.proxy_agents: dict[str, str] = {}  # proxy name → agent id, kept for deleted proxies' counters
+        self.stats_dirty = False
+        self.metrics = Metrics(self)
+        self.recent_errors = RecentErrors()
+        logging.getLogger("anywhere").addHandler(self.recent_errors)
+        self.audit = AuditLog()
+        self.api_token: str | None = None
+        self.admin = AdminServer(loop, Api(self).handle)
         self._next_id = secrets.randbits(30) + 1
         self.closed = False
         self.draining = False
@@ -266,14 +316,19 @@ class Server:
         """Bind everything or raise (OSError, tls.CredentialError, state.StateError); nothing stays half-open."""
         try:
             self.ctx = tls.server_context(self.config.ca, self.config.cert, self.config.key)
-            stored = state.load(self.config.state_dir)
+            self.audit.open(self.config.audit_log)
+            self.api_token = read_token(self.config.api_token_file) if self.config.api_listen else None
+            stored, stats = state.load_all(self.config.state_dir)
+            self._restore_stats(stats)
             self.agent_listeners = listen(self.config.bind, self.config.port)
             for sock in self.agent_listeners:
                 self.loop.register(sock, READ, lambda _m, s=sock: self._accept_agent(s))
             self.admin.add_listener(listen_unix(self.config.admin_socket))
+            self._open_rest_port()
             for spec in stored:
                 self._restore_proxy(spec)
             self._sweep_timer = self.loop.call_later(POOL_SWEEP, self._sweep_warm)
+            self._stats_timer = self.loop.call_later(STATS_SAVE_INTERVAL, self._stats_tick)
         except BaseException:
             self.close()
             raise
@@ -282,6 +337,29 @@ class Server:
                  __version__, self.config.server_id, where, self.config.admin_socket)
         if not self.global_nets:
             log.warning("no global whitelist (--wl): proxies without their own whitelist accept clients from any address")
+
+    def _restore_stats(self, stats: dict) -> None:
+        for table, key in ((self.proxy_stats, "proxies"), (self.agent_stats, "agents")):
+            stored = stats.get(key)
+            if isinstance(stored, dict):
+                for name, counters in stored.items():
+                    table[str(name)] = Counters.from_dict(counters)
+
+    def _open_rest_port(self) -> None:
+        """The REST port (--api-port / api_listen): the same API on TCP, behind a bearer token."""
+        for entry in self.config.api_listen:
+            host, _, port = entry.rpartition(":")
+            host = host.strip("[]")
+            for sock in listen([host], int(port)):
+                where = format_addr(sock.getsockname())
+                self.admin.add_listener(sock, token=lambda: self.api_token,
+                                        public=lambda: ("/metrics",) if self.config.metrics_public else ())
+                bound = sock.getsockname()[0]
+                if bound in ("::", "0.0.0.0") or not ipaddress.ip_address(bound.split("%")[0]).is_loopback:
+                    log.warning("REST API on %s without TLS: the bearer token and the answers cross the network in "
+                                "clear; bind it to a loopback address or put it behind a TLS proxy", where)
+                else:
+                    log.info("REST API on %s", where)
 
     def _restore_proxy(self, spec: dict) -> None:
         try:
@@ -293,7 +371,7 @@ class Server:
         log.info("proxy %s restored: port %d → agent %s → %s", proxy.name, proxy.remote_port, proxy.agent_id, proxy.target)
 
     # -- reload and drain ------------------------------------------------------------------------
-    RESTART_ONLY = ("port", "bind", "proxy_bind", "admin_socket", "state_dir")
+    RESTART_ONLY = ("port", "bind", "proxy_bind", "admin_socket", "state_dir", "api_listen")
 
     def reload(self, new: ServerConfig) -> dict:
         """Apply a new configuration to what can change at run time; all or nothing.
@@ -304,9 +382,12 @@ class Server:
         """
         nets = parse_whitelist(new.whitelist, "whitelist")
         ctx = tls.server_context(new.ca, new.cert, new.key)
+        token = read_token(new.api_token_file) if self.config.api_listen else None
+        audit = AuditLog(new.audit_log)  # opened first: a bad path refuses the reload
         old = self.config
         changed = [name for name in ("server_id", "ca", "cert", "key", "whitelist", "data_timeout", "heartbeat",
-                                     "handshake_timeout", "pool_size", "pool_max", "pool_idle_timeout")
+                                     "handshake_timeout", "pool_size", "pool_max", "pool_idle_timeout", "audit_log",
+                                     "api_token_file", "metrics_public")
                    if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         for name in restart:
@@ -314,6 +395,9 @@ class Server:
         self.ctx = ctx
         self.global_nets = nets
         self.config = new
+        self.api_token = token
+        self.audit.close()
+        self.audit = audit
         for name in restart:
             log.warning("reload: %s changed in the configuration; it takes effect at the next restart", name)
         log.info("configuration reloaded%s", f"; changed: {', '.join(changed)}" if changed else "; nothing changed")
@@ -333,8 +417,10 @@ class Server:
         return not self.tunnels and not self.pending
 
     def status_line(self) -> str:
+        totals = self.totals()
         return (f"{len(self.sessions)} agent(s), {len(self.proxies)} prox{'y' if len(self.proxies) == 1 else 'ies'}, "
-                f"{len(self.tunnels)} connection(s)" + (" (draining)" if self.draining else ""))
+                f"{len(self.tunnels)} connection(s), {human_bytes(totals.bytes_in)} in, {human_bytes(totals.bytes_out)} out"
+                + (" (draining)" if self.draining else ""))
 
     def close(self) -> None:
         """Stop everything: listeners, sessions, pending clients, tunnels, admin socket.  Idempotent."""
@@ -356,8 +442,13 @@ class Server:
         for conns in list(self.warm.values()):
             for conn in list(conns):
                 conn.close("server stopping")
-        if getattr(self, "_sweep_timer", None):
-            self._sweep_timer.cancel()
+        for name in ("_sweep_timer", "_stats_timer"):
+            timer = getattr(self, name, None)
+            if timer is not None:
+                timer.cancel()
+        self.save_stats()
+        self.audit.close()
+        logging.getLogger("anywhere").removeHandler(self.recent_errors)
         for tunnel in list(self.tunnels.values()):
             tunnel.relay.close("server stopping")
         self.admin.close()
@@ -479,8 +570,15 @@ class Server:
         relay = Relay(self.loop, pending.sock, data_sock, b_framed=True, a_name=f"client {pending.peer}",
                       b_name=f"agent {proxy.agent_id}", reuse=True,
                       on_close=lambda r, reason, cid=pending.conn_id: self._on_tunnel_close(cid, r, reason, peer))
+        relay.on_first_byte = lambda r, started=pending.started, name=proxy.name: \
+            self.metrics.setup_seconds.labels(name).observe(r.first_byte_at - started)
         tunnel = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started, self.wall_time())
         self.tunnels[pending.conn_id] = tunnel
+        for counters in (self.proxy_stats.setdefault(proxy.name, Counters()),
+                         self.agent_stats.setdefault(proxy.agent_id, Counters())):
+            counters.connections += 1
+        self.proxy_agents[proxy.name] = proxy.agent_id
+        self.stats_dirty = True
         log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id, proxy.target)
         relay.start(b_initial=leftover)
 
@@ -494,10 +592,16 @@ class Server:
             conn = FramedConn.resume(self.loop, sock, trailing, peer=data_peer, identity=agent_id,
                                      on_message=self._on_warm_message, on_close=self._on_warm_close)
             self._add_warm(conn, agent_id)
+        proxy, bytes_in, bytes_out = tunnel.proxy, relay.bytes_a_to_b, relay.bytes_b_to_a
+        self.proxy_stats.setdefault(proxy.name, Counters()).add(bytes_in, bytes_out)
+        self.agent_stats.setdefault(proxy.agent_id, Counters()).add(bytes_in, bytes_out)
+        self.stats_dirty = True
+        duration = self.loop.time() - tunnel.started
+        self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=tunnel.peer, target=proxy.target,
+                         bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3), reason=reason)
         level = logging.INFO if reason in ("done", "server stopping") else logging.WARNING
         log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id, tunnel.peer,
-                tunnel.proxy.target, tunnel.proxy.name, reason, tunnel.relay.bytes_a_to_b, tunnel.relay.bytes_b_to_a,
-                self.loop.time() - tunnel.started)
+                proxy.target, proxy.name, reason, bytes_in, bytes_out, duration)
 
     # -- proxy ports -------------------------------------------------------------------------------
     def _open_proxy(self, proxy: Proxy) -> None:
@@ -508,13 +612,18 @@ class Server:
                 raise ApiError(409, f"remote port {proxy.remote_port} is already used by proxy {other.name}")
         if proxy.remote_port == self.config.port:
             raise ApiError(409, f"remote port {proxy.remote_port} is the agent port")
+        if proxy.enabled:
+            self._listen(proxy)
+        self.proxies[proxy.name] = proxy
+        self.proxy_agents[proxy.name] = proxy.agent_id
+
+    def _listen(self, proxy: Proxy) -> None:
         try:
             proxy.listeners = listen(self.config.proxy_bind, proxy.remote_port)
         except OSError as exc:
             raise ApiError(409, f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
         for sock in proxy.listeners:
             self.loop.register(sock, READ, lambda _m, s=sock, p=proxy: self._accept_client(p, s))
-        self.proxies[proxy.name] = proxy
 
     def _close_listeners(self, proxy: Proxy) -> None:
         for sock in proxy.listeners:
@@ -534,14 +643,16 @@ class Server:
             return
         nets = proxy.nets or self.global_nets
         if nets and not allowed(client_ip(addr), nets):
-            log.warning("proxy %s: client %s refused: not in the %s whitelist", proxy.name, peer,
-                        "proxy's" if proxy.nets else "global")
+            which = "proxy's" if proxy.nets else "global"
+            log.warning("proxy %s: client %s refused: not in the %s whitelist", proxy.name, peer, which)
             self._close_client(sock)
+            self._reject(proxy, "whitelist", peer, f"not in the {which} whitelist")
             return
         session = self.sessions.get(proxy.agent_id)
         if session is None or not session.conn.open:
             log.warning("proxy %s: client %s closed: agent %s offline", proxy.name, peer, proxy.agent_id)
             self._close_client(sock)
+            self._reject(proxy, "agent_offline", peer, f"agent {proxy.agent_id} offline")
             return
         pending = Pending(self.new_id(), proxy, sock, peer, self.loop.time())
         pending.timer = self.loop.call_later(self.config.data_timeout, self._pending_timeout, pending.conn_id)
@@ -608,7 +719,7 @@ class Server:
         pending.warm = None
         session = self.sessions.get(pending.proxy.agent_id)
         if session is None or not session.conn.open:
-            self._drop_pending(pending, f"agent {pending.proxy.agent_id} went offline")
+            self._drop_pending(pending, f"agent {pending.proxy.agent_id} went offline", "agent_offline")
             return
         log.info("connection %d: warm data connection lost (%s); asking agent %s again", conn_id, reason,
                  pending.proxy.agent_id)
@@ -632,17 +743,20 @@ class Server:
         if pending is not None:
             pending.timer = None
             self._drop_pending(pending, f"no data connection from agent {pending.proxy.agent_id} "
-                                        f"within {self.config.data_timeout:g} s")
+                                        f"within {self.config.data_timeout:g} s", "timeout")
 
     def on_agent_fail(self, agent_id: str, conn_id: int, reason: str) -> None:
         pending = self.pending.get(conn_id)
         if pending is None or pending.proxy.agent_id != agent_id:
             return
         del self.pending[conn_id]
-        self._drop_pending(pending, f"agent {agent_id} could not reach {pending.proxy.target}: {reason}")
+        self._drop_pending(pending, f"agent {agent_id} could not reach {pending.proxy.target}: {reason}", "target_refused")
 
-    def _drop_pending(self, pending: Pending, reason: str) -> None:
+    def _drop_pending(self, pending: Pending, reason: str, kind: str | None = None) -> None:
+        """Close a client that was never joined; `kind` is the rejection counted (None: not a rejection)."""
         self.pending.pop(pending.conn_id, None)
+        if kind is not None:
+            self._reject(pending.proxy, kind, pending.peer, reason)
         if pending.timer:
             pending.timer.cancel()
         if pending.warm is not None and pending.warm.open:
@@ -665,59 +779,14 @@ class Server:
                    if (agent_id is None or t.proxy.agent_id == agent_id) and (proxy is None or t.proxy.name == proxy))
 
     def _save(self) -> None:
-        state.save(self.config.state_dir, [p.to_dict() for p in sorted(self.proxies.values(), key=lambda p: p.remote_port)])
+        stats = {"proxies": {name: c.to_dict() for name, c in self.proxy_stats.items() if name in self.proxies},
+                 "agents": {agent: c.to_dict() for agent, c in self.agent_stats.items()}}
+        state.save(self.config.state_dir, [p.to_dict() for p in sorted(self.proxies.values(), key=lambda p: p.remote_port)],
+                   stats)
+        self.stats_dirty = False
 
-    # -- admin API -----------------------------------------------------------------------------------
-    def handle_api(self, method: str, target: str, body: Any) -> tuple[int, Any]:
-        path = urllib.parse.urlsplit(target).path.rstrip("/") or "/"
-        parts = [urllib.parse.unquote(p) for p in path.strip("/").split("/")]
-        if parts[:1] != ["v1"] or len(parts) < 2:
-            raise ApiError(404, f"no such endpoint {path}; try /v1/status")
-        resource, rest = parts[1], parts[2:]
-        routes = {
-            ("GET", "status", 0): lambda: self.api_status(),
-            ("GET", "agents", 0): lambda: self.api_agents(),
-            ("GET", "proxies", 0): lambda: self.api_proxies(),
-            ("POST", "proxies", 0): lambda: self.api_add_proxy(body),
-            ("DELETE", "proxies", 1): lambda: self.api_delete_proxy(rest[0]),
-            ("GET", "connections", 0): lambda: self.api_connections(),
-            ("POST", "reload", 0): lambda: self.api_reload(),
-        }
-        route = routes.get((method, resource, len(rest)))
-        if route is None:
-            if any(key[1] == resource and key[2] == len(rest) for key in routes):
-                raise ApiError(405, f"method {method} not allowed on {path}")
-            raise ApiError(404, f"no such endpoint {path}")
-        return route()
-
-    def api_reload(self) -> tuple[int, Any]:
-        if self.reload_hook is None:
-            raise ApiError(501, "this server was started without a configuration to reload")
-        return 200, self.reload_hook()
-
-    def api_status(self) -> tuple[int, Any]:
-        return 200, {"server_id": self.config.server_id, "version": __version__,
-                     "uptime": round(self.loop.time() - self.started, 3), "agents": len(self.sessions),
-                     "proxies": len(self.proxies), "connections": len(self.tunnels), "pending": len(self.pending),
-                     "warm_data_connections": sum(len(c) for c in self.warm.values()), "tls_handshakes": self.handshakes}
-
-    def api_agents(self) -> tuple[int, Any]:
-        return 200, {"agents": [s.to_dict() for s in sorted(self.sessions.values(), key=lambda s: s.agent_id)]}
-
-    def api_proxies(self) -> tuple[int, Any]:
-        out = []
-        for proxy in sorted(self.proxies.values(), key=lambda p: p.remote_port):
-            item = proxy.to_dict()
-            item["agent_online"] = proxy.agent_id in self.sessions
-            item["connections"] = self.count_connections(proxy=proxy.name)
-            out.append(item)
-        return 200, {"proxies": out}
-
-    def api_connections(self) -> tuple[int, Any]:
-        now = self.loop.time()
-        return 200, {"connections": [t.to_dict(now) for t in sorted(self.tunnels.values(), key=lambda t: t.conn_id)]}
-
-    def api_add_proxy(self, body: Any) -> tuple[int, Any]:
+    # -- operations behind the admin API (api.py) ------------------------------------------------------
+    def add_proxy(self, body: Any) -> Proxy:
         proxy = validate_proxy(body)
         self._open_proxy(proxy)
         try:
@@ -729,7 +798,7 @@ class Server:
             raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {exc.strerror or exc}") from None
         log.info("proxy %s added: port %d → agent %s → %s%s", proxy.name, proxy.remote_port, proxy.agent_id,
                  proxy.target, f" (whitelist {','.join(proxy.whitelist)})" if proxy.whitelist else "")
-        return 201, {"proxy": proxy.to_dict()}
+        return proxy
 
     def find_proxy(self, key: str) -> Proxy:
         proxy = self.proxies.get(key)
@@ -740,7 +809,7 @@ class Server:
                            else f"no proxy named {key}")
         return proxy
 
-    def api_delete_proxy(self, key: str) -> tuple[int, Any]:
+    def delete_proxy(self, key: str) -> tuple[Proxy, int]:
         proxy = self.find_proxy(key)
         del self.proxies[proxy.name]
         try:
@@ -749,12 +818,99 @@ class Server:
             self.proxies[proxy.name] = proxy
             raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {exc.strerror or exc}") from None
         self._close_listeners(proxy)
-        closed = 0
-        for pending in [p for p in self.pending.values() if p.proxy is proxy]:
-            self._drop_pending(pending, "proxy deleted")
-            closed += 1
-        for tunnel in [t for t in self.tunnels.values() if t.proxy is proxy]:
-            tunnel.relay.close("proxy deleted")
-            closed += 1
+        closed = self._close_connections(lambda p: p is proxy, "proxy deleted")
         log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
-        return 200, {"deleted": proxy.name, "closed_connections": closed}
+        return proxy, closed
+
+    def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
+        proxy = self.find_proxy(key)
+        if proxy.enabled == enabled:
+            return proxy
+        if enabled and not self.draining:
+            try:
+                self._listen(proxy)
+            except ApiError:
+                raise
+        elif not enabled:
+            self._close_listeners(proxy)
+        proxy.enabled = enabled
+        try:
+            self._save()
+        except OSError as exc:
+            log.error("proxy %s %s, but the state could not be saved: %s", proxy.name,
+                      "enabled" if enabled else "disabled", exc)
+        log.info("proxy %s %s (port %d)", proxy.name, "enabled" if enabled else "disabled: no new clients",
+                 proxy.remote_port)
+        return proxy
+
+    def disconnect_agent(self, agent_id: str) -> int:
+        session = self.sessions.get(agent_id)
+        if session is None:
+            raise ApiError(404, f"agent {agent_id} is not connected")
+        session.conn.send_and_close("error", "disconnected by the operator", reason="disconnected by the operator",
+                                    code="disconnected")
+        closed = self._close_connections(lambda p: p.agent_id == agent_id, "agent disconnected by the operator")
+        log.info("agent %s disconnected by the operator; %d connection(s) closed", agent_id, closed)
+        return closed
+
+    def _close_connections(self, which: Callable[[Proxy], bool], reason: str) -> int:
+        closed = 0
+        for pending in [p for p in self.pending.values() if which(p.proxy)]:
+            self._drop_pending(pending, reason)
+            closed += 1
+        for tunnel in [t for t in self.tunnels.values() if which(t.proxy)]:
+            tunnel.relay.close(reason)
+            closed += 1
+        return closed
+
+    # -- counters ----------------------------------------------------------------------------------------
+    def _reject(self, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
+        self.proxy_stats.setdefault(proxy.name, Counters()).rejected[reason] += 1
+        self.stats_dirty = True
+        self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=peer, target=proxy.target,
+                         bytes_in=0, bytes_out=0, duration=0.0, reason=reason, detail=detail)
+
+    def totals(self) -> Counters:
+        total = Counters()
+        for counters in self.proxy_stats.values():
+            total.add(counters.bytes_in, counters.bytes_out)
+            total.connections += counters.connections
+            for reason, count in counters.rejected.items():
+                total.rejected[reason] += count
+        for tunnel in self.tunnels.values():
+            total.add(tunnel.relay.bytes_a_to_b, tunnel.relay.bytes_b_to_a)
+        return total
+
+    def proxy_info(self, proxy: Proxy) -> dict:
+        counters = self.proxy_stats.get(proxy.name, Counters())
+        live = [t for t in self.tunnels.values() if t.proxy is proxy]
+        item = proxy.to_dict()
+        item.update(agent_online=proxy.agent_id in self.sessions, connections=len(live),
+                    connections_total=counters.connections, rejected=dict(counters.rejected),
+                    bytes_in=counters.bytes_in + sum(t.relay.bytes_a_to_b for t in live),
+                    bytes_out=counters.bytes_out + sum(t.relay.bytes_b_to_a for t in live))
+        return item
+
+    def agent_info(self, agent_id: str) -> dict:
+        session = self.sessions[agent_id]
+        counters = self.agent_stats.get(agent_id, Counters())
+        live = [t for t in self.tunnels.values() if t.proxy.agent_id == agent_id]
+        return {"agent_id": agent_id, "address": session.address, "version": session.version,
+                "connected_since": session.since, "rtt_ms": None if session.rtt is None else round(session.rtt * 1000, 3),
+                "last_heartbeat": session.last_pong, "connections": len(live), "connections_total": counters.connections,
+                "bytes_in": counters.bytes_in + sum(t.relay.bytes_a_to_b for t in live),
+                "bytes_out": counters.bytes_out + sum(t.relay.bytes_b_to_a for t in live),
+                "warm": len(self.warm.get(agent_id, ()))}
+
+    def save_stats(self) -> None:
+        """Write the counters (with the proxies) if they changed; called periodically and at exit."""
+        if not self.stats_dirty:
+            return
+        try:
+            self._save()
+        except OSError as exc:
+            log.error("cannot save the counters in %s: %s", self.config.state_dir, exc.strerror or exc)
+
+    def _stats_tick(self) -> None:
+        self.save_stats()
+        self._stats_timer = self.loop.call_later(STATS_SAVE_INTERVAL, self._stats_tick)

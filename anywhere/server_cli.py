@@ -55,7 +55,10 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cert", help="server certificate (default credential/server.crt)")
     p.add_argument("--key", help="server private key (default credential/server.key)")
     p.add_argument("--wl", help="global whitelist: comma-separated IPs/CIDRs, v4 or v6 (none: open)")
-    p.add_argument("-a", "--api-port", type=ctl._port, help="REST API port (accepted; not used yet)")
+    p.add_argument("-a", "--api-port", type=ctl._port, help="REST API port on every address (the original's 1112; "
+                   "off by default; needs --api-token-file)")
+    p.add_argument("--api-token-file", help="file (mode 0600) holding the REST API's bearer token")
+    p.add_argument("--audit-log", help="audit log: journal, or an absolute file path (default: off)")
     p.add_argument("-g", "--grpc-port", type=ctl._port, help="gRPC port (accepted; not used yet)")
     p.add_argument("--bind", help="addresses for the agent port, comma-separated (default: all, v4+v6)")
     p.add_argument("--proxy-bind", help="addresses for proxy ports, comma-separated (default: all, v4+v6)")
@@ -95,7 +98,8 @@ def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
         "bind": _hosts(args.bind), "proxy_bind": _hosts(args.proxy_bind), "admin_socket": args.admin_socket,
         "state_dir": args.state_dir, "data_timeout": args.data_timeout, "heartbeat": args.heartbeat,
         "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout, "pool_size": args.pool_size,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "api_token_file": args.api_token_file, "audit_log": args.audit_log,
+        "api_listen": None if args.api_port is None else [f":{args.api_port}"],
     }
     if args.wl is not None:
         try:
@@ -106,8 +110,9 @@ def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
     for name in ("ca", "cert", "key"):
         if getattr(config, name) is None:
             setattr(config, name, default_credential({"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}[name]))
-    for name in ("ca", "cert", "key", "admin_socket", "state_dir"):
-        setattr(config, name, os.path.abspath(getattr(config, name)))
+    for name in ("ca", "cert", "key", "admin_socket", "state_dir", "api_token_file"):
+        if getattr(config, name) is not None:
+            setattr(config, name, os.path.abspath(getattr(config, name)))
     return config, extra
 
 
@@ -136,10 +141,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     except (configuration.ConfigError, OSError) as exc:
         print(f"anywhered: {exc}" if isinstance(exc, OSError) else str(exc), file=sys.stderr)
         return 2
-    for flag, value in (("--api-port", args.api_port), ("--grpc-port", args.grpc_port)):
-        if value is not None:
-            log.warning("%s %d accepted but not used yet: the admin API is on the Unix socket %s",
-                        flag, value, config.admin_socket)
+    if args.grpc_port is not None:
+        log.warning("--grpc-port %d accepted but not used: the API is HTTP/JSON, on the Unix socket %s and the "
+                    "REST port (--api-port)", args.grpc_port, config.admin_socket)
 
     def prepare() -> Callable[[], int] | int:
         loop = Loop()

@@ -29,7 +29,7 @@ def with_pidfile(args: argparse.Namespace, prog: str, prepare: Callable[[], Call
     pidfile = PidFile(args.pidfile) if args.pidfile else None
     if pidfile:
         try:
-            pidfile.acquire()
+            pidfile.acquire(write=not args.daemon)  # a daemon writes its own pid once detached
         except (AlreadyRunning, OSError) as exc:
             print(f"{prog}: {exc}", file=sys.stderr)
             return 1

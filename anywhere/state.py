@@ -24,23 +24,32 @@ def path(state_dir: str) -> str:
 
 def load(state_dir: str) -> list[dict]:
     """The stored proxies ([] if there is no state yet).  Raises StateError naming the file."""
+    return load_all(state_dir)[0]
+
+
+def load_all(state_dir: str) -> tuple[list[dict], dict]:
+    """The stored proxies and counters (([], {}) if there is no state yet).  Raises StateError."""
     file = path(state_dir)
     try:
         with open(file, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
-        return []
+        return [], {}
     except (OSError, ValueError) as exc:
         raise StateError(f"{file}: cannot read the stored proxies: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("proxies"), list):
         raise StateError(f"{file}: not an Anywhere state file of format {FORMAT}")
-    return [p for p in data["proxies"] if isinstance(p, dict)]
+    stats = data.get("stats")
+    return [p for p in data["proxies"] if isinstance(p, dict)], stats if isinstance(stats, dict) else {}
 
 
-def save(state_dir: str, proxies: list[dict]) -> None:
-    """Replace the stored proxies atomically.  Raises OSError on failure (the old file stays)."""
+def save(state_dir: str, proxies: list[dict], stats: dict | None = None) -> None:
+    """Replace the stored proxies (and counters) atomically.  Raises OSError on failure (the old file stays)."""
     os.makedirs(state_dir, mode=0o750, exist_ok=True)
-    body = json.dumps({"format": FORMAT, "proxies": proxies}, indent=2, sort_keys=True) + "\n"
+    data: dict = {"format": FORMAT, "proxies": proxies}
+    if stats is not None:
+        data["stats"] = stats
+    body = json.dumps(data, indent=2, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=".proxies.", suffix=".tmp", dir=state_dir)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -73,9 +73,12 @@ def test_anywhered_proxy_and_agent_verbs(up):
     assert_echo(remote)
 
     header, body = rows(ok(world, SERVER, "proxy", "list"))
-    for title in ("NAME", "AGENT", "ONLINE", "REMOTE PORT", "LOCAL IP", "LOCAL PORT", "WHITELIST", "CONNS"):
+    for title in ("NAME", "AGENT", "ONLINE", "ENABLED", "REMOTE PORT", "LOCAL IP", "LOCAL PORT", "WHITELIST", "CONNS",
+                  "TOTAL", "REJECTED", "IN", "OUT"):
         assert title in header
-    assert body == [[f"agent-1:{remote}", "agent-1", "yes", str(remote), "127.0.0.1", str(world.target), "-", "0"]]
+    # one echo of 2000 bytes has gone through
+    assert body == [[f"agent-1:{remote}", "agent-1", "yes", "yes", str(remote), "127.0.0.1", str(world.target), "-",
+                     "0", "1", "0", "2.0 KB", "2.0 KB"]]
 
     header, body = rows(ok(world, SERVER, "agent", "list"))
     assert header.split()[0] == "AGENT" and "ADDRESS" in header
@@ -109,7 +112,8 @@ def test_anywherectl_verbs(up):
     assert (p["name"], p["remote_port"], p["whitelist"]) == ("web", remote, ["127.0.0.1/32", "::1/128"])
 
     _, body = rows(ok(world, CTL, "proxy", "list"))
-    assert body == [["web", "agent-1", "yes", str(remote), "127.0.0.1", str(world.target), "127.0.0.1/32,::1/128", "0"]]
+    assert body == [["web", "agent-1", "yes", "yes", str(remote), "127.0.0.1", str(world.target), "127.0.0.1/32,::1/128",
+                     "0", "0", "0", "0 B", "0 B"]]
 
     _, body = rows(ok(world, CTL, "agent", "list"))
     assert [r[0] for r in body] == ["agent-1"]
@@ -134,13 +138,14 @@ def test_anywherectl_verbs(up):
         assert row[1:7] == ["web", "agent-1", source, f"127.0.0.1:{world.target}", "1234", "1234"]
 
         _, body = rows(ok(world, CTL, "proxy", "list"))
-        assert body[0][-1] == "1"  # CONNS
+        assert body[0][8] == "1"  # CONNS
 
         status = ok(world, CTL, "status")
-        fields = dict(line.split(": ", 1) for line in status.strip().splitlines())
-        assert fields["version"] == __version__
-        assert (fields["agents"], fields["proxies"], fields["connections"]) == ("1", "1", "1")
-        assert fields["server_id"] == "anywhered"
+        assert status.splitlines()[0].startswith(f"anywhered {__version__}, server id anywhered, up ")
+        fields = dict(re.split(r":\s+", line, maxsplit=1) for line in status.strip().splitlines()[1:6])
+        assert fields["agents"] == "1 connected" and fields["proxies"] == "1"
+        assert fields["connections"].startswith("1 live, 1 in all")
+        assert fields["bytes"] == "1.2 KB in, 1.2 KB out"
 
         out = ok(world, CTL, "proxy", "del", "web")
         assert "proxy web deleted; 1 connection(s) closed" in out

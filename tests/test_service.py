@@ -154,7 +154,8 @@ def test_daemon_mode_with_pid_file(world, creds):
     pidfile, log = world.tmp / "run" / "anywhered.pid", world.tmp / "anywhered.log"
     res = subprocess.run(_daemon_args(world, creds, pidfile, log), capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
-    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, what="pid file"))
+    pid = int(pidfile.read_text())  # written by the daemon before the command returned
+    assert os.path.exists(f"/proc/{pid}")
     try:
         assert pid != os.getpid()
         wait_for(lambda: os.path.exists(world.sock), 10, what="the daemon's admin socket")
