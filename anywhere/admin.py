@@ -18,6 +18,7 @@ one client does affects another or the daemon.
 from __future__ import annotations
 
 import errno
+import grp
 import hmac
 import json
 import logging
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import h11
 
 from .loop import READ, WRITE, Loop, Timer
-from .net import accept_all
+from .net import Acceptor
 
 log = logging.getLogger("anywhere.admin")
 
@@ -93,6 +94,7 @@ class Request:
 @dataclass
 class Listener:
     sock: socket.socket
+    acceptor: Acceptor | None
     token: Callable[[], str | None] | None = None  # None: no token needed (the Unix socket)
     public: Callable[[], tuple[str, ...]] = tuple  # paths served without the token (read per request)
 
@@ -144,34 +146,64 @@ class AdminServer:
         self.listeners: list[Listener] = []
         self.conns: set[_AdminConn] = set()
         self.unix_paths: list[str] = []
+        self.timeout = REQUEST_TIMEOUT
+        self.max_body = MAX_BODY
+        self.group: str | None = None  # besides root and our own uid, members of this group may connect
+
+    def configure(self, timeout: float, max_body: int, group: str | None) -> None:
+        self.timeout, self.max_body, self.group = timeout, max_body, group
+
+    def allowed(self, caller: "Caller") -> bool:
+        """Root, the daemon's own user, or a member of `group` (by the caller's groups in /proc, or the group database)."""
+        if caller.uid is None:
+            return False
+        if caller.uid in (0, os.getuid()):
+            return True
+        if not self.group:
+            return False
+        try:
+            gid = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            return False
+        if caller.gid == gid:
+            return True
+        try:
+            with open(f"/proc/{caller.pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return str(gid) in line.split()[1:]
+        except OSError:
+            pass
+        try:
+            user = pwd.getpwuid(caller.uid).pw_name
+        except KeyError:
+            return False
+        return user in grp.getgrgid(gid).gr_mem
 
     def add_listener(self, sock: socket.socket, token: Callable[[], str | None] | None = None,
                      public: Callable[[], tuple[str, ...]] = tuple) -> None:
-        listener = Listener(sock, token, public)
+        listener = Listener(sock, None, token, public)
         self.listeners.append(listener)
         if sock.family == socket.AF_UNIX:
             self.unix_paths.append(sock.getsockname())
         what = "the admin socket" if sock.family == socket.AF_UNIX else "the REST port"
-        self.loop.register(sock, READ, lambda _mask: accept_all(sock, lambda c, a: self._on_accept(listener, c, a),
-                                                                what, budget=16))
-
-    def remove_listener(self, sock: socket.socket) -> None:
-        for listener in [entry for entry in self.listeners if entry.sock is sock]:
-            self.listeners.remove(listener)
-            self.loop.unregister(sock)
-            sock.close()
+        listener.acceptor = Acceptor(self.loop, sock, lambda c, a: self._on_accept(listener, c, a), what, budget=16)
 
     def _on_accept(self, listener: Listener, sock: socket.socket, addr: Any) -> None:
         if len(self.conns) >= MAX_CONNS:
             log.warning("admin connection refused: %d already open", MAX_CONNS)
             sock.close()
             return
-        self.conns.add(_AdminConn(self, listener, sock, addr))
+        conn = _AdminConn(self, listener, sock, addr)
+        self.conns.add(conn)
+        if conn.caller.transport == "unix" and not self.allowed(conn.caller):
+            log.warning("admin connection from %s refused: not root and not in group %s", conn.caller, self.group)
+            conn.refuse(403, f"permission denied: run as root or as a member of group {self.group}")
 
     def close(self) -> None:
         for listener in self.listeners:
-            self.loop.unregister(listener.sock)
-            listener.sock.close()
+            if listener.acceptor is not None:
+                listener.acceptor.close()
         self.listeners.clear()
         for path in self.unix_paths:
             try:
@@ -208,7 +240,7 @@ class _AdminConn:
         self.mask = READ
         sock.setblocking(False)
         self.loop.register(sock, READ, self._on_event)
-        self.timer: Timer = self.loop.call_later(REQUEST_TIMEOUT, self._on_timeout)
+        self.timer: Timer = self.loop.call_later(server.timeout, self._on_timeout)
 
     # -- I/O -------------------------------------------------------------------------------------
     def _on_event(self, mask: int) -> None:
@@ -249,13 +281,14 @@ class _AdminConn:
                 self.request = event
                 self.body.clear()
                 length = _content_length(event)
-                if length is not None and length > MAX_BODY:
-                    self._respond(413, {"error": f"request body of {length} bytes exceeds {MAX_BODY}"}, close=True)
+                if length is not None and length > self.server.max_body:
+                    self._respond(413, {"error": f"request body of {length} bytes exceeds {self.server.max_body}"},
+                                  close=True)
                     return
             elif isinstance(event, h11.Data):
                 self.body += event.data
-                if len(self.body) > MAX_BODY:
-                    self._respond(413, {"error": f"request body exceeds {MAX_BODY} bytes"}, close=True)
+                if len(self.body) > self.server.max_body:
+                    self._respond(413, {"error": f"request body exceeds {self.server.max_body} bytes"}, close=True)
                     return
             elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
@@ -288,6 +321,10 @@ class _AdminConn:
             log.exception("admin handler failed for %s %s", method, target)
             status, obj = 500, {"error": "internal error; see the daemon's log"}
         self._respond(status, obj)
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer at once, whatever the peer sends, and close."""
+        self._respond(status, {"error": message}, close=True)
 
     def _authorize(self, request: Request) -> None:
         token_of = self.listener.token
@@ -331,7 +368,7 @@ class _AdminConn:
             try:
                 self.h11.start_next_cycle()
                 self.timer.cancel()
-                self.timer = self.loop.call_later(REQUEST_TIMEOUT, self._on_timeout)
+                self.timer = self.loop.call_later(self.server.timeout, self._on_timeout)
             except h11.LocalProtocolError:
                 self.closing = True  # the client has not finished its request: close after replying
         self._flush()
@@ -360,7 +397,7 @@ class _AdminConn:
 
     def _on_timeout(self) -> None:
         if not self.closed:
-            log.info("admin client %s timed out after %.0f s", self.peer, REQUEST_TIMEOUT)
+            log.info("admin client %s timed out after %g s", self.peer, self.server.timeout)
             self.close()
 
     def close(self) -> None:

@@ -22,13 +22,14 @@ import logging
 import random
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import tls
+from .allow import Allowlist, parse_allowlist
 from .common import __version__
 from .framed import FramedConn
 from .loop import Loop, Timer
-from .net import Dialer, format_addr
+from .net import Dialer, format_addr, is_ip
 from .relay import Relay
 from .wire import PROTO_VERSION
 
@@ -49,12 +50,14 @@ class AgentConfig:
     handshake_timeout: float = 10.0
     backoff_min: float = 1.0
     backoff_max: float = 30.0
+    allow: list[str] = field(default_factory=lambda: ["*"])  # targets the server may ask for (see allow.py)
 
 
 class Agent:
     def __init__(self, loop: Loop, config: AgentConfig) -> None:
         self.loop = loop
         self.config = config
+        self.allowlist: Allowlist = parse_allowlist(config.allow)
         self.ctx: ssl.SSLContext | None = None
         self.conn: FramedConn | None = None
         self.dialer: Dialer | None = None
@@ -188,6 +191,8 @@ class Agent:
         id, credentials), the admin connection is re-established with the new settings now.
         """
         ctx = tls.client_context(new.ca, new.cert, new.key)
+        allowlist = parse_allowlist(new.allow)
+        self.allowlist = allowlist
         old = self.config
         changed = [f for f in vars(old) if getattr(old, f) != getattr(new, f)]
         self.ctx = ctx
@@ -292,7 +297,20 @@ class _DataConn:
         self.conn_id = request["conn"]
         host, port = request["host"], request["port"]
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.dialer = Dialer(self.loop, host, port, self.agent.config.dial_timeout, self._on_target)
+        allowlist = self.agent.allowlist
+        refused = f"{self.target} is not in this agent's allowlist (allow = {allowlist})"
+        address_ok = None
+        if is_ip(host.split("%", 1)[0]):
+            if not allowlist.permits_address(host, port):
+                self.loop.call_soon(self._on_target, None, refused)
+                return
+        elif not allowlist.permits_name(host, port):
+            if not allowlist.has_networks:
+                self.loop.call_soon(self._on_target, None, refused)
+                return
+            address_ok = lambda address: allowlist.permits_address(address, port)  # noqa: E731
+        self.dialer = Dialer(self.loop, host, port, self.agent.config.dial_timeout, self._on_target,
+                             address_ok=address_ok, refused=refused)
 
     def _on_target(self, sock: socket.socket | None, error: str | None) -> None:
         self.dialer = None

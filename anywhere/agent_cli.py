@@ -46,6 +46,8 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--cert", help="this agent's certificate (default credential/client.crt)")
     parser.add_argument("--key", help="this agent's private key (default credential/client.key)")
     parser.add_argument("--dial-timeout", type=float, help="seconds to reach a target (default 5)")
+    parser.add_argument("--allow", metavar="LIST", help="targets the server may ask for: comma-separated IP, CIDR or "
+                        "host, each with an optional :PORT; * for any (default with no --config: *)")
     parser.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     parser.add_argument("--log-file", help="append logs to this file instead of stderr")
     if not check:
@@ -69,7 +71,13 @@ def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
     """Effective settings (defaults < file < flags) and the log level.  Raises ConfigError."""
     overrides = {"agent_id": args.agent_id, "server": args.server_ip, "server_port": args.server_port,
                  "server_name": args.server_name, "ca": args.ca, "cert": args.cert, "key": args.key,
-                 "dial_timeout": args.dial_timeout, "log_level": args.log_level}
+                 "dial_timeout": args.dial_timeout, "log_level": args.log_level,
+                 "allow": None if args.allow is None else [e.strip() for e in args.allow.split(",") if e.strip()]}
+    if overrides["allow"] is not None:
+        try:
+            configuration.check_allowlist(overrides["allow"])
+        except configuration.ValidateError as exc:
+            raise configuration.ConfigError([f"--allow {args.allow}: {exc}"]) from None
     if args.config:
         name = os.path.basename(args.config)
         name = name[:-5] if name.endswith(".conf") else name
@@ -80,6 +88,7 @@ def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
         values.setdefault("dial_timeout", 5.0)
         values.setdefault("handshake_timeout", 10.0)
         values.setdefault("log_level", "info")
+        values.setdefault("allow", ["*"])  # the original's behaviour on the command line; warned about at start
     where = args.config or "the command line"
     if not values.get("server"):
         raise configuration.ConfigError([f"{where}: no server: give -s HOST" + (" or set server in [agent]" if args.config else "")])
@@ -103,7 +112,7 @@ def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
     config = AgentConfig(agent_id=agent_id, server_host=values["server"], server_port=int(values["server_port"]),
                          server_name=values.get("server_name"), ca=os.path.abspath(ca), cert=os.path.abspath(cert),
                          key=os.path.abspath(key), dial_timeout=float(values["dial_timeout"]),
-                         handshake_timeout=float(values.get("handshake_timeout") or 10.0))
+                         handshake_timeout=float(values.get("handshake_timeout") or 10.0), allow=list(values["allow"]))
     return config, values["log_level"]
 
 
@@ -172,8 +181,14 @@ def _run(config: AgentConfig, args: argparse.Namespace) -> int:
         finally:
             notifier.ready(agent.status_line())
 
-    log.info("anywhere agent %s (%s) starting; server %s:%d", config.agent_id, __version__, config.server_host,
-             config.server_port)
+    log.info("anywhere agent %s (%s) starting; server %s:%d; targets allowed: %s", config.agent_id, __version__,
+             config.server_host, config.server_port, agent.allowlist)
+    if agent.allowlist.everything:
+        log.warning("allow = *: this agent connects to any target the server asks for; list the targets with "
+                    "--allow or allow = in its configuration")
+    elif not agent.allowlist.entries:
+        log.warning("allow is empty: this agent refuses every target; list them with allow = in %s",
+                    args.config or "--allow")
     return run_loop(loop, notifier, "agent", agent.status_line, stop, reload, agent.close)
 
 

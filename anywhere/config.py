@@ -53,6 +53,17 @@ drain_timeout = seconds(default=10)
 pool_size = count(0, 1024, default=8)
 pool_max = count(0, 65536, default=256)
 pool_idle_timeout = seconds(default=60)
+max_connections = count(1, 1000000, default=10000)
+max_connections_per_proxy = count(1, 1000000, default=2000)
+rate_limit = count(0, 1000000, default=1000)
+max_agents = count(1, 100000, default=1000)
+max_pending_per_agent = count(1, 100000, default=512)
+max_unauthenticated = count(1, 100000, default=1000)
+idle_timeout = seconds_or_off(default=0)
+admin_timeout = seconds(default=10)
+admin_max_request = count(1024, 16777216, default=65536)
+deny = denylist(default=list())
+admin_group = name(default=anywhere)
 audit_log = audit(default="")
 api_listen = endpoints(default=list())
 api_token_file = path(default=None)
@@ -71,6 +82,7 @@ cert = path(default=None)
 key = path(default=None)
 dial_timeout = seconds(default=5)
 handshake_timeout = seconds(default=10)
+allow = allowlist(default=list())
 log_level = loglevel(default=info)
 """.strip().splitlines()
 
@@ -171,6 +183,37 @@ def check_networks(value: Any, default: Any = None) -> list[str]:
     return items
 
 
+def check_seconds_or_off(value: Any, default: Any = None) -> float:
+    text = _text(value)
+    if text in ("0", "off", ""):
+        return 0.0
+    return check_seconds(text)
+
+
+def check_denylist(value: Any, default: Any = None) -> list[str]:
+    items = _list(value)
+    for item in items:
+        if item.lower().startswith("serial:"):
+            digits = item[7:].replace(":", "")
+            try:
+                int(digits, 16)
+            except ValueError:
+                raise _Bad(f"{item!r}: a serial is hexadecimal, e.g. serial:1F2E3D (colons allowed)") from None
+        elif not valid_agent_id(item):
+            raise _Bad(f"{item!r} is neither an agent id nor serial:HEX")
+    return items
+
+
+def check_allowlist(value: Any, default: Any = None) -> list[str]:
+    from .allow import parse_allowlist
+    items = _list(value)
+    try:
+        parse_allowlist(items)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+    return items
+
+
 def check_audit(value: Any, default: Any = None) -> str:
     text = _text(value)
     if text and text != "journal" and not text.startswith("/"):
@@ -208,7 +251,8 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
-    "boolean": check_boolean,
+    "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,
+    "allowlist": check_allowlist,
 }
 
 

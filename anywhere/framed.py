@@ -63,6 +63,7 @@ class FramedConn:
         self.mask = 0
         self.last_rx = loop.time()
         self.identity: str | None = None
+        self.serial: str | None = None
         self.idle_since = 0.0  # when it last became an idle (warm) data connection
         self._timer: Timer | None = None
 
@@ -127,6 +128,7 @@ class FramedConn:
             self._timer = None
         self.state = "open"
         self.identity = tls.peer_identity(self.sock)
+        self.serial = tls.peer_serial(self.sock)
         self.last_rx = self.loop.time()
         self._set_mask(READ | (WRITE if self.out else 0))
         if self.on_handshake is not None:

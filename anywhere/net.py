@@ -16,7 +16,7 @@ import socket
 import logging
 from typing import Any, Callable
 
-from .loop import WRITE, Loop, Timer
+from .loop import READ, WRITE, Loop, Timer
 
 log = logging.getLogger("anywhere.net")
 
@@ -51,18 +51,62 @@ def tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def accept_all(listener: socket.socket, handle: Callable[[socket.socket, Any], None], what: str,
-               budget: int = 64) -> None:
-    """Accept what is waiting (at most `budget` connections per readiness event) and hand each on."""
-    for _ in range(budget):
-        try:
-            sock, addr = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.warning("accept on %s failed: %s", what, exc.strerror or exc)
-            return
-        handle(sock, addr)
+FD_PRESSURE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_PAUSE = 0.5
+
+
+class Acceptor:
+    """Accepts on one listening socket, at most `budget` connections per readiness event.
+
+    Out of file descriptors (EMFILE/ENFILE) the pending connection cannot be accepted, and a
+    level-triggered listener would wake the loop again at once: a busy loop.  So the listener is
+    taken off the loop for `ACCEPT_PAUSE` seconds, then tried again, with one log line per
+    episode; it recovers by itself once descriptors are free.
+    """
+
+    def __init__(self, loop: Loop, sock: socket.socket, handle: Callable[[socket.socket, Any], None], what: str,
+                 budget: int = 64) -> None:
+        self.loop, self.sock, self.handle, self.what, self.budget = loop, sock, handle, what, budget
+        self.paused: Timer | None = None
+        self.refused = 0
+        loop.register(sock, READ, self._on_ready)
+
+    def _on_ready(self, _mask: int) -> None:
+        for _ in range(self.budget):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in FD_PRESSURE:
+                    self._pause(exc)
+                elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    log.warning("accept on %s failed: %s", self.what, exc.strerror or exc)
+                return
+            if self.refused:
+                log.warning("accepting on %s again after running out of file descriptors", self.what)
+                self.refused = 0
+            self.handle(conn, addr)
+
+    def _pause(self, exc: OSError) -> None:
+        if not self.refused:
+            log.error("accept on %s: %s; pausing it for %.1f s (raise LimitNOFILE or lower the limits)",
+                      self.what, exc.strerror, ACCEPT_PAUSE)
+        self.refused += 1
+        self.loop.unregister(self.sock)
+        self.paused = self.loop.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self.paused = None
+        self.loop.register(self.sock, READ, self._on_ready)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket; idempotent."""
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
+        self.loop.unregister(self.sock)
+        self.sock.close()
 
 
 def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -> list[socket.socket]:
@@ -127,8 +171,12 @@ class Dialer:
     """Connect to host:port within `timeout` seconds; `callback(sock, None)` or `callback(None, reason)`."""
 
     def __init__(self, loop: Loop, host: str, port: int, timeout: float,
-                 callback: Callable[[socket.socket | None, str | None], None]) -> None:
+                 callback: Callable[[socket.socket | None, str | None], None],
+                 address_ok: Callable[[str], bool] | None = None, refused: str = "") -> None:
+        """`address_ok`: only resolved addresses it accepts are dialled; if none, fail with `refused`."""
         self.loop = loop
+        self.address_ok = address_ok
+        self.refused = refused
         self.host = host
         self.port = port
         self.callback: Callable[[socket.socket | None, str | None], None] | None = callback
@@ -156,6 +204,11 @@ class Dialer:
             self._finish(None, f"cannot resolve {self.host}: {reason}")
             return
         self.addrs = list(addrs)
+        if self.address_ok is not None:
+            self.addrs = [a for a in self.addrs if self.address_ok(a[0])]
+            if not self.addrs:
+                self._finish(None, self.refused or f"no allowed address for {self.host}")
+                return
         self._next()
 
     def _next(self) -> None:

@@ -158,8 +158,10 @@ class _Half:
 
     def _forward(self, n: int) -> bool:
         """Pass on n freshly read bytes from the scratch buffer; False if dst is backed up."""
-        if self.relay.first_byte_at is None:
-            self.relay._first_byte()
+        relay = self.relay
+        if relay.first_byte_at is None:
+            relay._first_byte()
+        relay.last_active = relay.loop.time()
         if self.encode:
             pack_header(_scratch, 0, n)
             self.nbytes += n
@@ -264,6 +266,7 @@ class Relay:
         self.reuse = reuse and b_framed and not a_framed
         self.handoff: tuple[socket.socket, bytes] | None = None
         self.first_byte_at: float | None = None
+        self.last_active = loop.time()  # for idle timeouts
         self.on_first_byte: Callable[["Relay"], None] | None = None
         for side in (self.a, self.b):
             side.sock.setblocking(False)

@@ -45,8 +45,8 @@ from .audit import AuditLog
 from .common import __version__
 from .credentials import valid_agent_id
 from .framed import FramedConn
-from .loop import READ, Loop, Timer
-from .net import accept_all, client_ip, format_addr, is_ip, listen, tune
+from .loop import Loop, Timer
+from .net import Acceptor, client_ip, format_addr, is_ip, listen, tune
 from .relay import Relay
 from .stats import Counters, Metrics, RecentErrors
 from .wire import PROTO_VERSION
@@ -55,6 +55,9 @@ log = logging.getLogger("anywhere.server")
 
 ACCEPT_BUDGET = 64
 POOL_SWEEP = 5.0
+IDLE_SWEEP = 1.0
+LOG_THROTTLE = 10.0
+MAX_RATE_ENTRIES = 100_000
 STATS_SAVE_INTERVAL = 30.0
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -84,6 +87,18 @@ class ServerConfig:
     api_listen: list[str] = field(default_factory=list)  # REST port: ["HOST:PORT", ...]; empty: off
     api_token_file: str | None = None
     metrics_public: bool = False
+    # limits: each bites with a log line and a "limit" rejection
+    max_connections: int = 10000  # live tunneled connections in total
+    max_connections_per_proxy: int = 2000
+    rate_limit: int = 1000  # new clients per minute from one source address, per proxy (0: no limit)
+    max_agents: int = 1000
+    max_pending_per_agent: int = 512  # clients waiting for their agent's data connection
+    max_unauthenticated: int = 1000  # agent-port connections still in their handshake or hello
+    idle_timeout: float = 0.0  # close tunneled connections idle this long (0: never); a proxy may set its own
+    admin_timeout: float = 10.0
+    admin_max_request: int = 65536
+    deny: list[str] = field(default_factory=list)  # agent ids, or serial:HEX, refused and dropped
+    admin_group: str = "anywhere"  # besides root (and our own user), members may use the admin socket
 
 
 def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
@@ -143,13 +158,14 @@ class Proxy:
     remote_port: int
     whitelist: list[str]
     enabled: bool = True
+    idle_timeout: float = 0.0  # 0: the server's idle_timeout
     nets: list[Network] = field(repr=False, default_factory=list)
-    listeners: list[socket.socket] = field(repr=False, default_factory=list)
+    listeners: list[Acceptor] = field(repr=False, default_factory=list)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
                 "local_port": self.local_port, "remote_port": self.remote_port, "whitelist": list(self.whitelist),
-                "enabled": self.enabled}
+                "enabled": self.enabled, "idle_timeout": self.idle_timeout}
 
     @property
     def target(self) -> str:
@@ -160,7 +176,7 @@ def validate_proxy(spec: Any) -> Proxy:
     """A Proxy from an API body or the state file; ApiError(400) names the bad field."""
     if not isinstance(spec, dict):
         raise ApiError(400, "the body must be a JSON object describing the proxy")
-    known = {"name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist", "enabled"}
+    known = {"name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist", "enabled", "idle_timeout"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
@@ -190,8 +206,11 @@ def validate_proxy(spec: Any) -> Proxy:
     enabled = spec.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ApiError(400, f"enabled {enabled!r} must be true or false")
+    idle = spec.get("idle_timeout", 0)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 86400 * 7:
+        raise ApiError(400, f"idle_timeout {idle!r} must be a number of seconds 0..604800 (0: the server's default)")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
-                 remote_port=ports["remote_port"], whitelist=whitelist, nets=nets)
+                 remote_port=ports["remote_port"], whitelist=whitelist, nets=nets, idle_timeout=float(idle))
 
 
 class AgentSession:
@@ -287,7 +306,7 @@ class Server:
         self.started = loop.time()
         self.ctx: ssl.SSLContext | None = None
         self.global_nets = parse_whitelist(config.whitelist, "--wl")
-        self.agent_listeners: list[socket.socket] = []
+        self.agent_listeners: list[Acceptor] = []
         self.handshaking: set[FramedConn] = set()
         self.sessions: dict[str, AgentSession] = {}
         self.proxies: dict[str, Proxy] = {}
@@ -299,6 +318,10 @@ class Server:
         self.agent_stats: dict[str, Counters] = {}
         self.proxy_agents: dict[str, str] = {}  # proxy name → agent id, kept for deleted proxies' counters
         self.stats_dirty = False
+        self.live_per_proxy: dict[str, int] = {}  # tunnels + pending clients per proxy
+        self.pending_per_agent: dict[str, int] = {}
+        self.rates: dict[tuple, tuple[float, int]] = {}  # (proxy, source ip) → (minute start, count)
+        self.log_throttle: dict[tuple, tuple[float, int]] = {}
         self.metrics = Metrics(self)
         self.recent_errors = RecentErrors()
         logging.getLogger("anywhere").addHandler(self.recent_errors)
@@ -320,19 +343,20 @@ class Server:
             self.api_token = read_token(self.config.api_token_file) if self.config.api_listen else None
             stored, stats = state.load_all(self.config.state_dir)
             self._restore_stats(stats)
-            self.agent_listeners = listen(self.config.bind, self.config.port)
-            for sock in self.agent_listeners:
-                self.loop.register(sock, READ, lambda _m, s=sock: self._accept_agent(s))
+            self.agent_listeners = [Acceptor(self.loop, sock, self._on_agent_conn, "the agent port", ACCEPT_BUDGET)
+                                    for sock in listen(self.config.bind, self.config.port)]
+            self.admin.configure(self.config.admin_timeout, self.config.admin_max_request, self.config.admin_group)
             self.admin.add_listener(listen_unix(self.config.admin_socket))
             self._open_rest_port()
             for spec in stored:
                 self._restore_proxy(spec)
             self._sweep_timer = self.loop.call_later(POOL_SWEEP, self._sweep_warm)
             self._stats_timer = self.loop.call_later(STATS_SAVE_INTERVAL, self._stats_tick)
+            self._idle_timer = self.loop.call_later(IDLE_SWEEP, self._sweep_idle)
         except BaseException:
             self.close()
             raise
-        where = ", ".join(format_addr(s.getsockname()) for s in self.agent_listeners)
+        where = ", ".join(format_addr(a.sock.getsockname()) for a in self.agent_listeners)
         log.info("anywhered %s (server id %s) listening for agents on %s, admin socket %s",
                  __version__, self.config.server_id, where, self.config.admin_socket)
         if not self.global_nets:
@@ -387,7 +411,9 @@ class Server:
         old = self.config
         changed = [name for name in ("server_id", "ca", "cert", "key", "whitelist", "data_timeout", "heartbeat",
                                      "handshake_timeout", "pool_size", "pool_max", "pool_idle_timeout", "audit_log",
-                                     "api_token_file", "metrics_public")
+                                     "api_token_file", "metrics_public", "max_connections", "max_connections_per_proxy",
+                                     "rate_limit", "max_agents", "max_pending_per_agent", "max_unauthenticated",
+                                     "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group")
                    if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         for name in restart:
@@ -398,6 +424,8 @@ class Server:
         self.api_token = token
         self.audit.close()
         self.audit = audit
+        self.admin.configure(new.admin_timeout, new.admin_max_request, new.admin_group)
+        self._drop_denied()
         for name in restart:
             log.warning("reload: %s changed in the configuration; it takes effect at the next restart", name)
         log.info("configuration reloaded%s", f"; changed: {', '.join(changed)}" if changed else "; nothing changed")
@@ -427,9 +455,8 @@ class Server:
         if self.closed:
             return
         self.closed = True
-        for sock in self.agent_listeners:
-            self.loop.unregister(sock)
-            sock.close()
+        for acceptor in self.agent_listeners:
+            acceptor.close()
         self.agent_listeners = []
         for proxy in list(self.proxies.values()):
             self._close_listeners(proxy)
@@ -442,7 +469,7 @@ class Server:
         for conns in list(self.warm.values()):
             for conn in list(conns):
                 conn.close("server stopping")
-        for name in ("_sweep_timer", "_stats_timer"):
+        for name in ("_sweep_timer", "_stats_timer", "_idle_timer"):
             timer = getattr(self, name, None)
             if timer is not None:
                 timer.cancel()
@@ -458,10 +485,12 @@ class Server:
         return self._next_id
 
     # -- agent port ------------------------------------------------------------------------------
-    def _accept_agent(self, listener: socket.socket) -> None:
-        accept_all(listener, self._on_agent_conn, "the agent port", ACCEPT_BUDGET)
-
     def _on_agent_conn(self, sock: socket.socket, addr: Any) -> None:
+        if len(self.handshaking) >= self.config.max_unauthenticated:
+            self._limited("agent port", f"{len(self.handshaking)} connections still in their handshake "
+                          f"(max_unauthenticated = {self.config.max_unauthenticated})")
+            sock.close()
+            return
         tune(sock)
         assert self.ctx is not None  # set in start() before the listener exists
         conn = FramedConn(self.loop, sock, self.ctx, server_side=True, peer=format_addr(addr),
@@ -507,6 +536,12 @@ class Server:
             log.warning("refusing %s from %s: %s", kind, conn.peer, reason)
             conn.send_and_close("error", reason, reason=reason)
             return
+        denied = self._denied(conn)
+        if denied:
+            log.warning("refusing %s from %s: agent %s is denied (%s)", kind, conn.peer, conn.identity, denied)
+            conn.send_and_close("error", "revoked", reason=f"this agent's certificate is revoked on this server ({denied})",
+                                code="revoked")
+            return
         if kind == "hello":
             self._on_hello(conn, msg)
         elif kind == "pool":
@@ -522,8 +557,12 @@ class Server:
         if self.draining:
             conn.send_and_close("error", "server stopping", reason="the server is stopping; try again shortly")
             return
-        session = AgentSession(self, conn, agent_id, msg["version"])
         old = self.sessions.get(agent_id)
+        if old is None and len(self.sessions) >= self.config.max_agents:
+            self._limited("agents", f"agent {agent_id} from {conn.peer} refused: max_agents = {self.config.max_agents}")
+            conn.send_and_close("error", "too many agents", reason="this server has reached its maximum of agents")
+            return
+        session = AgentSession(self, conn, agent_id, msg["version"])
         self.sessions[agent_id] = session  # replace first: the old session's close then changes nothing
         conn.on_message = session.on_message
         conn.on_close = lambda c, reason, s=session: self._on_session_close(s, reason)
@@ -554,12 +593,13 @@ class Server:
             log.info("data connection from agent %s (%s): %s", msg["agent_id"], conn.peer, reason)
             conn.send_and_close("error", reason, reason=reason)
             return
-        del self.pending[pending.conn_id]
+        self._take_pending(pending.conn_id)
         if pending.timer:
             pending.timer.cancel()
         conn.send("ready", conn=pending.conn_id)
         if not conn.open:
             self._close_client(pending.sock)
+            self._release_live(pending.proxy)
             return
         self._join(pending, conn)
 
@@ -586,6 +626,7 @@ class Server:
         tunnel = self.tunnels.pop(conn_id, None)
         if tunnel is None:
             return
+        self._release_live(tunnel.proxy)
         if relay.handoff is not None:  # both directions ended: the data connection is warm again
             sock, trailing = relay.handoff
             agent_id = tunnel.proxy.agent_id
@@ -619,21 +660,16 @@ class Server:
 
     def _listen(self, proxy: Proxy) -> None:
         try:
-            proxy.listeners = listen(self.config.proxy_bind, proxy.remote_port)
+            socks = listen(self.config.proxy_bind, proxy.remote_port)
         except OSError as exc:
             raise ApiError(409, f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
-        for sock in proxy.listeners:
-            self.loop.register(sock, READ, lambda _m, s=sock, p=proxy: self._accept_client(p, s))
+        proxy.listeners = [Acceptor(self.loop, sock, lambda c, a, p=proxy: self._on_client(p, c, a),
+                                    f"port {proxy.remote_port}", ACCEPT_BUDGET) for sock in socks]
 
     def _close_listeners(self, proxy: Proxy) -> None:
-        for sock in proxy.listeners:
-            self.loop.unregister(sock)
-            sock.close()
+        for acceptor in proxy.listeners:
+            acceptor.close()
         proxy.listeners = []
-
-    def _accept_client(self, proxy: Proxy, listener: socket.socket) -> None:
-        accept_all(listener, lambda sock, addr: self._on_client(proxy, sock, addr), f"port {proxy.remote_port}",
-                   ACCEPT_BUDGET)
 
     def _on_client(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:
         tune(sock)
@@ -641,22 +677,23 @@ class Server:
         if self.draining:
             self._close_client(sock)
             return
+        ip = client_ip(addr)
         nets = proxy.nets or self.global_nets
-        if nets and not allowed(client_ip(addr), nets):
+        if nets and not allowed(ip, nets):
             which = "proxy's" if proxy.nets else "global"
-            log.warning("proxy %s: client %s refused: not in the %s whitelist", proxy.name, peer, which)
-            self._close_client(sock)
-            self._reject(proxy, "whitelist", peer, f"not in the {which} whitelist")
+            self._refuse(sock, proxy, "whitelist", peer, f"refused: not in the {which} whitelist")
+            return
+        limit = self._over_limit(proxy, ip)
+        if limit:
+            self._refuse(sock, proxy, "limit", peer, f"refused: {limit}")
             return
         session = self.sessions.get(proxy.agent_id)
         if session is None or not session.conn.open:
-            log.warning("proxy %s: client %s closed: agent %s offline", proxy.name, peer, proxy.agent_id)
-            self._close_client(sock)
-            self._reject(proxy, "agent_offline", peer, f"agent {proxy.agent_id} offline")
+            self._refuse(sock, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline")
             return
         pending = Pending(self.new_id(), proxy, sock, peer, self.loop.time())
         pending.timer = self.loop.call_later(self.config.data_timeout, self._pending_timeout, pending.conn_id)
-        self.pending[pending.conn_id] = pending
+        self._add_pending(pending)
         self._ask_agent(pending, session)
 
     def _ask_agent(self, pending: Pending, session: AgentSession) -> None:
@@ -700,7 +737,7 @@ class Server:
             conn.close("late answer")
             return
         if kind == "ready" and msg["conn"] == conn_id:
-            del self.pending[conn_id]
+            self._take_pending(conn_id)
             if pending.timer:
                 pending.timer.cancel()
             self._join(pending, conn)
@@ -738,8 +775,29 @@ class Server:
                     extra -= 1
         self._sweep_timer = self.loop.call_later(POOL_SWEEP, self._sweep_warm)
 
-    def _pending_timeout(self, conn_id: int) -> None:
+    def _add_pending(self, pending: Pending) -> None:
+        self.pending[pending.conn_id] = pending
+        self.live_per_proxy[pending.proxy.name] = self.live_per_proxy.get(pending.proxy.name, 0) + 1
+        agent = pending.proxy.agent_id
+        self.pending_per_agent[agent] = self.pending_per_agent.get(agent, 0) + 1
+
+    def _take_pending(self, conn_id: int) -> Pending | None:
+        """Remove a client from the waiting list (it is joined or dropped next); None if not waiting."""
         pending = self.pending.pop(conn_id, None)
+        if pending is not None:
+            agent = pending.proxy.agent_id
+            self.pending_per_agent[agent] -= 1
+            if not self.pending_per_agent[agent]:
+                del self.pending_per_agent[agent]
+        return pending
+
+    def _release_live(self, proxy: Proxy) -> None:
+        self.live_per_proxy[proxy.name] -= 1
+        if not self.live_per_proxy[proxy.name]:
+            del self.live_per_proxy[proxy.name]
+
+    def _pending_timeout(self, conn_id: int) -> None:
+        pending = self.pending.get(conn_id)
         if pending is not None:
             pending.timer = None
             self._drop_pending(pending, f"no data connection from agent {pending.proxy.agent_id} "
@@ -749,12 +807,13 @@ class Server:
         pending = self.pending.get(conn_id)
         if pending is None or pending.proxy.agent_id != agent_id:
             return
-        del self.pending[conn_id]
         self._drop_pending(pending, f"agent {agent_id} could not reach {pending.proxy.target}: {reason}", "target_refused")
 
     def _drop_pending(self, pending: Pending, reason: str, kind: str | None = None) -> None:
         """Close a client that was never joined; `kind` is the rejection counted (None: not a rejection)."""
-        self.pending.pop(pending.conn_id, None)
+        if self._take_pending(pending.conn_id) is None:
+            return  # already joined or dropped
+        self._release_live(pending.proxy)
         if kind is not None:
             self._reject(pending.proxy, kind, pending.peer, reason)
         if pending.timer:
@@ -862,6 +921,92 @@ class Server:
             tunnel.relay.close(reason)
             closed += 1
         return closed
+
+    # -- limits -------------------------------------------------------------------------------------------
+    def _over_limit(self, proxy: Proxy, ip: Any) -> str | None:
+        """Why a new client of `proxy` from `ip` must be refused, or None."""
+        cfg = self.config
+        if len(self.tunnels) + len(self.pending) >= cfg.max_connections:
+            return f"max_connections = {cfg.max_connections} reached"
+        live = self.live_per_proxy.get(proxy.name, 0)
+        if live >= cfg.max_connections_per_proxy:
+            return f"max_connections_per_proxy = {cfg.max_connections_per_proxy} reached"
+        if self.pending_per_agent.get(proxy.agent_id, 0) >= cfg.max_pending_per_agent:
+            return f"agent {proxy.agent_id} already has {cfg.max_pending_per_agent} clients waiting (max_pending_per_agent)"
+        if cfg.rate_limit:
+            now = self.loop.time()
+            key = (proxy.name, ip)
+            start, count = self.rates.get(key, (now, 0))
+            if now - start >= 60.0:
+                start, count = now, 0
+            if count >= cfg.rate_limit:
+                return f"more than {cfg.rate_limit} connections in a minute from {ip} (rate_limit)"
+            if len(self.rates) >= MAX_RATE_ENTRIES and key not in self.rates:
+                self._prune_rates(now, force=True)
+            self.rates[key] = (start, count + 1)
+        return None
+
+    def _prune_rates(self, now: float, force: bool = False) -> None:
+        """Forget per-source counts older than their minute; bounded memory under a spoofed-source flood."""
+        for key, (start, _) in list(self.rates.items()):
+            if now - start >= 60.0:
+                del self.rates[key]
+        if force and len(self.rates) >= MAX_RATE_ENTRIES:
+            self.rates.clear()
+
+    def _refuse(self, sock: socket.socket, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
+        self._close_client(sock)
+        self._throttled_log(("client", proxy.name, reason, peer.rsplit(":", 1)[0]),
+                            f"proxy {proxy.name}: client {peer} {detail}")
+        self._reject(proxy, reason, peer, detail)
+
+    def _limited(self, what: str, detail: str) -> None:
+        self._throttled_log(("limit", what), f"limit on {what}: {detail}")
+
+    def _throttled_log(self, key: tuple, message: str) -> None:
+        """At most one warning per key every LOG_THROTTLE seconds, then a count of what was left out."""
+        now = self.loop.time()
+        last, suppressed = self.log_throttle.get(key, (-LOG_THROTTLE, 0))
+        if now - last < LOG_THROTTLE:
+            self.log_throttle[key] = (last, suppressed + 1)
+            return
+        more = f" ({suppressed} more like it in the last {LOG_THROTTLE:.0f} s not logged)" if suppressed else ""
+        log.warning("%s%s", message, more)
+        if len(self.log_throttle) >= MAX_RATE_ENTRIES:
+            self.log_throttle.clear()
+        self.log_throttle[key] = (now, 0)
+
+    def _denied(self, conn: FramedConn) -> str | None:
+        ids = {e for e in self.config.deny if not e.lower().startswith("serial:")}
+        serials = {tls.normalize_serial(e[7:]) for e in self.config.deny if e.lower().startswith("serial:")}
+        if conn.identity in ids:
+            return f"id {conn.identity} in deny"
+        if conn.serial is not None and conn.serial in serials:
+            return f"certificate serial {conn.serial} in deny"
+        return None
+
+    def _drop_denied(self) -> None:
+        """After a reload: drop connected agents that are denied now, with everything through them."""
+        for agent_id, session in list(self.sessions.items()):
+            denied = self._denied(session.conn)
+            if denied:
+                session.conn.send_and_close("error", "revoked", code="revoked",
+                                            reason=f"this agent's certificate is revoked on this server ({denied})")
+                closed = self._close_connections(lambda p, a=agent_id: p.agent_id == a, "agent revoked")
+                log.warning("agent %s is denied now (%s): session dropped, %d connection(s) closed", agent_id, denied, closed)
+        for conns in self.warm.values():
+            for conn in list(conns):
+                if self._denied(conn):
+                    conn.close("agent revoked")
+
+    def _sweep_idle(self) -> None:
+        now = self.loop.time()
+        for tunnel in list(self.tunnels.values()):
+            timeout = tunnel.proxy.idle_timeout or self.config.idle_timeout
+            if timeout and now - tunnel.relay.last_active >= timeout:
+                tunnel.relay.close(f"idle for {timeout:g} s")
+        self._prune_rates(now)
+        self._idle_timer = self.loop.call_later(IDLE_SWEEP, self._sweep_idle)
 
     # -- counters ----------------------------------------------------------------------------------------
     def _reject(self, proxy: Proxy, reason: str, peer: str, detail: str) -> None:

@@ -74,3 +74,14 @@ def describe_error(exc: BaseException) -> str:
         reason = exc.reason or exc.__class__.__name__
         return f"TLS error: {reason}"
     return f"{exc.__class__.__name__}: {exc}"
+
+
+def peer_serial(sock: ssl.SSLSocket) -> str | None:
+    """The verified peer certificate's serial number as uppercase hex without leading zeros, or None."""
+    cert = sock.getpeercert()
+    serial = cert.get("serialNumber") if cert else None
+    return normalize_serial(serial) if serial else None
+
+
+def normalize_serial(text: str) -> str:
+    return text.replace(":", "").upper().lstrip("0") or "0"

@@ -55,7 +55,8 @@ SUITE = "bookworm"
 # (it provides python3-cffi-backend-api-min/max) named explicitly.
 PACKAGES = [
     "systemd", "systemd-sysv", "dbus", "python3", "python3-h11", "python3-cryptography", "python3-cffi-backend",
-    "python3-requests", "python3-configobj", "python3-sdnotify", "python3-daemon", "iproute2", "curl",
+    "python3-requests", "python3-configobj", "python3-sdnotify", "python3-daemon", "python3-prometheus-client",
+    "iproute2", "curl",
 ]
 RECIPE_VERSION = 1  # bump when the way the root file system is made changes
 HOST_TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "zstd": "zstd",

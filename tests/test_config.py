@@ -35,6 +35,17 @@ SERVER_BAD = [
     ("api_listen", "localhost", "is not HOST:PORT"),
     ("api_token_file", '""', "must be a path"),
     ("metrics_public", "maybe", "must be true or false"),
+    ("max_connections", "0", "must be a whole number 1..1000000"),
+    ("max_connections_per_proxy", "many", "must be a whole number 1..1000000"),
+    ("rate_limit", "-5", "must be a whole number 0..1000000"),
+    ("max_agents", "0", "must be a whole number 1..100000"),
+    ("max_pending_per_agent", "1.5", "must be a whole number 1..100000"),
+    ("max_unauthenticated", "0", "must be a whole number 1..100000"),
+    ("idle_timeout", "-1", "must be a number of seconds greater than 0"),
+    ("admin_timeout", "0", "must be a number of seconds greater than 0"),
+    ("admin_max_request", "10", "must be a whole number 1024..16777216"),
+    ("deny", "agent 1", "is neither an agent id nor serial:HEX"),
+    ("admin_group", '""', "must be 1-64 printable characters"),
     ("log_level", "loud", "must be one of debug, info, warning, error"),
 ]
 
@@ -48,6 +59,7 @@ AGENT_BAD = [
     ("key", '""', "must be a path"),
     ("dial_timeout", "x", "must be a number of seconds greater than 0"),
     ("handshake_timeout", "0", "must be a number of seconds greater than 0"),
+    ("allow", "10.0.0.0/33:80", "is not an IP address, CIDR or host name"),
     ("log_level", "verbose", "must be one of debug, info, warning, error"),
 ]
 

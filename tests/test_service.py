@@ -78,7 +78,8 @@ def test_agent_reloads_on_sighup_keeping_its_relays(world, echo_target, creds):
     world.start_server()
     crt, key = creds.agent("agent-1")
     conf = world.tmp / "agent-1.conf"
-    conf.write_text(f"[agent]\nserver = 127.0.0.1\nserver_port = {world.port}\nca = {creds.ca}\ncert = {crt}\nkey = {key}\n")
+    conf.write_text(f"[agent]\nserver = 127.0.0.1\nserver_port = {world.port}\nca = {creds.ca}\ncert = {crt}\nkey = {key}\n"
+                    f"allow = 127.0.0.1:{echo_target.port}\n")
     agent = world.start_agent("agent-1", "--config", str(conf))
     port = world.add_proxy(echo_target.port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as live:

@@ -55,6 +55,7 @@ GOOD = SERVER_CONF.format(whitelist="127.0.0.1, ::1", log_level="info")
 AGENT_CONF = """\
 [agent]
 server = 127.0.0.1
+allow = 127.0.0.1
 """
 EXITS = "/run/anywhere-test-exits"
 # test only: a hung loop must be caught in seconds; record how each run ended (an inactive unit is
