@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from . import config as configuration
 from . import tls
 from .agent import Agent, AgentConfig
-from .common import __version__, default_credential, setup_logging
+from .common import __version__, default_credential, setup_logging, version_line
 from .credentials import valid_agent_id
 from .ctl import _port
 from .loop import Loop
@@ -36,7 +36,7 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anywhere check-config" if check else "anywhere",
                                      description="The Anywhere agent: reach targets in this network for anywhered. "
                                                  "`anywhere check-config --config PATH` validates a configuration file.")
-    parser.add_argument("--version", action="version", version=f"anywhere agent {__version__}")
+    parser.add_argument("--version", action="version", version=version_line("anywhere agent"))
     parser.add_argument("--config", metavar="PATH", help="configuration file, e.g. /etc/anywhere/agents/NAME.conf")
     parser.add_argument("-i", "--agent-id", help="this agent's id (default: NAME of the config file, else the certificate's identity)")
     parser.add_argument("-s", "--server-ip", help="the server's name or address (v4 or v6)")

@@ -20,7 +20,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from . import credentials
-from .common import DEFAULT_ADMIN_SOCKET, __version__
+from .common import DEFAULT_ADMIN_SOCKET, version_line
 
 BASE = "http://anywhered"
 TIMEOUT = 30.0
@@ -331,7 +331,7 @@ def add_admin_commands(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anywherectl", description="Drive anywhered over its admin socket.")
-    parser.add_argument("--version", action="version", version=f"anywherectl {__version__}")
+    parser.add_argument("--version", action="version", version=version_line("anywherectl"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_admin_commands(sub)
     sub.add_parser("status", parents=[_common()], help="the daemon's summary").set_defaults(func=cmd_status)

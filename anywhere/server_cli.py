@@ -20,7 +20,7 @@ from typing import Any, Callable
 from . import config as configuration
 from . import ctl, state, tls
 from .admin import ApiError
-from .common import DEFAULT_ADMIN_SOCKET, __version__, default_credential, setup_logging
+from .common import DEFAULT_ADMIN_SOCKET, default_credential, setup_logging, version_line
 from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
@@ -75,7 +75,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anywhered", description="The Anywhere server.")
-    parser.add_argument("--version", action="version", version=f"anywhered {__version__}")
+    parser.add_argument("--version", action="version", version=version_line("anywhered"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     start = sub.add_parser("start", help="run the server")
     _server_options(start)
