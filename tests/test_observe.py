@@ -207,7 +207,10 @@ def test_counters_survive_restart(world, echo_target):
     port = world.add_proxy(echo_target.port)
     assert echo(port, b"12345") == b"12345"
     wait_for(lambda: world.api("GET", "/v1/connections")["connections"] == [], 5, what="connection end")
-    assert world.server.stop() == 0
+    world.ctl("reload", "--admin-socket", world.sock)  # a reload keeps them
+    [proxy] = world.api("GET", "/v1/proxies")["proxies"]
+    assert (proxy["bytes_in"], proxy["bytes_out"], proxy["connections_total"]) == (5, 5, 1)
+    assert world.server.stop() == 0  # and a restart, through the state file
     world.start_server("--pool-size", "0")
     [proxy] = world.api("GET", "/v1/proxies")["proxies"]
     assert (proxy["bytes_in"], proxy["bytes_out"], proxy["connections_total"]) == (5, 5, 1)
