@@ -299,7 +299,7 @@ class _AdminConn:
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         log.info("bad admin request from %s: %s", self.peer, exc)
         status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
-        self._respond(status, {"error": f"bad request: {exc}"}, close=True)
+        self._respond(status, {"error": f"bad request: {exc}"}, close=True, head=False)
 
     def _dispatch(self) -> None:
         request = self.request
@@ -308,10 +308,14 @@ class _AdminConn:
         target = request.target.decode("ascii", "replace")
         try:
             body = json.loads(self.body.decode("utf-8")) if self.body else None
-        except (UnicodeDecodeError, ValueError) as exc:
-            self._respond(400, {"error": f"request body is not valid JSON: {exc}"})
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            self._respond(400, {"error": f"request body is not valid JSON: {exc.__class__.__name__}"})
             return
-        request = Request(method, target, body, self.caller)
+        try:
+            request = Request(method, target, body, self.caller)
+        except ValueError as exc:
+            self._respond(400, {"error": f"request target is not a valid path: {exc}"})
+            return
         try:
             self._authorize(request)
             status, obj = self.server.handler(request)
@@ -324,7 +328,7 @@ class _AdminConn:
 
     def refuse(self, status: int, message: str) -> None:
         """Answer at once, whatever the peer sends, and close."""
-        self._respond(status, {"error": message}, close=True)
+        self._respond(status, {"error": message}, close=True, head=False)
 
     def _authorize(self, request: Request) -> None:
         token_of = self.listener.token
@@ -342,7 +346,10 @@ class _AdminConn:
                         "no bearer token" if not given else "wrong token")
             raise ApiError(401, "a valid bearer token is required (Authorization: Bearer TOKEN)")
 
-    def _respond(self, status: int, obj: Any, close: bool = False) -> None:
+    def _respond(self, status: int, obj: Any, close: bool = False, head: bool | None = None) -> None:
+        """Send one response; to a HEAD request (`head` None: as the request says) the headers only."""
+        if head is None:
+            head = self.request is not None and self.request.method == b"HEAD"
         if isinstance(obj, RawBody):
             body, content_type = obj.data, obj.content_type
         else:
@@ -354,12 +361,14 @@ class _AdminConn:
         if close:
             headers.append(("Connection", "close"))
         try:
-            self.out += self.h11.send(h11.Response(status_code=status, headers=headers))
-            self.out += self.h11.send(h11.Data(data=body))
-            self.out += self.h11.send(h11.EndOfMessage())
+            out = self.h11.send(h11.Response(status_code=status, headers=headers)) or b""
+            if not head:  # a response to HEAD has the headers of the GET, never a body
+                out += self.h11.send(h11.Data(data=body)) or b""
+            out += self.h11.send(h11.EndOfMessage()) or b""
+            self.out += out
         except h11.LocalProtocolError:
-            # h11 will not let us answer (e.g. the request line itself was unreadable):
-            # write a minimal response by hand and close
+            # h11 will not let us answer (the request line itself was unreadable, or a broken HEAD
+            # request): write one minimal response by hand, nothing of h11's, and close
             self.out += b"HTTP/1.1 %d \r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status, len(body)) + body
             close = True
         if close or self.h11.our_state is h11.MUST_CLOSE:

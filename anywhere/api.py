@@ -125,7 +125,7 @@ class Api:
         return 200, {"proxy": proxy.to_dict()}
 
     def kill_connection(self, key: str) -> tuple[int, Any]:
-        if not key.isdigit() or int(key) not in self.server.tunnels:
+        if not (key.isascii() and key.isdigit()) or int(key) not in self.server.tunnels:
             raise ApiError(404, f"no live connection {key}")
         self.server.tunnels[int(key)].relay.close("killed by the operator")
         return 200, {"killed": [int(key)]}

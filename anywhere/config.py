@@ -113,7 +113,7 @@ def _list(value: Any) -> list[str]:
 
 def check_port(value: Any, default: Any = None) -> int:
     text = _text(value)
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise _Bad("must be 1..65535")
     return int(text)
 
@@ -121,7 +121,7 @@ def check_port(value: Any, default: Any = None) -> int:
 def check_count(value: Any, low: Any = 0, high: Any = 2**31) -> int:
     text = _text(value)
     low, high = int(low), int(high)
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise _Bad(f"must be a whole number {low}..{high}")
     return int(text)
 
@@ -226,7 +226,7 @@ def check_endpoints(value: Any, default: Any = None) -> list[str]:
     for item in items:
         host, sep, port = item.rpartition(":")
         host = host.strip("[]")
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or (host and not is_ip(host) and not HOSTNAME_RE.fullmatch(host)):
+        if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535 or (host and not is_ip(host) and not HOSTNAME_RE.fullmatch(host)):
             raise _Bad(f"{item!r} is not HOST:PORT (e.g. 127.0.0.1:1112, [::1]:1112, :1112 for every address)")
     return items
 

@@ -36,7 +36,7 @@ def watchdog_interval() -> float | None:
     if not usec:
         return None
     pid = os.environ.get("WATCHDOG_PID")
-    if pid and pid.isdigit() and int(pid) != os.getpid():
+    if pid and (pid.isascii() and pid.isdigit()) and int(pid) != os.getpid():
         return None
     try:
         value = int(usec)

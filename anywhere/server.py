@@ -189,7 +189,7 @@ def validate_proxy(spec: Any) -> Proxy:
     ports = {}
     for key in ("local_port", "remote_port"):
         value = spec.get(key)
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and (value.isascii() and value.isdigit()):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
             raise ApiError(400, f"{key} {value!r} must be a port number 1..65535")
@@ -201,7 +201,7 @@ def validate_proxy(spec: Any) -> Proxy:
         raise ApiError(400, str(exc)) from None
     whitelist = [str(n) for n in nets]
     name = spec.get("name") or f"{agent_id}:{ports['remote_port']}"
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name.isdigit():
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or (name.isascii() and name.isdigit()):
         raise ApiError(400, f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
     enabled = spec.get("enabled", True)
     if not isinstance(enabled, bool):
@@ -861,10 +861,10 @@ class Server:
 
     def find_proxy(self, key: str) -> Proxy:
         proxy = self.proxies.get(key)
-        if proxy is None and key.isdigit():
+        if proxy is None and (key.isascii() and key.isdigit()):
             proxy = next((p for p in self.proxies.values() if p.remote_port == int(key)), None)
         if proxy is None:
-            raise ApiError(404, f"no proxy named {key} (and no proxy on remote port {key})" if key.isdigit()
+            raise ApiError(404, f"no proxy named {key} (and no proxy on remote port {key})" if (key.isascii() and key.isdigit())
                            else f"no proxy named {key}")
         return proxy
 
