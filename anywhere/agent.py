@@ -23,6 +23,7 @@ import random
 import socket
 import ssl
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import tls
 from .allow import Allowlist, parse_allowlist
@@ -30,8 +31,10 @@ from .common import __version__
 from .framed import FramedConn
 from .loop import Loop, Timer
 from .net import Dialer, format_addr, is_ip
+from . import mux
 from .relay import Relay
-from .wire import PROTO_VERSION
+from .trunk import Stream, Trunk
+from .wire import PROTO_VERSION, encode
 
 log = logging.getLogger("anywhere.agent")
 
@@ -68,6 +71,8 @@ class Agent:
         self.failures = 0
         self.data_conns: set[_DataConn] = set()  # every data connection, whatever its state
         self.warm: set[_DataConn] = set()  # those waiting for the server's next open
+        self.trunks: list[Trunk] = []
+        self.trunks_opening = 0
         self.opening = 0  # warm ones being set up
         self.pool_target = 0  # warm data connections to keep, as the server's welcome asks
         self.server_peer = ""
@@ -172,6 +177,9 @@ class Agent:
             return
         for data in list(self.warm) + [d for d in self.data_conns if d.state == "connecting" and not d.conn_id]:
             data.abort(None)  # warm ones go with the session; relays carry on
+        for trunk in list(self.trunks):
+            if not trunk.streams:  # idle trunks go with the session; those carrying streams carry on
+                trunk.close("agent session lost")
         if was_connected:
             log.warning("lost the server at %s: %s", conn.peer, reason)
         self._schedule_retry(reason if was_connected else f"connection to {conn.peer} failed: {reason}")
@@ -230,16 +238,71 @@ class Agent:
         if self.conn is not None and self.conn.open:
             self.conn.send("fail", conn=conn_id, reason=reason)
 
+    def dial_target(self, host: str, port: int, callback: Callable[[socket.socket | None, str | None], None]) -> Dialer | None:
+        """Dial a target the server asked for, within this agent's allowlist; `callback` as Dialer's."""
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        allowlist = self.allowlist
+        refused = f"{target} is not in this agent's allowlist (allow = {allowlist})"
+        address_ok = None
+        if is_ip(host.split("%", 1)[0]):
+            if not allowlist.permits_address(host, port):
+                self.loop.call_soon(callback, None, refused)
+                return None
+        elif not allowlist.permits_name(host, port):
+            if not allowlist.has_networks:
+                self.loop.call_soon(callback, None, refused)
+                return None
+            address_ok = lambda address: allowlist.permits_address(address, port)  # noqa: E731
+        return Dialer(self.loop, host, port, self.config.dial_timeout, callback, address_ok=address_ok, refused=refused)
+
     def refill(self) -> None:
-        """Open warm data connections until `pool_target` are warm or on their way."""
-        if self.closed or not self.connected:
+        """Keep the trunks the server asked for (welcome's pool > 0) open or on their way."""
+        if self.closed or not self.connected or self.server_addr is None:
             return
-        for _ in range(max(0, self.pool_target - len(self.warm) - self.opening)):
-            _DataConn(self, None)
+        wanted = min(MAX_TRUNKS, self.pool_target)
+        for _ in range(max(0, wanted - len(self.trunks) - self.trunks_opening)):
+            _TrunkSetup(self)
+
+    def _on_trunk(self, trunk: Trunk) -> None:
+        self.trunks.append(trunk)
+
+    def _on_trunk_close(self, trunk: Trunk, reason: str) -> None:
+        if trunk in self.trunks:
+            self.trunks.remove(trunk)
+        if not self.closed:
+            log.log(logging.DEBUG if reason.startswith("agent") else logging.INFO, "trunk %s closed: %s", trunk.name, reason)
+            self.loop.call_later(backoff_delay(1, self.config.backoff_min, self.config.backoff_max), self.refill)
+
+    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int) -> None:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+        def ended(st: Stream, reason: str) -> None:
+            log.log(logging.DEBUG if reason == "done" else logging.INFO,
+                    "stream %d to %s ended (%s): %d bytes to the target, %d back", sid, target, reason,
+                    st.nbytes_out, st.nbytes_in)
+        # the stream exists while its target is dialled, so an ABORT meanwhile cancels the dial
+        stream = Stream(trunk, sid, name=f"target {target}", on_close=ended)
+
+        def dialled(sock: socket.socket | None, error: str | None) -> None:
+            stream.dialer = None
+            if stream.closed or trunk.closed:
+                if sock is not None:
+                    sock.close()
+                return
+            if sock is None:
+                log.warning("stream %d: cannot reach %s: %s", sid, target, error)
+                trunk.write(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
+                stream.on_close = None
+                stream.close("target unreachable", notify=False)
+                return
+            trunk.write(mux.frame(mux.READY, sid))
+            stream.attach(sock)
+        stream.dialer = self.dial_target(host, port, dialled)
 
     @property
-    def relays(self) -> list[Relay]:
-        return [d.relay for d in self.data_conns if d.relay is not None]
+    def relays(self) -> list:
+        return [d.relay for d in self.data_conns if d.relay is not None] + \
+            [s for t in self.trunks for s in t.streams.values()]
 
     # -- ending --------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -256,12 +319,63 @@ class Agent:
             self.conn.close("agent stopping")
         for data in list(self.data_conns):
             data.abort("agent stopping")
+        for trunk in list(self.trunks):
+            trunk.close("agent stopping")
 
 
 def backoff_delay(failures: int, low: float, high: float) -> float:
     """Exponential backoff with jitter: the n-th delay lies in [d/2, d], d = min(high, low * 2**(n-1))."""
     ceiling = min(high, low * (2 ** min(failures - 1, 30)))
     return max(low, random.uniform(ceiling / 2, ceiling))
+
+
+MAX_TRUNKS = 4
+
+
+class _TrunkSetup:
+    """Dial the server, TLS, then say `trunk`: the connection becomes a Trunk."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        agent.trunks_opening += 1
+        self.done = False
+        addr = agent.server_addr
+        assert addr is not None  # refill() checks
+        Dialer(agent.loop, addr[0], addr[1], agent.config.connect_timeout, self._on_server)
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.agent.trunks_opening -= 1
+
+    def _on_server(self, sock: socket.socket | None, error: str | None) -> None:
+        agent = self.agent
+        if sock is None or agent.closed:
+            self._finish()
+            if sock is not None:
+                sock.close()
+            else:
+                log.info("cannot open a trunk to the server: %s", error)
+            return
+        assert agent.ctx is not None  # the agent started
+        FramedConn(agent.loop, sock, agent.ctx, server_side=False, peer=format_addr(sock.getpeername()),
+                   server_hostname=agent.server_name, on_message=lambda c, m: c.close("unexpected message"),
+                   on_close=lambda c, reason: self._failed(reason), on_handshake=self._on_handshake,
+                   handshake_timeout=agent.config.handshake_timeout)
+
+    def _failed(self, reason: str) -> None:
+        self._finish()
+        log.info("trunk set-up failed: %s", reason)
+
+    def _on_handshake(self, conn: FramedConn) -> None:
+        agent = self.agent
+        peer = conn.peer
+        sock, leftover = conn.detach()
+        self._finish()
+        trunk = Trunk(agent.loop, sock, leftover, name=f"to {peer}", on_open=agent._on_stream_open,
+                      on_close=agent._on_trunk_close)
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=agent.config.agent_id))
+        agent._on_trunk(trunk)
 
 
 class _DataConn:
@@ -297,20 +411,7 @@ class _DataConn:
         self.conn_id = request["conn"]
         host, port = request["host"], request["port"]
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        allowlist = self.agent.allowlist
-        refused = f"{self.target} is not in this agent's allowlist (allow = {allowlist})"
-        address_ok = None
-        if is_ip(host.split("%", 1)[0]):
-            if not allowlist.permits_address(host, port):
-                self.loop.call_soon(self._on_target, None, refused)
-                return
-        elif not allowlist.permits_name(host, port):
-            if not allowlist.has_networks:
-                self.loop.call_soon(self._on_target, None, refused)
-                return
-            address_ok = lambda address: allowlist.permits_address(address, port)  # noqa: E731
-        self.dialer = Dialer(self.loop, host, port, self.agent.config.dial_timeout, self._on_target,
-                             address_ok=address_ok, refused=refused)
+        self.dialer = self.agent.dial_target(host, port, self._on_target)
 
     def _on_target(self, sock: socket.socket | None, error: str | None) -> None:
         self.dialer = None

@@ -20,8 +20,8 @@ the window whatever the peers do, and a stream whose reader stalls stops only it
 
 Frames
 ------
-``type (1) | flags (1) | length (2) | stream (4)`` big-endian, then ``length`` bytes of payload
-(at most 65535).  Types: OPEN (server → agent: JSON {"host", "port"}), READY, FAIL (UTF-8
+``type (1) | length (3) | stream (4)`` big-endian, then ``length`` bytes of payload (at most
+`MAX_PAYLOAD`, 256 KiB).  Types: OPEN (server → agent: JSON {"host", "port"}), READY, FAIL (UTF-8
 reason), DATA, END (half-close of the sender's direction), ABORT (UTF-8 reason; the stream is
 gone), WINDOW (4-byte credit increment).  Stream 0 is never used.  Anything else is a protocol
 error that ends the whole trunk.
@@ -36,17 +36,22 @@ from .wire import ProtocolError
 
 OPEN, READY, FAIL, DATA, END, ABORT, WINDOW = range(1, 8)
 NAMES = {OPEN: "OPEN", READY: "READY", FAIL: "FAIL", DATA: "DATA", END: "END", ABORT: "ABORT", WINDOW: "WINDOW"}
-HEADER = struct.Struct("!BBHI")
+HEADER = struct.Struct("!II")  # (type << 24 | length), stream
 HEADER_SIZE = HEADER.size
-MAX_PAYLOAD = 0xFFFF
-WINDOW_SIZE = 512 * 1024
+MAX_PAYLOAD = 256 * 1024
+WINDOW_SIZE = 1024 * 1024
 _CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4}
 
 
 def frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
     if kind not in NAMES or not 0 < stream < 2**32 or len(payload) > MAX_PAYLOAD:
         raise ValueError(f"bad frame {kind}/{stream}/{len(payload)}")
-    return HEADER.pack(kind, 0, len(payload), stream) + payload
+    return HEADER.pack(kind << 24 | len(payload), stream) + payload
+
+
+def pack_header(buffer: bytearray, kind: int, length: int, stream: int) -> None:
+    """Write a frame header at the start of `buffer` (the payload follows it there)."""
+    HEADER.pack_into(buffer, 0, kind << 24 | length, stream)
 
 
 def open_frame(stream: int, host: str, port: int) -> bytes:
@@ -117,12 +122,13 @@ class MuxDecoder:
             self._hdr += piece
             if len(self._hdr) < HEADER_SIZE:
                 break
-            kind, flags, length, stream = HEADER.unpack(self._hdr)
+            word, stream = HEADER.unpack(self._hdr)
+            kind, length = word >> 24, word & 0xFFFFFF
             self._hdr = b""
             if kind not in NAMES:
                 raise ProtocolError(f"unknown frame type {kind}")
-            if flags:
-                raise ProtocolError(f"frame flags {flags:#x} are not defined")
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
             if stream == 0:
                 raise ProtocolError("frame on stream 0")
             limit = _CONTROL_MAX.get(kind)

@@ -47,7 +47,9 @@ from .credentials import valid_agent_id
 from .framed import FramedConn
 from .loop import Loop, Timer
 from .net import Acceptor, client_ip, format_addr, is_ip, listen, tune
+from . import mux
 from .relay import Relay
+from .trunk import Stream, Trunk
 from .stats import Counters, Metrics, RecentErrors
 from .wire import PROTO_VERSION
 
@@ -278,6 +280,7 @@ class Pending:
     started: float
     timer: Timer | None = None
     warm: FramedConn | None = None  # the warm data connection asked to serve it, if any
+    stream: Any = None  # the trunk stream opened for it, if any
 
 
 @dataclass
@@ -313,6 +316,7 @@ class Server:
         self.pending: dict[int, Pending] = {}
         self.tunnels: dict[int, Tunnel] = {}
         self.warm: dict[str, list[FramedConn]] = {}  # per agent, idle data connections, most recent last
+        self.trunks: dict[str, list[Trunk]] = {}  # per agent, multiplexed data connections
         self.handshakes = 0  # TLS handshakes completed on the agent port
         self.proxy_stats: dict[str, Counters] = {}
         self.agent_stats: dict[str, Counters] = {}
@@ -469,6 +473,9 @@ class Server:
         for conns in list(self.warm.values()):
             for conn in list(conns):
                 conn.close("server stopping")
+        for trunks in list(self.trunks.values()):
+            for trunk in list(trunks):
+                trunk.close("server stopping")
         for name in ("_sweep_timer", "_stats_timer", "_idle_timer"):
             timer = getattr(self, name, None)
             if timer is not None:
@@ -521,12 +528,12 @@ class Server:
             conn._timer = None
         conn.on_close = self._on_quiet_close
         kind = msg["type"]
-        if kind in ("hello", "data", "pool") and msg["proto"] != PROTO_VERSION:
+        if kind in ("hello", "data", "pool", "trunk") and msg["proto"] != PROTO_VERSION:
             reason = f"protocol version {msg['proto']} is not supported (this server speaks {PROTO_VERSION})"
             log.warning("refusing %s from %s: %s", kind, conn.peer, reason)
             conn.send_and_close("error", reason, reason=reason)
             return
-        if kind not in ("hello", "data", "pool"):
+        if kind not in ("hello", "data", "pool", "trunk"):
             log.warning("connection from %s started with %r instead of a hello; closing it", conn.peer, kind)
             conn.send_and_close("error", "bad first message", reason=f"expected hello or data, got {kind}")
             return
@@ -546,6 +553,8 @@ class Server:
             self._on_hello(conn, msg)
         elif kind == "pool":
             self._add_warm(conn, msg["agent_id"])
+        elif kind == "trunk":
+            self._add_trunk(conn, msg["agent_id"])
         else:
             self._on_data(conn, msg)
 
@@ -583,6 +592,9 @@ class Server:
             del self.sessions[session.agent_id]
             for conn in list(self.warm.get(session.agent_id, ())):
                 conn.close("agent session ended")
+            for trunk in list(self.trunks.get(session.agent_id, ())):
+                if not trunk.streams:  # trunks that carry connections outlive the session
+                    trunk.close("agent session ended")
             if reason != "server stopping":
                 log.info("agent %s (%s) disconnected: %s", session.agent_id, session.address, reason)
 
@@ -610,17 +622,23 @@ class Server:
         relay = Relay(self.loop, pending.sock, data_sock, b_framed=True, a_name=f"client {pending.peer}",
                       b_name=f"agent {proxy.agent_id}", reuse=True,
                       on_close=lambda r, reason, cid=pending.conn_id: self._on_tunnel_close(cid, r, reason, peer))
+        self._add_tunnel(pending, relay)
+        relay.start(b_initial=leftover)
+
+    def _add_tunnel(self, pending: Pending, relay: Any) -> None:
+        """Count and list a joined connection; `relay` is a Relay or a trunk Stream."""
+        proxy = pending.proxy
         relay.on_first_byte = lambda r, started=pending.started, name=proxy.name: \
             self.metrics.setup_seconds.labels(name).observe(r.first_byte_at - started)
-        tunnel = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started, self.wall_time())
-        self.tunnels[pending.conn_id] = tunnel
+        self.tunnels[pending.conn_id] = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started,
+                                               self.wall_time())
         for counters in (self.proxy_stats.setdefault(proxy.name, Counters()),
                          self.agent_stats.setdefault(proxy.agent_id, Counters())):
             counters.connections += 1
         self.proxy_agents[proxy.name] = proxy.agent_id
         self.stats_dirty = True
-        log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id, proxy.target)
-        relay.start(b_initial=leftover)
+        log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id,
+                  proxy.target)
 
     def _on_tunnel_close(self, conn_id: int, relay: Relay, reason: str, data_peer: str) -> None:
         tunnel = self.tunnels.pop(conn_id, None)
@@ -697,10 +715,20 @@ class Server:
         self._ask_agent(pending, session)
 
     def _ask_agent(self, pending: Pending, session: AgentSession) -> None:
-        """Send `open` on a warm data connection if the agent has one, else on its admin connection."""
+        """Open a stream on the agent's least busy trunk; without one, send `open` on a warm data
+        connection, else on the admin connection."""
         proxy = pending.proxy
+        trunks = [t for t in self.trunks.get(proxy.agent_id, ()) if not t.closed]
         warm = self.warm.get(proxy.agent_id)
-        if warm:
+        if trunks:
+            trunk = min(trunks, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
+            stream = Stream(trunk, trunk.new_stream_id(), name=f"client {pending.peer}",
+                            on_close=lambda st, reason, cid=pending.conn_id: self._on_stream_close(cid, st, reason))
+            stream.on_ready = lambda cid=pending.conn_id, st=stream: self._on_stream_ready(cid, st)
+            stream.on_fail = lambda reason, cid=pending.conn_id: self.on_agent_fail(proxy.agent_id, cid, reason)
+            pending.stream = stream
+            trunk.write(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port))
+        elif warm:
             conn = warm.pop()
             pending.warm = conn
             conn.on_message = lambda c, m, cid=pending.conn_id: self._on_warm_reply(c, m, cid)
@@ -708,6 +736,49 @@ class Server:
             conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
         else:
             session.conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
+
+    # -- trunks ----------------------------------------------------------------------------------------
+    def _add_trunk(self, conn: FramedConn, agent_id: str) -> None:
+        if self.draining or agent_id not in self.sessions:
+            conn.close("not needed")
+            return
+        trunks = self.trunks.setdefault(agent_id, [])
+        if len(trunks) >= max(self.config.pool_size, 1) * 2:
+            conn.close("too many trunks")
+            return
+        peer = conn.peer
+        sock, leftover = conn.detach()
+        trunk = Trunk(self.loop, sock, leftover, name=f"{agent_id}@{peer}", on_close=self._on_trunk_close)
+        trunk.agent_id = agent_id
+        trunks.append(trunk)
+        log.debug("trunk from agent %s (%s) up; %d now", agent_id, peer, len(trunks))
+
+    def _on_trunk_close(self, trunk: Trunk, reason: str) -> None:
+        trunks = self.trunks.get(trunk.agent_id, [])
+        if trunk in trunks:
+            trunks.remove(trunk)
+        if reason not in ("server stopping", "agent session ended"):
+            log.info("trunk %s closed: %s", trunk.name, reason)
+
+    def _on_stream_ready(self, conn_id: int, stream: Stream) -> None:
+        pending = self._take_pending(conn_id)
+        if pending is None:
+            stream.close("client gone")
+            return
+        if pending.timer:
+            pending.timer.cancel()
+        pending.stream = None
+        self._add_tunnel(pending, stream)
+        stream.attach(pending.sock)
+
+    def _on_stream_close(self, conn_id: int, stream: Stream, reason: str) -> None:
+        pending = self.pending.get(conn_id)
+        if pending is not None and pending.stream is stream:
+            pending.stream = None
+            self._drop_pending(pending, f"agent {pending.proxy.agent_id}: {reason}",
+                               "agent_offline" if reason.startswith("data connection lost") else None)
+            return
+        self._on_tunnel_close(conn_id, stream, reason, "")
 
     # -- warm data connections ---------------------------------------------------------------------
     def _add_warm(self, conn: FramedConn, agent_id: str) -> None:
@@ -821,6 +892,10 @@ class Server:
         if pending.warm is not None and pending.warm.open:
             warm, pending.warm = pending.warm, None
             warm.close("its client is gone")  # its state is unknown now: do not reuse it
+        if pending.stream is not None:
+            stream, pending.stream = pending.stream, None
+            stream.on_close = None
+            stream.close("client gone")
         if reason != "server stopping":
             log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
         self._close_client(pending.sock)
@@ -1045,7 +1120,7 @@ class Server:
                 "last_heartbeat": session.last_pong, "connections": len(live), "connections_total": counters.connections,
                 "bytes_in": counters.bytes_in + sum(t.relay.bytes_a_to_b for t in live),
                 "bytes_out": counters.bytes_out + sum(t.relay.bytes_b_to_a for t in live),
-                "warm": len(self.warm.get(agent_id, ()))}
+                "warm": len(self.warm.get(agent_id, ())), "trunks": len(self.trunks.get(agent_id, ()))}
 
     def save_stats(self) -> None:
         """Write the counters (with the proxies) if they changed; called periodically and at exit."""

@@ -20,6 +20,9 @@ Control frames
       uses it: server ``open`` {conn, host, port} → agent ``ready`` {conn} (then the chunk
       stream) or ``fail`` {conn, reason} (and it stays warm).
 
+    * trunk: agent ``trunk`` {proto, agent_id}; from then on the connection carries the frames of
+      `mux.py` both ways: many client connections at once, as streams (see trunk.py).
+
     Once both directions of a chunk stream have ENDed, a data connection of either kind is
     warm again: the next frame on it is the server's next ``open``.  ``welcome`` tells the
     agent how many warm data connections to keep (``pool``).
@@ -67,6 +70,7 @@ MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "fail": {"conn": int, "reason": str},
     "data": {"proto": int, "agent_id": str, "conn": int},
     "pool": {"proto": int, "agent_id": str},
+    "trunk": {"proto": int, "agent_id": str},
     "ready": {"conn": int},
 }
 

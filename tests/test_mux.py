@@ -66,16 +66,21 @@ def test_helpers():
     with pytest.raises(ValueError):
         mux.frame(mux.DATA, 0, b"x")
     with pytest.raises(ValueError):
-        mux.frame(mux.DATA, 1, b"x" * 70000)
+        mux.frame(mux.DATA, 1, b"x" * (mux.MAX_PAYLOAD + 1))
+
+
+def hdr(kind: int, length: int, stream: int) -> bytes:
+    return struct.pack("!II", kind << 24 | length, stream)
 
 
 @pytest.mark.parametrize("bad", [
-    struct.pack("!BBHI", 9, 0, 0, 1),  # unknown type
-    struct.pack("!BBHI", mux.DATA, 1, 0, 1),  # flags
-    struct.pack("!BBHI", mux.DATA, 0, 0, 0),  # stream 0
-    struct.pack("!BBHI", mux.READY, 0, 1, 1) + b"x",  # READY with a payload
-    struct.pack("!BBHI", mux.WINDOW, 0, 3, 1) + b"abc",  # short credit
-    struct.pack("!BBHI", mux.OPEN, 0, 2000, 1),  # oversized control frame, refused before its body
+    hdr(9, 0, 1),  # unknown type
+    hdr(0, 0, 1),  # type 0
+    hdr(mux.DATA, 0, 0),  # stream 0
+    hdr(mux.DATA, mux.MAX_PAYLOAD + 1, 1),  # oversized DATA, refused before its body
+    hdr(mux.READY, 1, 1) + b"x",  # READY with a payload
+    hdr(mux.WINDOW, 3, 1) + b"abc",  # short credit
+    hdr(mux.OPEN, 2000, 1),  # oversized control frame
 ])
 def test_malformed_frames(bad):
     with pytest.raises(ProtocolError):

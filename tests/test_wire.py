@@ -30,6 +30,7 @@ SAMPLES: dict[str, dict] = {
     "data": {"proto": 1, "agent_id": "agent-2", "conn": 12345678901},
     "ready": {"conn": 1},
     "pool": {"proto": 1, "agent_id": "agent-1"},
+    "trunk": {"proto": 1, "agent_id": "agent-1"},
 }
 
 

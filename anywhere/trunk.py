@@ -1,0 +1,464 @@
+"""Trunks: long-lived TLS data connections that carry many client connections as streams.
+
+Theory of operation
+-------------------
+A `Trunk` owns one TLS socket and speaks `mux.py` frames on it, both ways.  Each client
+connection is a `Stream` on a trunk, joined to a plain socket (the client on the server, the
+target on the agent).
+
+Plain → trunk: a stream reads at most min(65535, its send window) bytes into the shared
+scratch buffer, 8 bytes in, writes the frame header in front and hands the frame to the trunk,
+which tries to send it at once and keeps only what TLS did not take.  A stream stops reading
+when its window is used up (it resumes on WINDOW) or when the trunk's queue is over `HIGH`
+(it resumes when the queue drains below `LOW`): backpressure, per stream and per trunk.
+
+Trunk → plain: the trunk reads into a buffer of its own (so a stream that resumes reading in
+the middle of a dispatch cannot overwrite frames still being handled), decodes frames and hands
+DATA to its stream, which writes to its plain socket at once and keeps the rest in `outbuf`.
+The peer never has more than `WINDOW_SIZE` bytes unacknowledged, so `outbuf` is bounded by it; a
+sender that exceeds it breaks the protocol and loses the stream.  Credit is returned (WINDOW)
+once a quarter of the window has been delivered.
+
+END after the last DATA is a half-close, passed on as shutdown(SHUT_WR) once `outbuf` is empty;
+a stream is done when both directions have ended.  ABORT, or the trunk going away, closes the
+plain socket at once.  `Stream` offers what the server's connection table reads from a relay:
+byte counts, `close()`, `first_byte_at`, `last_active`.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+import ssl
+from typing import Any, Callable
+
+from . import mux
+from .loop import READ, WRITE, Loop
+from .relay import _scratch, _view
+from .wire import ProtocolError
+
+log = logging.getLogger("anywhere.trunk")
+
+HIGH = 1024 * 1024  # queued bytes over which streams stop reading
+LOW = 256 * 1024
+READ_SIZE = 512 * 1024
+CREDIT_STEP = mux.WINDOW_SIZE // 4
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class Trunk:
+    def __init__(self, loop: Loop, sock: ssl.SSLSocket, leftover: bytes, *, name: str,
+                 on_open: Callable[["Trunk", int, str, int], None] | None = None,
+                 on_close: Callable[["Trunk", str], None] | None = None) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.name = name
+        self.on_open = on_open
+        self.on_close = on_close
+        self.decoder = mux.MuxDecoder()
+        self.streams: dict[int, Stream] = {}
+        self.out: collections.deque[bytes] = collections.deque()
+        self.out_bytes = 0
+        self.blocked: set[Stream] = set()
+        self.closed = False
+        self.reason = ""
+        self.mask = 0
+        self._next_id = 1
+        self._buf = bytearray(READ_SIZE)
+        self._bufview = memoryview(self._buf)
+        sock.setblocking(False)
+        self._update()
+        if leftover:
+            self._handle(memoryview(leftover))
+        loop.call_soon(self._on_readable)  # TLS may already hold bytes the selector will not report
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def _update(self) -> None:
+        if self.closed:
+            return
+        mask = READ | (WRITE if self.out else 0)
+        if mask == self.mask:
+            return
+        if self.mask == 0:
+            self.loop.register(self.sock, mask, self._on_event)
+        else:
+            self.loop.modify(self.sock, mask, self._on_event)
+        self.mask = mask
+
+    def _on_event(self, mask: int) -> None:
+        if mask & WRITE:
+            self._flush()
+        if mask & READ and not self.closed:
+            self._on_readable()
+
+    @property
+    def congested(self) -> bool:
+        return self.out_bytes >= HIGH
+
+    def new_stream_id(self) -> int:
+        sid = self._next_id
+        self._next_id = sid + 1 if sid + 1 < 2**32 else 1
+        return sid
+
+    # -- output ----------------------------------------------------------------------------------------
+    def write(self, data: bytes | memoryview) -> None:
+        """Queue one or more whole frames; sent at once when nothing is queued before them."""
+        if self.closed:
+            return
+        if not self.out:
+            try:
+                sent = self.sock.send(data)
+            except _WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self.close(f"write failed: {exc}")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        chunk = bytes(data)
+        self.out.append(chunk)
+        self.out_bytes += len(chunk)
+        self._update()
+
+    def _flush(self) -> None:
+        while self.out and not self.closed:
+            head = self.out[0]
+            if len(head) < 16384 and len(self.out) > 1:  # coalesce small frames into one TLS write
+                parts, size = [], 0
+                while self.out and size < 65536:
+                    part = self.out.popleft()
+                    parts.append(part)
+                    size += len(part)
+                head = b"".join(parts)
+                self.out.appendleft(head)
+            try:
+                sent = self.sock.send(head)
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self.close(f"write failed: {exc}")
+                return
+            self.out_bytes -= sent
+            if sent < len(head):
+                self.out[0] = head[sent:]
+                break
+            self.out.popleft()
+        if not self.closed and self.out_bytes < LOW and self.blocked:
+            waiting, self.blocked = self.blocked, set()
+            for stream in waiting:
+                stream.pump()
+        self._update()
+
+    # -- input -------------------------------------------------------------------------------------------
+    def _on_readable(self) -> None:
+        if self.closed:
+            return
+        got, eof = 0, False
+        try:
+            while got < READ_SIZE:
+                n = self.sock.recv_into(self._bufview[got:])
+                if n == 0:
+                    eof = True
+                    break
+                got += n
+        except _WOULD_BLOCK:
+            pass
+        except OSError as exc:
+            self.close(f"read failed: {exc}")
+            return
+        if got:
+            self._handle(self._bufview[:got])
+        if eof and not self.closed:
+            self.close("closed by peer")
+        elif got >= READ_SIZE and not self.closed:
+            self.loop.call_soon(self._on_readable)
+
+    def _handle(self, view: memoryview) -> None:
+        try:
+            frames = self.decoder.feed(view)
+            for kind, sid, payload in frames:
+                if self.closed:
+                    return
+                self._dispatch(kind, sid, payload)
+        except ProtocolError as exc:
+            log.warning("trunk %s: protocol error: %s; closing it", self.name, exc)
+            self.close(f"protocol error: {exc}")
+
+    def _dispatch(self, kind: int, sid: int, payload: memoryview | bytes) -> None:
+        if kind == mux.OPEN:
+            if self.on_open is None or sid in self.streams:
+                raise ProtocolError(f"unexpected OPEN for stream {sid}")
+            host, port = mux.parse_open(bytes(payload))
+            self.on_open(self, sid, host, port)
+            return
+        stream = self.streams.get(sid)
+        if stream is None:
+            return  # frames in flight for a stream this side has already closed
+        if kind == mux.DATA:
+            stream.on_data(payload)
+        elif kind == mux.WINDOW:
+            stream.on_window(mux.parse_window(bytes(payload)))
+        elif kind == mux.END:
+            stream.on_peer_end()
+        elif kind == mux.READY:
+            if stream.on_ready is None:
+                raise ProtocolError(f"unexpected READY for stream {sid}")
+            callback, stream.on_ready = stream.on_ready, None
+            callback()
+        elif kind == mux.FAIL:
+            reason = bytes(payload).decode("utf-8", "replace")
+            callback, stream.on_close = stream.on_fail, None  # the fail callback reports it
+            stream.close(f"failed: {reason}", notify=False)
+            if callback is not None:
+                callback(reason)
+        elif kind == mux.ABORT:
+            stream.close(f"aborted by peer: {bytes(payload).decode('utf-8', 'replace') or 'no reason'}", notify=False)
+
+    # -- ending --------------------------------------------------------------------------------------------
+    def close(self, reason: str) -> None:
+        """Close the trunk and every stream on it; idempotent, never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        for stream in list(self.streams.values()):
+            stream.close(f"data connection lost: {reason}", notify=False)
+        if self.mask:
+            self.loop.unregister(self.sock)
+            self.mask = 0
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.out.clear()
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            try:
+                callback(self, reason)
+            except Exception:
+                log.exception("trunk on_close callback failed")
+
+    def __repr__(self) -> str:
+        return f"<Trunk {self.name} {len(self.streams)} streams {'closed' if self.closed else 'open'}>"
+
+
+class Stream:
+    """One client connection on a trunk, joined to a plain socket once it is attached."""
+
+    def __init__(self, trunk: Trunk, sid: int, name: str = "",
+                 on_close: Callable[["Stream", str], None] | None = None) -> None:
+        self.trunk = trunk
+        self.sid = sid
+        self.name = name
+        self.on_close = on_close
+        self.on_ready: Callable[[], None] | None = None
+        self.on_fail: Callable[[str], None] | None = None
+        self.on_first_byte: Callable[["Stream"], None] | None = None
+        self.sock: socket.socket | None = None
+        self.mask = 0
+        self.send_window = mux.WINDOW_SIZE
+        self.credit = 0
+        self.outbuf = bytearray()
+        self.eof_read = False
+        self.peer_ended = False
+        self.shut = False
+        self.nbytes_in = 0  # plain → trunk
+        self.nbytes_out = 0  # trunk → plain
+        self.closed = False
+        self.reason = ""
+        self.first_byte_at: float | None = None
+        self.last_active = trunk.loop.time()
+        self.handoff = None  # a stream never hands its trunk over
+        self.dialer: Any = None  # the agent's dial of the target, cancelled if the stream closes first
+        trunk.streams[sid] = self
+
+    # what the server's connection table reads (the same names as Relay's)
+    @property
+    def bytes_a_to_b(self) -> int:
+        return self.nbytes_in
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        return self.nbytes_out
+
+    def attach(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self._update()
+        self.pump()
+        if self.peer_ended and not self.outbuf:
+            self._shutdown()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+    def _update(self) -> None:
+        if self.closed or self.sock is None:
+            return
+        reading = not self.eof_read and self.send_window > 0 and self not in self.trunk.blocked
+        mask = (READ if reading else 0) | (WRITE if self.outbuf else 0)
+        if mask == self.mask:
+            return
+        if self.mask == 0:
+            self.trunk.loop.register(self.sock, mask, self._on_event)
+        elif mask == 0:
+            self.trunk.loop.unregister(self.sock)
+        else:
+            self.trunk.loop.modify(self.sock, mask, self._on_event)
+        self.mask = mask
+
+    def _on_event(self, mask: int) -> None:
+        if mask & WRITE:
+            self._drain()
+        if mask & READ and not self.closed:
+            self.pump()
+
+    def _activity(self) -> None:
+        now = self.trunk.loop.time()
+        self.last_active = now
+        if self.first_byte_at is None:
+            self.first_byte_at = now
+            if self.on_first_byte is not None:
+                try:
+                    self.on_first_byte(self)
+                except Exception:
+                    log.exception("on_first_byte callback failed")
+
+    # -- plain → trunk ---------------------------------------------------------------------------------
+    def pump(self) -> None:
+        sock, trunk = self.sock, self.trunk
+        if sock is None or self.closed:
+            return
+        for _ in range(16):
+            if self.eof_read or self.send_window <= 0:
+                break
+            if trunk.congested:
+                trunk.blocked.add(self)
+                break
+            limit = min(mux.MAX_PAYLOAD, self.send_window)
+            try:
+                n = sock.recv_into(_view[mux.HEADER_SIZE:mux.HEADER_SIZE + limit])
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self.close(f"{self.name} read failed: {exc.strerror or exc}")
+                return
+            if n == 0:
+                self.eof_read = True
+                trunk.write(mux.frame(mux.END, self.sid))
+                self._check_done()
+                break
+            mux.pack_header(_scratch, mux.DATA, n, self.sid)
+            trunk.write(_view[:mux.HEADER_SIZE + n])
+            self.send_window -= n
+            self.nbytes_in += n
+            self._activity()
+            if trunk.closed:
+                return
+            if n < limit:
+                break  # the kernel gave what it had
+        self._update()
+
+    def on_window(self, credit: int) -> None:
+        self.send_window += credit
+        if self.send_window > 4 * mux.WINDOW_SIZE:
+            raise ProtocolError(f"stream {self.sid}: window credit beyond what was sent")
+        self.pump()
+
+    # -- trunk → plain ---------------------------------------------------------------------------------
+    def on_data(self, payload: memoryview | bytes) -> None:
+        if self.peer_ended:
+            raise ProtocolError(f"stream {self.sid}: DATA after END")
+        if len(self.outbuf) + len(payload) > mux.WINDOW_SIZE:
+            raise ProtocolError(f"stream {self.sid}: more data than its window")
+        self.nbytes_out += len(payload)
+        self._activity()
+        if self.sock is None or self.outbuf:
+            self.outbuf += payload
+        else:
+            try:
+                sent = self.sock.send(payload)
+            except _WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self.close(f"{self.name} write failed: {exc.strerror or exc}")
+                return
+            self._credit(sent)
+            if sent < len(payload):
+                self.outbuf += payload[sent:]
+        self._update()
+
+    def _drain(self) -> None:
+        if not self.outbuf or self.sock is None:
+            return
+        try:
+            sent = self.sock.send(self.outbuf)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self.close(f"{self.name} write failed: {exc.strerror or exc}")
+            return
+        del self.outbuf[:sent]
+        self._credit(sent)
+        if not self.outbuf and self.peer_ended:
+            self._shutdown()
+        self._update()
+
+    def _credit(self, delivered: int) -> None:
+        self.credit += delivered
+        if self.credit >= CREDIT_STEP:
+            self.trunk.write(mux.window_frame(self.sid, self.credit))
+            self.credit = 0
+
+    def on_peer_end(self) -> None:
+        self.peer_ended = True
+        if not self.outbuf and self.sock is not None:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.shut or self.sock is None:
+            return
+        self.shut = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                self.close(f"{self.name} shutdown failed: {exc.strerror or exc}")
+                return
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self.eof_read and self.shut and not self.outbuf:
+            self.close("done", notify=False)
+
+    # -- ending -------------------------------------------------------------------------------------------
+    def close(self, reason: str = "closed", notify: bool = True) -> None:
+        """Close the stream (and tell the peer with ABORT unless `notify` is false); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        trunk = self.trunk
+        if notify and not trunk.closed:
+            trunk.write(mux.frame(mux.ABORT, self.sid, reason.encode("utf-8", "replace")[:1024]))
+        trunk.streams.pop(self.sid, None)
+        trunk.blocked.discard(self)
+        if self.dialer is not None:
+            dialer, self.dialer = self.dialer, None
+            dialer.cancel()
+        if self.sock is not None:
+            if self.mask:
+                trunk.loop.unregister(self.sock)
+                self.mask = 0
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.outbuf = bytearray()
+        if self.on_close is not None:
+            callback, self.on_close = self.on_close, None
+            try:
+                callback(self, reason)
+            except Exception:
+                log.exception("stream on_close callback failed")
