@@ -329,7 +329,7 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     return max(low, random.uniform(ceiling / 2, ceiling))
 
 
-MAX_TRUNKS = 4
+MAX_TRUNKS = 16  # whatever the server asks for
 
 
 class _TrunkSetup:
