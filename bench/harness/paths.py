@@ -1,0 +1,294 @@
+"""The paths under test: each forwards a local port on 127.0.0.1 to a target port.
+
+A `Path` is started fresh for every measurement (`start(target_port)` returns the port clients
+use) and stopped right after (`stop()`); `pids()` lists its processes, with their children, for
+the CPU and memory accounting.
+
+- direct: the target's own port; no process of its own.
+- socat: `socat -b262144 TCP-LISTEN:P,bind=127.0.0.1,fork,reuseaddr,backlog=1024 TCP:127.0.0.1:T`
+  (a fork per connection, one relay copy, no encryption; bind and backlog added so it is
+  loopback-only and does not drop SYNs with socat's default backlog of 5).
+- ssh / ssh-aes: a throwaway sshd (own host key, authorized_keys and config in the temp dir,
+  127.0.0.1 only, `-D -e`) and `ssh -N -R 127.0.0.1:P:127.0.0.1:T`; OpenSSH's default cipher, or
+  `-c aes128-gcm@openssh.com`.  The sshd master, its per-connection children and the ssh client
+  are the tunnel's processes.
+- anywhere: `anywhered start` and `anywhere -i agent-1 -s 127.0.0.1`, the venv's console scripts
+  (importing the snapshot of anywhere/ the runner copied at start, via PYTHONPATH),
+  mutual TLS with credentials made for this run, `--wl 127.0.0.1`, `--log-level warning`, admin
+  socket and state dir in the temp dir, then `anywhered proxy add`.  anywhered + agent are the
+  tunnel's processes.  anywhered's admission limits are raised in a config file (every client
+  here is 127.0.0.1 on one proxy); `--anywhere-defaults` runs it without that file.
+
+Every process gets RLIMIT_NOFILE raised to its hard limit (`Procs.start`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path as FsPath
+
+from .procs import Proc, Procs, wait_until
+from .services import Ports, wait_listen
+
+VENV_BIN = FsPath(sys.executable).parent
+SSHD = "/usr/sbin/sshd"
+
+
+class Path:
+    name = "?"
+    label = "?"
+
+    settle = 0.5  # seconds between start-up and the measurement (e.g. Anywhere's warm pool fills)
+
+    def __init__(self, ctx: "Context") -> None:
+        self.ctx = ctx
+        self.procs: list[Proc] = []
+
+    def start(self, target_port: int) -> int:
+        port = self._start(target_port)
+        if self.procs:
+            time.sleep(self.settle)
+        return port
+
+    def _start(self, target_port: int) -> int:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        return self.ctx.procs.tree(self.procs) if self.procs else []
+
+    def stop(self) -> None:
+        if self.procs:
+            self.ctx.procs.tree(self.procs)  # remember children for the sweep
+        for proc in list(self.procs):  # each path lists its clients before their servers
+            self.ctx.procs.stop(proc)
+        self.procs = []
+
+
+class Context:
+    """What the paths share for a run: the process registry, ports, temp dir, credentials."""
+
+    def __init__(self, procs: Procs, ports: Ports, workdir: FsPath, anywhere_env: dict | None = None) -> None:
+        self.procs = procs
+        self.ports = ports
+        self.workdir = workdir
+        self.anywhere_env = anywhere_env  # PYTHONPATH pointing at the run's snapshot of anywhere/
+        self.n = 0
+        self._ssh_ready = False
+        self._anywhere_ready = False
+
+    def tmp(self, name: str) -> FsPath:
+        self.n += 1
+        d = self.workdir / f"{name}-{self.n}"
+        d.mkdir(mode=0o700)
+        return d
+
+    # -- ssh keys --------------------------------------------------------------------------------
+    def ssh_setup(self) -> FsPath:
+        d = self.workdir / "ssh"
+        if not self._ssh_ready:
+            d.mkdir(mode=0o700, exist_ok=True)
+            for name in ("host_ed25519", "client_ed25519"):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"bench-{name}",
+                                "-f", str(d / name)], check=True, timeout=30)
+            (d / "authorized_keys").write_bytes((d / "client_ed25519.pub").read_bytes())
+            os.chmod(d / "authorized_keys", 0o600)
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+            self._ssh_ready = True
+        return d
+
+    def sshd_config(self, port: int, tmp: FsPath) -> FsPath:
+        d = self.ssh_setup()
+        conf = tmp / "sshd_config"
+        conf.write_text(f"""Port {port}
+ListenAddress 127.0.0.1
+HostKey {d}/host_ed25519
+PidFile {tmp}/sshd.pid
+AuthorizedKeysFile {d}/authorized_keys
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+GatewayPorts no
+X11Forwarding no
+PrintMotd no
+UseDNS no
+MaxStartups 100:30:200
+LogLevel ERROR
+""")
+        return conf
+
+    def ssh_client_args(self, sshd_port: int, cipher: str | None) -> list[str]:
+        d = self.ssh_setup()
+        args = ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR",
+                "-i", str(d / "client_ed25519"), "-p", str(sshd_port)]
+        if cipher:
+            args += ["-c", cipher]
+        return args
+
+    def start_sshd(self, tmp: FsPath) -> tuple[Proc, int]:
+        port = self.ports.get()
+        conf = self.sshd_config(port, tmp)
+        proc = self.procs.start("sshd", [SSHD, "-D", "-e", "-f", str(conf)])
+        wait_listen(proc, port, "sshd")
+        return proc, port
+
+    def ssh_probe(self, cipher: str | None) -> dict:
+        """Which cipher, MAC and key exchange a connection negotiates (from `ssh -v`)."""
+        tmp = self.tmp("ssh-probe")
+        sshd, port = self.start_sshd(tmp)
+        try:
+            args = self.ssh_client_args(port, cipher)
+            args[args.index("LogLevel=ERROR")] = "LogLevel=VERBOSE"
+            res = subprocess.run([*args, "-v", "root@127.0.0.1", "true"], capture_output=True, text=True, timeout=30)
+        finally:
+            self.procs.stop(sshd)
+        out = res.stderr
+        m = re.search(r"kex: client->server cipher: (\S+) MAC: (\S+)", out)
+        k = re.search(r"kex: algorithm: (\S+)", out)
+        if res.returncode != 0 or not m:
+            raise RuntimeError(f"ssh probe failed (exit {res.returncode}):\n{out[-2000:]}")
+        return {"cipher": m.group(1), "mac": m.group(2), "kex": k.group(1) if k else "?"}
+
+    # -- Anywhere ---------------------------------------------------------------------------------
+    # The benchmark's clients all come from 127.0.0.1 to one proxy, so anywhered's admission
+    # limits (per-source rate, per-proxy connections, pending per agent, ...) would measure the
+    # limiter, not the relay: they are raised in a config file (`--anywhere-defaults` keeps them).
+    LIMITS = {"rate_limit": "0", "max_connections": "100000", "max_connections_per_proxy": "100000",
+              "max_pending_per_agent": "20000", "max_unauthenticated": "20000"}
+    anywhere_defaults = False
+
+    def anywhere_config(self) -> tuple[str | None, dict]:
+        """A config file with the limits this anywhered knows raised (each key checked with check-config)."""
+        if self.anywhere_defaults:
+            return None, {}
+        if hasattr(self, "_anywhere_config"):
+            return self._anywhere_config
+        path = self.workdir / "anywhered.conf"
+
+        def accepted(keys: dict) -> bool:
+            path.write_text("[server]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+            res = subprocess.run([str(VENV_BIN / "anywhered"), "check-config", "--config", str(path)],
+                                 capture_output=True, text=True, timeout=30, env=self.anywhere_env, cwd=self.workdir)
+            return res.returncode == 0
+        applied = dict(self.LIMITS)
+        if not accepted(applied):
+            applied = {k: v for k, v in self.LIMITS.items() if accepted({k: v})}
+            accepted(applied)
+        self._anywhere_config = (str(path) if applied else None, applied)
+        return self._anywhere_config
+
+    # -- Anywhere credentials --------------------------------------------------------------------
+    def anywhere_creds(self) -> FsPath:
+        d = self.workdir / "credential"
+        if not self._anywhere_ready:
+            from anywhere import credentials  # the venv's package
+            credentials.init(str(d), "localhost", ["127.0.0.1", "::1"])
+            credentials.issue("agent-1", str(d))
+            self._anywhere_ready = True
+        return d
+
+
+class Direct(Path):
+    name = "direct"
+    label = "direct"
+
+    def _start(self, target_port: int) -> int:
+        return target_port
+
+
+class Socat(Path):
+    name = "socat"
+    label = "socat -b256K"
+
+    def _start(self, target_port: int) -> int:
+        port = self.ctx.ports.get()
+        proc = self.ctx.procs.start("socat", [
+            "socat", "-b262144", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+            f"TCP:127.0.0.1:{target_port}"])
+        self.procs.append(proc)
+        wait_listen(proc, port, "socat")
+        return port
+
+
+class Ssh(Path):
+    name = "ssh"
+    label = "ssh -R (default)"
+    cipher: str | None = None
+
+    def _start(self, target_port: int) -> int:
+        tmp = self.ctx.tmp(self.name)
+        sshd, sshd_port = self.ctx.start_sshd(tmp)
+        port = self.ctx.ports.get()
+        client = self.ctx.procs.start("ssh", [*self.ctx.ssh_client_args(sshd_port, self.cipher), "-N",
+                                             "-R", f"127.0.0.1:{port}:127.0.0.1:{target_port}", "root@127.0.0.1"])
+        self.procs = [client, sshd]  # stop order: the client first, so sshd's session child ends
+        try:
+            wait_listen(client, port, "ssh -R forward")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- sshd log ---\n{sshd.log_tail()}") from None
+        return port
+
+
+class SshAes(Ssh):
+    name = "ssh-aes"
+    label = "ssh -R aes128-gcm"
+    cipher = "aes128-gcm@openssh.com"
+
+
+class Anywhere(Path):
+    name = "anywhere"
+    label = "Anywhere (mTLS)"
+
+    def _start(self, target_port: int) -> int:
+        creds = self.ctx.anywhere_creds()
+        tmp = self.ctx.tmp("anywhere")
+        agent_port = self.ctx.ports.get()
+        port = self.ctx.ports.get()
+        sock = str(tmp / "anywhered.sock")
+        config, _ = self.ctx.anywhere_config()
+        server = self.ctx.procs.start("anywhered", [
+            str(VENV_BIN / "anywhered"), "start", *(["--config", config] if config else []), "-p", str(agent_port), "--bind", "127.0.0.1",
+            "--proxy-bind", "127.0.0.1", "--ca", str(creds / "ca.crt"), "--cert", str(creds / "server.crt"),
+            "--key", str(creds / "server.key"), "--wl", "127.0.0.1", "--admin-socket", sock,
+            "--state-dir", str(tmp / "state"), "--log-level", "warning", "--drain-timeout", "2"],
+            cwd=str(tmp), env=self.ctx.anywhere_env)
+        self.procs = [server]
+        wait_listen(server, agent_port, "anywhered")
+        wait_until(lambda: os.path.exists(sock), 10, "the admin socket", alive=server.alive)
+        agent = self.ctx.procs.start("anywhere-agent", [
+            str(VENV_BIN / "anywhere"), "-i", "agent-1", "-s", "127.0.0.1", "-p", str(agent_port),
+            "--ca", str(creds / "ca.crt"), "--cert", str(creds / "agent-1.crt"), "--key", str(creds / "agent-1.key"),
+            "--log-level", "warning"], cwd=str(tmp), env=self.ctx.anywhere_env)
+        self.procs = [agent, server]  # stop order: the agent first
+
+        from anywhere.ctl import Client, CtlError
+        client = Client(sock)
+
+        def agent_online() -> bool:
+            try:
+                return any(a.get("agent_id") == "agent-1" for a in client.call("GET", "/v1/agents")["agents"])
+            except CtlError:
+                return False
+        try:
+            wait_until(agent_online, 15, "the agent to connect", interval=0.05, alive=agent.alive)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- agent log ---\n{agent.log_tail()}\n--- server log ---\n{server.log_tail()}") from None
+        res = subprocess.run([str(VENV_BIN / "anywhered"), "proxy", "add", "--admin-socket", sock, "--agent-id", "agent-1",
+                              "--local-ip", "127.0.0.1", "--local-port", str(target_port), "--remote-port", str(port)],
+                             capture_output=True, text=True, timeout=30, cwd=str(tmp), env=self.ctx.anywhere_env)
+        if res.returncode != 0:
+            raise RuntimeError(f"anywhered proxy add failed: {res.stderr}{res.stdout}")
+        wait_listen(server, port, "the Anywhere proxy port")
+        return port
+
+
+PATHS = {cls.name: cls for cls in (Direct, Socat, Ssh, SshAes, Anywhere)}
+
