@@ -271,6 +271,26 @@ def echo_target():
     t.stop()
 
 
+def echo(port: int, data: bytes = b"ping", host: str = "127.0.0.1", source: str | None = None) -> bytes:
+    """Send `data` to HOST:PORT (a tunnel's public port), half-close, and read until EOF.
+
+    b"" when the server refuses or closes the client instead (reset, broken pipe, not connected).
+    `source` binds the client's own address (e.g. 127.0.0.2 for a second source on loopback).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as c:
+        c.settimeout(10)
+        if source:
+            c.bind((source, 0))
+        c.connect((host, port))
+        try:
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            return recv_all(c, 10)
+        except OSError:
+            return b""
+
+
 def recv_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
     sock.settimeout(timeout)
     chunks = []

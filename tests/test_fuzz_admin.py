@@ -523,7 +523,7 @@ def expected_fate(blob: bytes) -> str:
 
 
 def test_fuzz_agent_port_frames(daemon, creds):
-    world, server = daemon["world"], daemon["server"]
+    world = daemon["world"]
     ctx = client_ctx(creds.ca, creds.agent("agent-fuzz"))
     before = baseline(daemon)
     fates = {"close": 0, "maybe": 0}

@@ -15,22 +15,9 @@ import time
 import pytest
 from cryptography import x509
 
-from conftest import PY, Proc, TargetServer, echo_handler, free_port, recv_all, wait_for
+from conftest import PY, Proc, TargetServer, echo, echo_handler, free_port, recv_all, wait_for
 
 
-def echo(port: int, data: bytes = b"ping", host: str = "127.0.0.1", source: str | None = None) -> bytes:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as c:
-        c.settimeout(10)
-        if source:
-            c.bind((source, 0))
-        c.connect((host, port))
-        try:
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            return recv_all(c, 10)
-        except OSError:
-            return b""
 
 
 def rejected(world, port: int) -> dict:

@@ -13,20 +13,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import TargetServer, free_port, recv_all, wait_for
+from conftest import TargetServer, echo, free_port, recv_all, wait_for
 
 
-def echo(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as c:
-        c.settimeout(10)
-        c.connect((host, port))
-        try:
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            return recv_all(c, 10)
-        except OSError:
-            return b""
 
 
 def metrics_of(text: str) -> dict[tuple[str, tuple], float]:

@@ -14,7 +14,7 @@ import threading
 import time
 
 from anywhere.wire import PROTO_VERSION, FrameDecoder, chunk_header
-from conftest import TargetServer, recv_all, wait_for
+from conftest import TargetServer, echo, recv_all, wait_for
 from handpeer import client_ctx
 from procstat import rss_kb
 
@@ -23,15 +23,6 @@ def status(world) -> dict:
     return world.api("GET", "/v1/status")
 
 
-def echo(port: int, data: bytes) -> bytes:
-    """The echo of `data` through the tunnel; b"" if the server closed the client instead."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-        try:
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            return recv_all(c, 10)
-        except OSError:  # reset, broken pipe, not connected: the server closed the client
-            return b""
 
 
 def test_trunks_are_opened_ahead_of_demand_and_no_client_pays_a_handshake(world, echo_target):

@@ -15,24 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, TargetServer, recv_all, wait_for
+from conftest import PY, TargetServer, echo, recv_all, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def echo_once(port: int, data: bytes, source: str = "127.0.0.1") -> bytes:
-    """Send data through the tunnel and read the echo; b"" when the server refuses the client."""
-    family = socket.AF_INET6 if ":" in source else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as c:
-        c.settimeout(10)
-        c.connect((source, port))
-        try:
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            return recv_all(c, 10)
-        except OSError:  # reset, broken pipe, or not connected any more: refused
-            return b""
 
+def echo_once(port: int, data: bytes, source: str = "127.0.0.1") -> bytes:
+    """The echo through the tunnel, reaching it over the loopback address `source` (v4 or v6)."""
+    return echo(port, data, host=source)
 
 def test_reload_applies_whitelist_to_new_connections_and_keeps_live_ones(world, echo_target):
     conf = world.tmp / "anywhered.conf"
