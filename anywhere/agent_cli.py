@@ -16,15 +16,10 @@ import signal
 import sys
 from typing import Any, Callable
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
-
 from . import config as configuration
 from . import tls
 from .agent import Agent, AgentConfig
-from .common import __version__, default_credential, setup_logging, version_line
-from .credentials import valid_agent_id
-from .ctl import _port
+from .common import __version__, default_credential, port_arg, setup_logging, valid_agent_id, version_line
 from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
@@ -40,7 +35,7 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="configuration file, e.g. /etc/anywhere/agents/NAME.conf")
     parser.add_argument("-i", "--agent-id", help="this agent's id (default: NAME of the config file, else the certificate's identity)")
     parser.add_argument("-s", "--server-ip", help="the server's name or address (v4 or v6)")
-    parser.add_argument("-p", "--server-port", type=_port, help="the server's agent port (default 1111)")
+    parser.add_argument("-p", "--server-port", type=port_arg, help="the server's agent port (default 1111)")
     parser.add_argument("--server-name", help="the name to expect in the server's certificate (default: --server-ip)")
     parser.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
     parser.add_argument("--cert", help="this agent's certificate (default credential/client.crt)")
@@ -58,6 +53,8 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
 
 def certificate_identity(cert_path: str) -> str | None:
     """The commonName of a PEM certificate file, or None if it cannot be read."""
+    from cryptography import x509  # here only: it costs the agent's process about 10 MB
+    from cryptography.x509.oid import NameOID
     try:
         with open(cert_path, "rb") as f:
             cert = x509.load_pem_x509_certificate(f.read())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -95,3 +97,30 @@ def default_credential(name: str) -> str:
     if os.path.exists(system):
         return system
     return relative
+
+
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def valid_agent_id(agent_id: str) -> bool:
+    return bool(AGENT_ID_RE.fullmatch(agent_id))
+
+
+class CtlError(Exception):
+    """A command talking to the daemon failed; reported as one line on stderr, exit status 1.
+    (Here, not in ctl.py, so that `python -m anywhere.ctl` and client.py share one class.)"""
+
+
+class CredentialsError(Exception):
+    """A credentials command failed; the message says why (raised by credentials.py)."""
+
+
+def port_arg(text: str) -> int:
+    """argparse type for a TCP port."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number 1..65535")
+    return value

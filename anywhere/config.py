@@ -20,15 +20,16 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import fields, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator
 
-from .agent import AgentConfig
-from .credentials import valid_agent_id
-from .net import is_ip
-from .server import HOSTNAME_RE, ServerConfig
+from .common import valid_agent_id
+from .net import HOSTNAME_RE, is_ip
+
+if TYPE_CHECKING:
+    from .server import ServerConfig
 
 DEFAULT_SERVER_CONFIG = "/etc/anywhere/anywhered.conf"
 AGENTS_DIR = "/etc/anywhere/agents"
@@ -316,6 +317,7 @@ def server_config(path: str, overrides: dict[str, Any], required: bool = False) 
 
     Returns the config and the extra settings that are not part of ServerConfig (log_level, drain_timeout).
     """
+    from .server import ServerConfig  # the agent reads its own files without the server's modules
     values = read(path, SERVER_SPEC, required=required)["server"]
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(ServerConfig)}
@@ -354,4 +356,4 @@ def render(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "read", "server_config", "agent_config", "render", "AgentConfig", "ServerConfig"]
+__all__ = ["ConfigError", "read", "server_config", "agent_config", "render"]

@@ -14,24 +14,16 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from .common import AGENT_ID_RE, CredentialsError, valid_agent_id  # noqa: F401 (part of this module's interface)
+
 CA_DAYS = 3650
 LEAF_DAYS = 825
-
-
-class CredentialsError(Exception):
-    pass
-
-
-def valid_agent_id(agent_id: str) -> bool:
-    return bool(AGENT_ID_RE.fullmatch(agent_id))
 
 
 def _now() -> datetime.datetime:

@@ -10,103 +10,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import time
 from typing import Any, Callable
 
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
+from urllib.parse import quote
 
-from . import credentials
-from .common import DEFAULT_ADMIN_SOCKET, version_line
+from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, port_arg, version_line
 
-BASE = "http://anywhered"
-TIMEOUT = 30.0
-
-
-class CtlError(Exception):
-    """Reported as one line on stderr, exit status 1."""
-
-
-# -- HTTP over a Unix socket -------------------------------------------------------------------------
-class _UnixConnection(urllib3.connection.HTTPConnection):
-    def __init__(self, *args: Any, unix_path: str = "", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unix_path = unix_path
-
-    def _new_conn(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        timeout = self.timeout if isinstance(self.timeout, (int, float)) else TIMEOUT
-        sock.settimeout(timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-
-class _UnixPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _UnixConnection
-
-
-class _UnixAdapter(HTTPAdapter):
-    def __init__(self, path: str) -> None:
-        super().__init__(max_retries=0)
-        self._pool = _UnixPool("localhost", timeout=TIMEOUT, unix_path=path)
-
-    def get_connection(self, url: Any, proxies: Any = None) -> _UnixPool:  # requests < 2.32
-        return self._pool
-
-    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None, cert: Any = None) -> _UnixPool:
-        return self._pool
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-class Client:
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.session = requests.Session()
-        self.session.trust_env = False  # no HTTP_PROXY for a Unix socket
-        self.session.mount(BASE + "/", _UnixAdapter(socket_path))
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        try:
-            resp = self.session.request(method, BASE + path, json=body, timeout=TIMEOUT)
-        except requests.ConnectionError as exc:
-            raise CtlError(f"cannot reach anywhered at {self.socket_path}: {_reason(exc)}") from None
-        except requests.Timeout:
-            raise CtlError(f"anywhered at {self.socket_path} did not answer within {TIMEOUT:.0f} s") from None
-        try:
-            data = resp.json()
-        except ValueError:
-            raise CtlError(f"anywhered answered {resp.status_code} with a body that is not JSON") from None
-        if resp.status_code >= 400:
-            message = data.get("error") if isinstance(data, dict) else None
-            raise CtlError(f"anywhered: {resp.status_code} {message or resp.reason}")
-        return data
-
-
-def _reason(exc: Exception) -> str:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, FileNotFoundError):
-            return "no such socket (is anywhered running?)"
-        if isinstance(cur, ConnectionRefusedError):
-            return "connection refused (is anywhered running?)"
-        if isinstance(cur, PermissionError):
-            return "permission denied (run as root or as a member of group anywhere)"
-        cur = cur.__cause__ or cur.__context__ or (cur.args[0] if cur.args and isinstance(cur.args[0], BaseException) else None)
-    return str(exc)
+def __getattr__(name: str) -> Any:
+    """Client, BASE, ... live in client.py (imported only when a command talks to the daemon)."""
+    if name in ("Client", "BASE", "TIMEOUT", "_UnixAdapter"):
+        from . import client
+        return getattr(client, name)
+    raise AttributeError(name)
 
 
 # -- output ------------------------------------------------------------------------------------------
+def _client(socket_path: str) -> Any:
+    from .client import Client
+    return Client(socket_path)
+
+
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     header = [title for _, title in columns]
     body = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
@@ -145,14 +70,14 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
         body["name"] = args.name
-    data = Client(args.admin_socket).call("POST", "/v1/proxies", body)
+    data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
     p = data["proxy"]
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {p['agent_id']} → "
                                  f"{p['local_ip']}:{p['local_port']}")
 
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
-    data = Client(args.admin_socket).call("GET", "/v1/proxies")
+    data = _client(args.admin_socket).call("GET", "/v1/proxies")
     rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=_human(p.get("bytes_in", 0)),
                  bytes_out=_human(p.get("bytes_out", 0))) for p in data["proxies"]]
     _emit(args, data, lambda d: table(rows, [
@@ -166,12 +91,12 @@ def cmd_proxy_del(args: argparse.Namespace) -> None:
     key = args.name if args.name else (str(args.remote_port) if args.remote_port else None)
     if key is None:
         raise CtlError("name the proxy: NAME or --remote-port PORT")
-    data = Client(args.admin_socket).call("DELETE", "/v1/proxies/" + requests.utils.quote(key, safe=""))
+    data = _client(args.admin_socket).call("DELETE", "/v1/proxies/" + quote(key, safe=""))
     _emit(args, data, lambda d: f"proxy {d['deleted']} deleted; {d['closed_connections']} connection(s) closed")
 
 
 def cmd_agent_list(args: argparse.Namespace) -> None:
-    data = Client(args.admin_socket).call("GET", "/v1/agents")
+    data = _client(args.admin_socket).call("GET", "/v1/agents")
     rows = [dict(a, connected_since=_since(a.get("connected_since")), bytes_in=_human(a.get("bytes_in", 0)),
                  bytes_out=_human(a.get("bytes_out", 0))) for a in data["agents"]]
     _emit(args, data, lambda _d: table(rows, [
@@ -181,7 +106,7 @@ def cmd_agent_list(args: argparse.Namespace) -> None:
 
 
 def cmd_conn_list(args: argparse.Namespace) -> None:
-    data = Client(args.admin_socket).call("GET", "/v1/connections")
+    data = _client(args.admin_socket).call("GET", "/v1/connections")
     _emit(args, data, lambda d: table(d["connections"], [
         ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"), ("target", "TARGET"),
         ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
@@ -224,34 +149,34 @@ def render_status(d: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    _emit(args, Client(args.admin_socket).call("GET", "/v1/status"), render_status)
+    _emit(args, _client(args.admin_socket).call("GET", "/v1/status"), render_status)
 
 
 def cmd_conn_kill(args: argparse.Namespace) -> None:
     if (args.id is None) == (args.proxy is None):
         raise CtlError("say which: conn kill ID, or conn kill --proxy NAME")
-    client = Client(args.admin_socket)
+    client = _client(args.admin_socket)
     if args.id is not None:
         data = client.call("DELETE", f"/v1/connections/{args.id}")
     else:
-        data = client.call("DELETE", "/v1/connections?proxy=" + requests.utils.quote(args.proxy, safe=""))
+        data = client.call("DELETE", "/v1/connections?proxy=" + quote(args.proxy, safe=""))
     _emit(args, data, lambda d: f"killed {len(d['killed'])} connection(s)" +
           (f": {', '.join(str(i) for i in d['killed'])}" if d["killed"] else ""))
 
 
 def cmd_agent_disconnect(args: argparse.Namespace) -> None:
-    data = Client(args.admin_socket).call("POST", f"/v1/agents/{requests.utils.quote(args.agent_id, safe='')}/disconnect")
+    data = _client(args.admin_socket).call("POST", f"/v1/agents/{quote(args.agent_id, safe='')}/disconnect")
     _emit(args, data, lambda d: f"agent {d['disconnected']} disconnected; {d['closed_connections']} connection(s) closed")
 
 
 def cmd_proxy_enable(args: argparse.Namespace) -> None:
     verb = "enable" if args.enable else "disable"
-    data = Client(args.admin_socket).call("POST", f"/v1/proxies/{requests.utils.quote(args.name, safe='')}/{verb}")
+    data = _client(args.admin_socket).call("POST", f"/v1/proxies/{quote(args.name, safe='')}/{verb}")
     _emit(args, data, lambda d: f"proxy {d['proxy']['name']} {verb}d")
 
 
 def cmd_reload(args: argparse.Namespace) -> None:
-    data = Client(args.admin_socket).call("POST", "/v1/reload")
+    data = _client(args.admin_socket).call("POST", "/v1/reload")
 
     def render(d: dict) -> str:
         lines = [f"reloaded {d.get('config', '')}: " + (f"changed {', '.join(d['changed'])}" if d["changed"] else "nothing changed")]
@@ -262,12 +187,14 @@ def cmd_reload(args: argparse.Namespace) -> None:
 
 
 def cmd_credentials_init(args: argparse.Namespace) -> None:
+    from . import credentials
     paths = credentials.init(args.dir, args.server_name, args.server_ip or [], force=args.force)
     print("wrote " + ", ".join(paths))
     print(f"keep {args.dir}/ca.key private: it is only needed to issue agent certificates")
 
 
 def cmd_credentials_issue(args: argparse.Namespace) -> None:
+    from . import credentials
     paths = credentials.issue(args.agent_id, args.dir, basename=args.basename, force=args.force)
     print("wrote " + ", ".join(paths))
 
@@ -281,14 +208,7 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number 1..65535")
-    return value
+_port = port_arg  # the name older callers use
 
 
 def add_admin_commands(sub: Any) -> None:
@@ -354,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, prog: str) -> int:
     try:
         args.func(args)
-    except (CtlError, credentials.CredentialsError, OSError) as exc:
+    except (CtlError, CredentialsError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0

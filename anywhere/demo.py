@@ -19,7 +19,8 @@ import time
 import urllib.request
 
 from . import credentials
-from .ctl import Client, CtlError
+from .client import Client
+from .common import CtlError
 
 PAGE = b"<html><body><h1>Hello from inside the private network</h1></body></html>\n"
 

@@ -14,11 +14,14 @@ import ipaddress
 import os
 import socket
 import logging
+import re
 from typing import Any, Callable
 
 from .loop import READ, WRITE, Loop, Timer
 
 log = logging.getLogger("anywhere.net")
+
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 
 Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 

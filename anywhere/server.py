@@ -43,10 +43,10 @@ from .admin import AdminServer, ApiError, listen_unix
 from .api import Api
 from .audit import AuditLog
 from .common import __version__
-from .credentials import valid_agent_id
+from .common import valid_agent_id
 from .framed import FramedConn
 from .loop import Loop, Timer
-from .net import Acceptor, client_ip, format_addr, is_ip, listen, tune
+from .net import HOSTNAME_RE, Acceptor, client_ip, format_addr, is_ip, listen, tune
 from . import mux
 from .relay import Relay
 from .trunk import Stream, Trunk
@@ -61,7 +61,6 @@ IDLE_SWEEP = 1.0
 LOG_THROTTLE = 10.0
 MAX_RATE_ENTRIES = 100_000
 STATS_SAVE_INTERVAL = 30.0
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

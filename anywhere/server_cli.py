@@ -20,7 +20,7 @@ from typing import Any, Callable
 from . import config as configuration
 from . import ctl, state, tls
 from .admin import ApiError
-from .common import DEFAULT_ADMIN_SOCKET, default_credential, setup_logging, version_line
+from .common import DEFAULT_ADMIN_SOCKET, default_credential, port_arg, setup_logging, version_line
 from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
@@ -49,17 +49,17 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     # every default is None: only flags actually given override the configuration file
     p.add_argument("--config", default=None, metavar="PATH",
                    help=f"configuration file (default {configuration.DEFAULT_SERVER_CONFIG}, used if it exists)")
-    p.add_argument("-p", "--port", type=ctl._port, help="agent port (default 1111)")
+    p.add_argument("-p", "--port", type=port_arg, help="agent port (default 1111)")
     p.add_argument("-s", "--server-id", help="this server's id, told to agents (default anywhered)")
     p.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
     p.add_argument("--cert", help="server certificate (default credential/server.crt)")
     p.add_argument("--key", help="server private key (default credential/server.key)")
     p.add_argument("--wl", help="global whitelist: comma-separated IPs/CIDRs, v4 or v6 (none: open)")
-    p.add_argument("-a", "--api-port", type=ctl._port, help="REST API port on every address (the original's 1112; "
+    p.add_argument("-a", "--api-port", type=port_arg, help="REST API port on every address (the original's 1112; "
                    "off by default; needs --api-token-file)")
     p.add_argument("--api-token-file", help="file (mode 0600) holding the REST API's bearer token")
     p.add_argument("--audit-log", help="audit log: journal, or an absolute file path (default: off)")
-    p.add_argument("-g", "--grpc-port", type=ctl._port, help="gRPC port (accepted; not used yet)")
+    p.add_argument("-g", "--grpc-port", type=port_arg, help="gRPC port (accepted; not used yet)")
     p.add_argument("--bind", help="addresses for the agent port, comma-separated (default: all, v4+v6)")
     p.add_argument("--proxy-bind", help="addresses for proxy ports, comma-separated (default: all, v4+v6)")
     p.add_argument("--admin-socket", help=f"admin API socket (default {DEFAULT_ADMIN_SOCKET})")
