@@ -73,7 +73,6 @@ class Agent:
         self.warm: set[_DataConn] = set()  # those waiting for the server's next open
         self.trunks: list[Trunk] = []
         self.trunks_opening = 0
-        self.opening = 0  # warm ones being set up
         self.pool_target = 0  # warm data connections to keep, as the server's welcome asks
         self.server_peer = ""
         self._retry: Timer | None = None
@@ -175,7 +174,7 @@ class Agent:
             self._hb = None
         if self.closed:
             return
-        for data in list(self.warm) + [d for d in self.data_conns if d.state == "connecting" and not d.conn_id]:
+        for data in list(self.warm):
             data.abort(None)  # warm ones go with the session; relays carry on
         for trunk in list(self.trunks):
             if not trunk.streams:  # idle trunks go with the session; those carrying streams carry on
@@ -379,16 +378,15 @@ class _TrunkSetup:
 
 
 class _DataConn:
-    """One data connection to the server, through its life:
+    """A data connection of its own for one client (the fallback when there is no trunk):
 
     * requested (``open`` on the admin connection): dial the target, then the server, send
       ``data`` naming the connection, and on ``ready`` relay;
-    * warm (opened ahead of demand): dial the server, send ``pool`` and wait; on ``open`` dial
-      the target and answer ``ready`` (then relay) or ``fail`` (and stay warm);
-    * after a relay whose both directions ENDed cleanly, warm again, for the next client.
+    * after a relay whose both directions ENDed cleanly, warm: on the server's next ``open``
+      dial the target and answer ``ready`` (then relay) or ``fail`` (and stay warm).
     """
 
-    def __init__(self, agent: Agent, request: dict | None) -> None:
+    def __init__(self, agent: Agent, request: dict) -> None:
         self.agent = agent
         self.loop = agent.loop
         self.conn_id = 0
@@ -400,11 +398,7 @@ class _DataConn:
         self.state = "connecting"
         self.done = False
         agent.data_conns.add(self)
-        if request is not None:
-            self._dial_target(request)
-        else:
-            agent.opening += 1
-            self._dial_server()
+        self._dial_target(request)
 
     # -- the target -------------------------------------------------------------------------------
     def _dial_target(self, request: dict) -> None:
@@ -452,15 +446,9 @@ class _DataConn:
                                handshake_timeout=self.agent.config.handshake_timeout)
 
     def _on_handshake(self, conn: FramedConn) -> None:
-        if self.conn_id:
-            conn.send("data", proto=PROTO_VERSION, agent_id=self.agent.config.agent_id, conn=self.conn_id)
-        else:
-            conn.send("pool", proto=PROTO_VERSION, agent_id=self.agent.config.agent_id)
-            self._become_warm(conn)
+        conn.send("data", proto=PROTO_VERSION, agent_id=self.agent.config.agent_id, conn=self.conn_id)
 
     def _become_warm(self, conn: FramedConn) -> None:
-        if self.state == "connecting" and not self.conn_id:
-            self.agent.opening -= 1
         self.state = "warm"
         self.conn_id = 0
         self.target = ""
@@ -539,8 +527,6 @@ class _DataConn:
     def _finish(self) -> None:
         if self.done:
             return
-        if self.state == "connecting" and not self.conn_id:
-            self.agent.opening -= 1
         self.done = True
         self.agent.warm.discard(self)
         self.agent.data_conns.discard(self)

@@ -129,6 +129,18 @@ class Proc:
             self.popen.wait()
 
 
+def log_lines(proc: Proc, *needles: str, start: int = 0) -> list[str]:
+    """The lines of a process's log (after offset `start`) that contain every needle."""
+    return [line for line in proc.log()[start:].splitlines() if all(n in line for n in needles)]
+
+
+def wait_log_line(proc: Proc, *needles: str, timeout: float = 5.0, start: int = 0) -> str:
+    """The first log line (after offset `start`) that contains every needle, waiting for it."""
+    lines = wait_for(lambda: log_lines(proc, *needles, start=start), timeout,
+                     what=f"a line with {needles} in {proc.log_path.name}:\n{proc.log()[start:][-3000:]}")
+    return lines[0]
+
+
 @dataclass
 class World:
     """Server and agents on loopback, in one test's temporary directory."""

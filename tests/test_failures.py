@@ -17,7 +17,7 @@ import pytest
 
 from anywhere import tls
 from anywhere.wire import PROTO_VERSION, FrameDecoder, encode
-from conftest import Proc, TargetServer, echo_handler, free_port, recv_all, wait_for
+from conftest import Proc, TargetServer, echo_handler, free_port, log_lines, recv_all, wait_for, wait_log_line
 
 V4 = "127.0.0.1"
 V6 = "::1"
@@ -77,15 +77,6 @@ def assert_refused(host: str, port: int) -> None:
         socket.create_connection((host, port), timeout=5).close()
 
 
-def log_lines(proc: Proc, *needles: str, start: int = 0) -> list[str]:
-    return [line for line in proc.log()[start:].splitlines() if all(n in line for n in needles)]
-
-
-def wait_log_line(proc: Proc, *needles: str, timeout: float = 5.0, start: int = 0) -> str:
-    """The first log line (after offset `start`) that contains every needle."""
-    lines = wait_for(lambda: log_lines(proc, *needles, start=start), timeout,
-                     what=f"a line with {needles} in {proc.log_path.name}:\n{proc.log()[start:]}")
-    return lines[0]
 
 
 def agents(world) -> list[dict]:

@@ -30,7 +30,7 @@ import pytest
 from anywhere import credentials
 from anywhere.ctl import Client
 from anywhere.wire import PROTO_VERSION, encode
-from conftest import Proc, TargetServer, echo_handler, wait_for
+from conftest import Proc, TargetServer, echo_handler, log_lines, wait_for, wait_log_line
 from handpeer import client_ctx
 from procstat import rss_kb
 from streams import EchoStream, one_shot
@@ -41,14 +41,6 @@ KB, MB = 1024, 1024 * 1024
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def log_lines(proc: Proc, *needles: str, start: int = 0) -> list[str]:
-    return [line for line in proc.log()[start:].splitlines() if all(n in line for n in needles)]
-
-
-def wait_log_line(proc: Proc, *needles: str, timeout: float = 5.0, start: int = 0) -> str:
-    lines = wait_for(lambda: log_lines(proc, *needles, start=start), timeout,
-                     what=f"a line with {needles} in {proc.log_path.name}:\n{proc.log()[start:][-3000:]}")
-    return lines[0]
 
 
 def agent_ids(world) -> list[str]:
