@@ -66,6 +66,7 @@ class Loop:
         self._seq = itertools.count()
         self._ready: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
         self._threadsafe: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
+        self._at_end: collections.deque[tuple[Callable[..., Any], tuple]] = collections.deque()
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
         self._old_signal_handlers: dict[int, Any] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -89,6 +90,11 @@ class Loop:
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self._ready.append((fn, args))
+
+    def call_at_end(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` at the end of this pass, after every event and callback of it (before the
+        next wait): writers use it to gather what a whole pass produced into one write."""
+        self._at_end.append((fn, args))
 
     def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
         self._threadsafe.append((fn, args))
@@ -174,9 +180,13 @@ class Loop:
         for _ in range(len(self._ready)):
             fn, args = self._ready.popleft()
             self._call(fn, args)
+        at_end = self._at_end
+        while at_end:
+            fn, args = at_end.popleft()
+            self._call(fn, args)
 
     def _next_timeout(self) -> float | None:
-        if self._ready or self._threadsafe:
+        if self._ready or self._threadsafe or self._at_end:
             return 0.0
         while self._timers and self._timers[0][2].cancelled:
             heapq.heappop(self._timers)

@@ -6,9 +6,12 @@ A `Trunk` owns one TLS socket and speaks `mux.py` frames on it, both ways.  Each
 connection is a `Stream` on a trunk, joined to a plain socket (the client on the server, the
 target on the agent).
 
-Plain → trunk: a stream reads at most min(65535, its send window) bytes into the shared
-scratch buffer, 8 bytes in, writes the frame header in front and hands the frame to the trunk,
-which tries to send it at once and keeps only what TLS did not take.  A stream stops reading
+Plain → trunk: a stream reads at most min(MAX_PAYLOAD, its send window) bytes into the shared
+scratch buffer, 8 bytes in, writes the frame header in front and hands the frame to the trunk.
+A frame of a TLS record (16 KiB) or more is sent at once, keeping only what TLS did not take;
+smaller frames (requests, WINDOW, OPEN, END) are queued and the queue is written at the end of
+the loop pass (`Loop.call_at_end`), joined: ten clients' requests that arrive together cost one
+TLS record and one system call instead of ten, on both sides.  A stream stops reading
 when its window is used up (it resumes on WINDOW) or when the trunk's queue is over `HIGH`
 (it resumes when the queue drains below `LOW`): backpressure, per stream and per trunk.
 
@@ -45,6 +48,8 @@ HIGH = 1024 * 1024  # queued bytes over which streams stop reading
 LOW = 256 * 1024
 READ_SIZE = 512 * 1024
 CREDIT_STEP = mux.WINDOW_SIZE // 4
+COALESCE = 16384  # frames under one TLS record's worth wait for the end of the loop pass
+COALESCE_MAX = 65536  # at most this much joined into one write
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -66,6 +71,7 @@ class Trunk:
         self.reason = ""
         self.mask = 0
         self._next_id = 1
+        self._flush_due = False
         self._buf = bytearray(READ_SIZE)
         self._bufview = memoryview(self._buf)
         sock.setblocking(False)
@@ -104,10 +110,13 @@ class Trunk:
 
     # -- output ----------------------------------------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
-        """Queue one or more whole frames; sent at once when nothing is queued before them."""
+        """Queue one or more whole frames.  A frame of a TLS record or more is sent at once when
+        nothing is queued before it; smaller ones wait for the end of the loop pass, so that what
+        every stream produced in one pass leaves in one TLS write."""
         if self.closed:
             return
-        if not self.out:
+        out = self.out
+        if not out and len(data) >= COALESCE:
             try:
                 sent = self.sock.send(data)
             except _WOULD_BLOCK:
@@ -119,21 +128,29 @@ class Trunk:
                 return
             data = data[sent:]
         chunk = bytes(data)
-        self.out.append(chunk)
+        out.append(chunk)
         self.out_bytes += len(chunk)
-        self._update()
+        if not self._flush_due and not self.mask & WRITE:
+            self._flush_due = True
+            self.loop.call_at_end(self._flush_at_end)
+
+    def _flush_at_end(self) -> None:
+        self._flush_due = False
+        if not self.closed and not self.mask & WRITE:
+            self._flush()
 
     def _flush(self) -> None:
-        while self.out and not self.closed:
-            head = self.out[0]
-            if len(head) < 16384 and len(self.out) > 1:  # coalesce small frames into one TLS write
-                parts, size = [], 0
-                while self.out and size < 65536:
-                    part = self.out.popleft()
+        out = self.out
+        while out and not self.closed:
+            head = out[0]
+            if len(head) < COALESCE and len(out) > 1 and len(out[1]) < COALESCE:
+                parts, size = [], 0  # small frames of many streams: one TLS write
+                while out and size < COALESCE_MAX and len(out[0]) < COALESCE:
+                    part = out.popleft()
                     parts.append(part)
                     size += len(part)
                 head = b"".join(parts)
-                self.out.appendleft(head)
+                out.appendleft(head)
             try:
                 sent = self.sock.send(head)
             except _WOULD_BLOCK:
@@ -143,9 +160,9 @@ class Trunk:
                 return
             self.out_bytes -= sent
             if sent < len(head):
-                self.out[0] = head[sent:]
+                out[0] = head[sent:]
                 break
-            self.out.popleft()
+            out.popleft()
         if not self.closed and self.out_bytes < LOW and self.blocked:
             waiting, self.blocked = self.blocked, set()
             for stream in waiting:
