@@ -241,18 +241,17 @@ class Agent:
         """Dial a target the server asked for, within this agent's allowlist; `callback` as Dialer's."""
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         allowlist = self.allowlist
+        timeout = self.config.dial_timeout
+        literal = is_ip(host.split("%", 1)[0])
+        if allowlist.permits_address(host, port) if literal else allowlist.permits_name(host, port):
+            return Dialer(self.loop, host, port, timeout, callback)
         refused = f"{target} is not in this agent's allowlist (allow = {allowlist})"
-        address_ok = None
-        if is_ip(host.split("%", 1)[0]):
-            if not allowlist.permits_address(host, port):
-                self.loop.call_soon(callback, None, refused)
-                return None
-        elif not allowlist.permits_name(host, port):
-            if not allowlist.has_networks:
-                self.loop.call_soon(callback, None, refused)
-                return None
-            address_ok = lambda address: allowlist.permits_address(address, port)  # noqa: E731
-        return Dialer(self.loop, host, port, self.config.dial_timeout, callback, address_ok=address_ok, refused=refused)
+        if literal or not allowlist.has_networks:
+            self.loop.call_soon(callback, None, refused)
+            return None
+        # a name the list does not hold: dialled only at resolved addresses its networks allow
+        return Dialer(self.loop, host, port, timeout, callback, refused=refused,
+                      address_ok=lambda address: allowlist.permits_address(address, port))
 
     def refill(self) -> None:
         """Keep the trunks the server asked for (welcome's pool > 0) open or on their way."""

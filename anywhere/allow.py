@@ -77,10 +77,20 @@ class Allowlist:
     def __init__(self, entries: list[Entry], everything: bool) -> None:
         self.entries = entries
         self.everything = everything
+        self._decided: dict[tuple[str, int], bool] = {}  # the list never changes: answers are kept
 
     def permits_address(self, address: str, port: int) -> bool:
         if self.everything:
             return True
+        key = (address, port)
+        verdict = self._decided.get(key)
+        if verdict is None:
+            if len(self._decided) >= 4096:
+                self._decided.clear()
+            verdict = self._decided[key] = self._permits_address(address, port)
+        return verdict
+
+    def _permits_address(self, address: str, port: int) -> bool:
         try:
             ip = ipaddress.ip_address(address.split("%", 1)[0])
         except ValueError:

@@ -1,4 +1,4 @@
-"""Multiplexed data connections ("trunks"): the frame codec, sans-IO.  Not wired in yet.
+"""Multiplexed data connections ("trunks"): the frame codec, sans-IO.
 
 Why
 ---
@@ -18,6 +18,12 @@ sender may have at most `WINDOW` bytes of a stream unacknowledged; the receiver 
 (WINDOW frames) for what it has handed to its plain socket.  Memory per stream is thus bounded by
 the window whatever the peers do, and a stream whose reader stalls stops only itself.
 
+Opening costs no round trip: the server sends OPEN and goes on reading its client at once, so
+the first bytes travel right behind OPEN while the agent dials the target, which holds them
+until the target answers.  Until READY the server keeps to a smaller window (`EARLY_WINDOW`),
+so a target that is slow to answer costs the agent at most that much per waiting client; READY
+opens the rest.  FAIL or ABORT before READY discards what was held.
+
 Frames
 ------
 ``type (1) | length (3) | stream (4)`` big-endian, then ``length`` bytes of payload (at most
@@ -29,6 +35,7 @@ error that ends the whole trunk.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 
@@ -40,6 +47,7 @@ HEADER = struct.Struct("!II")  # (type << 24 | length), stream
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 256 * 1024
 WINDOW_SIZE = 1024 * 1024
+EARLY_WINDOW = 16 * 1024  # what a stream may send before READY
 _CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4}
 
 
@@ -55,7 +63,12 @@ def pack_header(buffer: bytearray, kind: int, length: int, stream: int) -> None:
 
 
 def open_frame(stream: int, host: str, port: int) -> bytes:
-    return frame(OPEN, stream, json.dumps({"host": host, "port": port}, separators=(",", ":")).encode())
+    return frame(OPEN, stream, _open_payload(host, port))
+
+
+@functools.lru_cache(maxsize=1024)
+def _open_payload(host: str, port: int) -> bytes:  # the same few targets, over and over
+    return json.dumps({"host": host, "port": port}, separators=(",", ":")).encode()
 
 
 def window_frame(stream: int, credit: int) -> bytes:

@@ -10,6 +10,7 @@ a non-blocking connect, all within one deadline, and calls back exactly once.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -26,7 +27,8 @@ HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_
 Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 
 
-def is_ip(host: str) -> bool:
+@functools.lru_cache(maxsize=4096)
+def is_ip(host: str) -> bool:  # asked for every dialled target: the answers are kept
     try:
         ipaddress.ip_address(host)
         return True
@@ -42,16 +44,27 @@ def format_addr(addr: Address) -> str:
 
 
 def client_ip(addr: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    return _client_ip(addr[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:  # parsed once per address
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
 
 
-def tune(sock: socket.socket) -> None:
+def accepted(sock: socket.socket) -> None:
+    """Make an accepted socket non-blocking.  It has TCP_NODELAY already: Linux copies it from the
+    listener, which `listen()` sets it on (one system call less per connection)."""
     sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _literal_addrs(host: str, port: int) -> tuple[Address, ...]:
+    return tuple(info[4] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_NUMERICHOST))
 
 
 FD_PRESSURE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -156,6 +169,7 @@ def _bind(family: int, sockaddr: Address, backlog: int, v6only: bool) -> socket.
             sock.bind(sockaddr)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {format_addr(sockaddr)}: {exc.strerror}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
         sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
@@ -194,7 +208,7 @@ class Dialer:
 
     def _resolve_literal(self) -> None:
         try:
-            addrs, error = resolve(self.host, self.port), None
+            addrs, error = list(_literal_addrs(self.host, self.port)), None  # a literal never changes: cached
         except OSError as exc:
             addrs, error = None, exc
         self._on_resolved(addrs, error)
@@ -218,8 +232,8 @@ class Dialer:
         while self.addrs:
             addr = self.addrs.pop(0)
             family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            tune(sock)
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)  # no extra call to set it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(addr)
             if err in (0, errno.EINPROGRESS):
                 self.sock = sock

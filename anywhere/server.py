@@ -46,7 +46,7 @@ from .common import __version__
 from .common import valid_agent_id
 from .framed import FramedConn
 from .loop import Loop, Timer
-from .net import HOSTNAME_RE, Acceptor, client_ip, format_addr, is_ip, listen, tune
+from .net import HOSTNAME_RE, Acceptor, accepted, client_ip, format_addr, is_ip, listen
 from . import mux
 from .relay import Relay
 from .trunk import Stream, Trunk
@@ -497,7 +497,7 @@ class Server:
                           f"(max_unauthenticated = {self.config.max_unauthenticated})")
             sock.close()
             return
-        tune(sock)
+        accepted(sock)
         assert self.ctx is not None  # set in start() before the listener exists
         conn = FramedConn(self.loop, sock, self.ctx, server_side=True, peer=format_addr(addr),
                           on_message=self._on_first_message, on_close=self._on_early_close,
@@ -629,15 +629,24 @@ class Server:
         proxy = pending.proxy
         relay.on_first_byte = lambda r, started=pending.started, name=proxy.name: \
             self.metrics.setup_seconds.labels(name).observe(r.first_byte_at - started)
+        if relay.first_byte_at is not None:  # bytes went ahead of READY: the path is whole only now
+            self.metrics.setup_seconds.labels(proxy.name).observe(self.loop.time() - pending.started)
         self.tunnels[pending.conn_id] = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started,
                                                self.wall_time())
-        for counters in (self.proxy_stats.setdefault(proxy.name, Counters()),
-                         self.agent_stats.setdefault(proxy.agent_id, Counters())):
+        for counters in (self._counters(self.proxy_stats, proxy.name),
+                         self._counters(self.agent_stats, proxy.agent_id)):
             counters.connections += 1
         self.proxy_agents[proxy.name] = proxy.agent_id
         self.stats_dirty = True
         log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id,
                   proxy.target)
+
+    @staticmethod
+    def _counters(table: dict[str, Counters], key: str) -> Counters:
+        counters = table.get(key)
+        if counters is None:
+            counters = table[key] = Counters()
+        return counters
 
     def _on_tunnel_close(self, conn_id: int, relay: Relay, reason: str, data_peer: str) -> None:
         tunnel = self.tunnels.pop(conn_id, None)
@@ -651,8 +660,8 @@ class Server:
                                      on_message=self._on_warm_message, on_close=self._on_warm_close)
             self._add_warm(conn, agent_id)
         proxy, bytes_in, bytes_out = tunnel.proxy, relay.bytes_a_to_b, relay.bytes_b_to_a
-        self.proxy_stats.setdefault(proxy.name, Counters()).add(bytes_in, bytes_out)
-        self.agent_stats.setdefault(proxy.agent_id, Counters()).add(bytes_in, bytes_out)
+        self._counters(self.proxy_stats, proxy.name).add(bytes_in, bytes_out)
+        self._counters(self.agent_stats, proxy.agent_id).add(bytes_in, bytes_out)
         self.stats_dirty = True
         duration = self.loop.time() - tunnel.started
         self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=tunnel.peer, target=proxy.target,
@@ -689,7 +698,7 @@ class Server:
         proxy.listeners = []
 
     def _on_client(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:
-        tune(sock)
+        accepted(sock)
         peer = format_addr(addr)
         if self.draining:
             self._close_client(sock)
@@ -725,8 +734,10 @@ class Server:
                             on_close=lambda st, reason, cid=pending.conn_id: self._on_stream_close(cid, st, reason))
             stream.on_ready = lambda cid=pending.conn_id, st=stream: self._on_stream_ready(cid, st)
             stream.on_fail = lambda reason, cid=pending.conn_id: self.on_agent_fail(proxy.agent_id, cid, reason)
+            stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
             pending.stream = stream
             trunk.write(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port))
+            stream.attach(pending.sock)  # no round trip: the client's first bytes follow OPEN
         elif warm:
             conn = warm.pop()
             pending.warm = conn
@@ -768,13 +779,15 @@ class Server:
             pending.timer.cancel()
         pending.stream = None
         self._add_tunnel(pending, stream)
-        stream.attach(pending.sock)
+        stream.open_window(mux.WINDOW_SIZE - mux.EARLY_WINDOW)
 
     def _on_stream_close(self, conn_id: int, stream: Stream, reason: str) -> None:
         pending = self.pending.get(conn_id)
         if pending is not None and pending.stream is stream:
             pending.stream = None
-            self._drop_pending(pending, f"agent {pending.proxy.agent_id}: {reason}",
+            if not reason.startswith(stream.name):  # else the client's own failure, named already
+                reason = f"agent {pending.proxy.agent_id}: {reason}"
+            self._drop_pending(pending, reason,
                                "agent_offline" if reason.startswith("data connection lost") else None)
             return
         self._on_tunnel_close(conn_id, stream, reason, "")
@@ -1084,7 +1097,7 @@ class Server:
 
     # -- counters ----------------------------------------------------------------------------------------
     def _reject(self, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
-        self.proxy_stats.setdefault(proxy.name, Counters()).rejected[reason] += 1
+        self._counters(self.proxy_stats, proxy.name).rejected[reason] += 1
         self.stats_dirty = True
         self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=peer, target=proxy.target,
                          bytes_in=0, bytes_out=0, duration=0.0, reason=reason, detail=detail)

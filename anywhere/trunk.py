@@ -303,7 +303,8 @@ class Stream:
 
     def attach(self, sock: socket.socket) -> None:
         self.sock = sock
-        sock.setblocking(False)
+        if sock.gettimeout() != 0.0:  # already non-blocking when it comes from Dialer or accepted()
+            sock.setblocking(False)
         self._update()
         self.pump()
         if self.peer_ended and not self.outbuf:
@@ -376,6 +377,11 @@ class Stream:
             if n < limit:
                 break  # the kernel gave what it had
         self._update()
+
+    def open_window(self, credit: int) -> None:
+        """Widen this side's send window by `credit` (READY does it for a stream opened early)."""
+        self.send_window += credit
+        self.pump()
 
     def on_window(self, credit: int) -> None:
         self.send_window += credit

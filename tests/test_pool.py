@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 
+from anywhere import mux
 from anywhere.wire import PROTO_VERSION, FrameDecoder, chunk_header
 from conftest import TargetServer, echo, recv_all, wait_for
 from handpeer import client_ctx
@@ -247,3 +248,82 @@ def test_a_trunk_that_died_is_never_used(world, creds, peers):
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         opened = admin.recv()  # asked on the admin connection, not on the dead trunk
         assert opened["type"] == "open" and opened["port"] == 9
+
+
+# -- opening without a round trip: the client's first bytes follow OPEN, bounded until READY ------------
+def _hand_trunk(world, creds, peers):
+    """A hand-written agent-1 with one trunk; returns (admin, trunk peer)."""
+    admin, _ = _hand_agent(world, creds, peers, 0)
+    trunk = peers(world.port, client_ctx(creds.ca, creds.agent("agent-1")))
+    trunk.send("trunk", proto=PROTO_VERSION, agent_id="agent-1")
+    wait_for(lambda: status(world)["trunks"] == 1, 5, what="the trunk to register")
+    return admin, trunk
+
+
+def _frames(trunk, decoder, seconds: float, until=None) -> list[tuple[int, int, bytes]]:
+    """Mux frames read from the hand trunk for up to `seconds` (or until `until(frames)` holds)."""
+    frames: list[tuple[int, int, bytes]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (until and until(frames)):
+        trunk.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = trunk.sock.recv(262144)
+        except (TimeoutError, socket.timeout):
+            break
+        assert data, "the server closed the trunk"
+        frames += [(kind, sid, bytes(p)) for kind, sid, p in decoder.feed(memoryview(data))]
+    return frames
+
+
+def _data_bytes(frames, sid: int) -> int:
+    return sum(len(p) for kind, s, p in frames if kind == mux.DATA and s == sid)
+
+
+def test_first_bytes_follow_open_at_once_and_are_bounded_until_ready(world, creds, peers):
+    world.start_server()
+    _admin, trunk = _hand_trunk(world, creds, peers)
+    port = world.add_proxy(9)
+    blob = os.urandom(mux.WINDOW_SIZE)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sender = threading.Thread(target=client.sendall, args=(blob,), daemon=True)
+    sender.start()
+    try:
+        decoder = mux.MuxDecoder()
+        frames = _frames(trunk, decoder, 5, until=lambda f: _data_bytes(f, f[0][1]) >= mux.EARLY_WINDOW if f else False)
+        kind, sid, payload = frames[0]
+        assert kind == mux.OPEN and mux.parse_open(payload) == ("127.0.0.1", 9)
+        # the agent has not answered: no more than the early window arrives, however long we wait
+        frames += _frames(trunk, decoder, 1.0)
+        assert _data_bytes(frames, sid) == mux.EARLY_WINDOW
+        # READY opens the whole window: the rest of the client's megabyte follows without any credit
+        trunk.send_raw(mux.frame(mux.READY, sid))
+        frames += _frames(trunk, decoder, 10, until=lambda f: _data_bytes(f, sid) >= len(blob))
+        got = b"".join(p for kind, s, p in frames if kind == mux.DATA and s == sid)
+        assert got == blob
+    finally:
+        client.close()
+        sender.join(5)
+
+
+def test_fail_before_ready_discards_the_early_bytes_and_closes_the_client(world, creds, peers):
+    world.start_server()
+    _admin, trunk = _hand_trunk(world, creds, peers)
+    port = world.add_proxy(9)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        decoder = mux.MuxDecoder()
+        frames = _frames(trunk, decoder, 5, until=lambda f: bool(f) and _data_bytes(f, f[0][1]) >= 18)
+        sid = frames[0][1]
+        assert frames[0][0] == mux.OPEN and _data_bytes(frames, sid) == 18
+        trunk.send_raw(mux.frame(mux.FAIL, sid, b"connection refused"))
+        client.settimeout(5)
+        try:
+            assert client.recv(100) == b""  # closed, nothing sent back
+        except ConnectionResetError:
+            pass
+    wait_for(lambda: status(world)["rejected"]["target_refused"] == 1, 5, what="the refusal to be counted")
+    assert status(world)["connections"] == 0
+    # the trunk goes on serving: a second client is opened on it
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        frames = _frames(trunk, decoder, 5, until=lambda f: any(k == mux.OPEN for k, _, _ in f))
+        assert any(k == mux.OPEN and s != sid for k, s, _ in frames)
