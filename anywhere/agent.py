@@ -237,20 +237,22 @@ class Agent:
         if self.conn is not None and self.conn.open:
             self.conn.send("fail", conn=conn_id, reason=reason)
 
-    def dial_target(self, host: str, port: int, callback: Callable[[socket.socket | None, str | None], None]) -> Dialer | None:
-        """Dial a target the server asked for, within this agent's allowlist; `callback` as Dialer's."""
+    def dial_target(self, host: str, port: int, callback: Callable[[socket.socket | None, str | None], None],
+                    keep_registered: bool = False) -> Dialer | None:
+        """Dial a target the server asked for, within this agent's allowlist; `callback` and
+        `keep_registered` as Dialer's."""
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         allowlist = self.allowlist
         timeout = self.config.dial_timeout
         literal = is_ip(host.split("%", 1)[0])
         if allowlist.permits_address(host, port) if literal else allowlist.permits_name(host, port):
-            return Dialer(self.loop, host, port, timeout, callback)
+            return Dialer(self.loop, host, port, timeout, callback, keep_registered=keep_registered)
         refused = f"{target} is not in this agent's allowlist (allow = {allowlist})"
         if literal or not allowlist.has_networks:
             self.loop.call_soon(callback, None, refused)
             return None
         # a name the list does not hold: dialled only at resolved addresses its networks allow
-        return Dialer(self.loop, host, port, timeout, callback, refused=refused,
+        return Dialer(self.loop, host, port, timeout, callback, refused=refused, keep_registered=keep_registered,
                       address_ok=lambda address: allowlist.permits_address(address, port))
 
     def refill(self) -> None:
@@ -285,6 +287,7 @@ class Agent:
             stream.dialer = None
             if stream.closed or trunk.closed:
                 if sock is not None:
+                    self.loop.unregister(sock)
                     sock.close()
                 return
             if sock is None:
@@ -294,8 +297,8 @@ class Agent:
                 stream.close("target unreachable", notify=False)
                 return
             trunk.write(mux.frame(mux.READY, sid))
-            stream.attach(sock)
-        stream.dialer = self.dial_target(host, port, dialled)
+            stream.attach(sock, read_now=False, registered=True)
+        stream.dialer = self.dial_target(host, port, dialled, keep_registered=True)
 
     @property
     def relays(self) -> list:

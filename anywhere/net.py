@@ -189,8 +189,13 @@ class Dialer:
 
     def __init__(self, loop: Loop, host: str, port: int, timeout: float,
                  callback: Callable[[socket.socket | None, str | None], None],
-                 address_ok: Callable[[str], bool] | None = None, refused: str = "") -> None:
-        """`address_ok`: only resolved addresses it accepts are dialled; if none, fail with `refused`."""
+                 address_ok: Callable[[str], bool] | None = None, refused: str = "",
+                 keep_registered: bool = False) -> None:
+        """`address_ok`: only resolved addresses it accepts are dialled; if none, fail with `refused`.
+        `keep_registered`: the connected socket is handed over still registered with the loop
+        (for WRITE, to this dialer), and the callback must re-register or unregister it: one
+        selector change less for a caller that registers it anyway."""
+        self.keep_registered = keep_registered
         self.loop = loop
         self.address_ok = address_ok
         self.refused = refused
@@ -246,12 +251,14 @@ class Dialer:
     def _on_writable(self, _mask: int) -> None:
         sock = self.sock
         assert sock is not None  # registered only while dialling (our own state)
-        self.loop.unregister(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
+            if not self.keep_registered:
+                self.loop.unregister(sock)
             self.sock = None
             self._finish(sock, None)
             return
+        self.loop.unregister(sock)
         try:
             peer = format_addr(sock.getpeername())
         except OSError:
@@ -282,6 +289,7 @@ class Dialer:
         self._cleanup()
         if callback is None:
             if sock is not None:
+                self.loop.unregister(sock)
                 sock.close()
             return
         callback(sock, reason)

@@ -737,7 +737,7 @@ class Server:
             stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
             pending.stream = stream
             trunk.write(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port))
-            stream.attach(pending.sock)  # no round trip: the client's first bytes follow OPEN
+            stream.attach(pending.sock, read_now=False)  # no round trip: the client's first bytes follow OPEN
         elif warm:
             conn = warm.pop()
             pending.warm = conn

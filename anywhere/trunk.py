@@ -48,6 +48,7 @@ HIGH = 1024 * 1024  # queued bytes over which streams stop reading
 LOW = 256 * 1024
 READ_SIZE = 512 * 1024
 CREDIT_STEP = mux.WINDOW_SIZE // 4
+_FOREIGN = -1  # Stream.mask of a socket registered by another owner: the next _update re-points it
 COALESCE = 16384  # frames under one TLS record's worth wait for the end of the loop pass
 COALESCE_MAX = 65536  # at most this much joined into one write
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -301,12 +302,24 @@ class Stream:
     def bytes_b_to_a(self) -> int:
         return self.nbytes_out
 
-    def attach(self, sock: socket.socket) -> None:
+    def attach(self, sock: socket.socket, read_now: bool = True, registered: bool = False) -> None:
+        """Join the plain socket.  `read_now=False` for a socket just accepted or dialled: nothing
+        is there to read yet, so the selector is asked instead of trying (and failing) at once.
+        `registered`: the socket is still registered with the loop by someone else (a Dialer with
+        keep_registered), and is re-pointed here with one selector change."""
         self.sock = sock
+        if registered:
+            self.mask = _FOREIGN
         if sock.gettimeout() != 0.0:  # already non-blocking when it comes from Dialer or accepted()
             sock.setblocking(False)
-        self._update()
-        self.pump()
+        if self.outbuf:
+            self._drain()  # what came ahead of the socket (early bytes): written at once
+            if self.closed:
+                return
+        if read_now:
+            self.pump()
+        else:
+            self._update()
         if self.peer_ended and not self.outbuf:
             self._shutdown()
 
@@ -380,8 +393,10 @@ class Stream:
 
     def open_window(self, credit: int) -> None:
         """Widen this side's send window by `credit` (READY does it for a stream opened early)."""
+        starved = self.send_window <= 0
         self.send_window += credit
-        self.pump()
+        if starved:
+            self.pump()  # it had stopped reading; otherwise the selector still watches it
 
     def on_window(self, credit: int) -> None:
         self.send_window += credit
