@@ -28,8 +28,8 @@ malformed chunk aborts the relay: both sockets are closed at once and the reason
 
 TLS detail: OpenSSL may hold decrypted bytes that the kernel no longer signals as readable, so
 after backpressure clears a half tries to read at once instead of waiting for the selector, and
-a half that stops reading because of its per-event budget reschedules itself when
-``SSLSocket.pending()`` says bytes are waiting.
+a half that stops reading because of its per-event budget reschedules itself (with OpenSSL's
+read-ahead, see tls.py, not even ``SSLSocket.pending()`` counts what is held).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class _Half:
                 return
             if blocked:
                 return
-        if is_ssl and sock.pending():
+        if is_ssl:  # the budget ran out: TLS may hold more that the selector will not report
             relay.loop.call_soon(self.on_readable)
 
     def _forward(self, n: int) -> bool:

@@ -5,12 +5,31 @@ signed by the CA (extended key usage clientAuth, checked by OpenSSL), the agent 
 certificate signed by the same CA whose SAN matches the name it dialled or `--server-name`.
 The identity of an agent is the commonName of its certificate (`credentials.py` writes the agent
 id there); the server compares it with the id the agent claims in its hello.
+
+Read-ahead: without it OpenSSL reads every TLS record with two system calls (its 5-byte header,
+then its body), so a 16 KiB record costs two reads and a small request three with the final
+EAGAIN.  With read-ahead it reads whatever the kernel holds, up to `READ_AHEAD` bytes, in one
+call and hands the records out from there.  Python's `ssl` does not expose the switch
+(SSL_CTX_set_read_ahead), so `_read_ahead()` sets it on the context through ctypes, guarded:
+only on CPython with a known object layout, only if libssl.so.3 is the library `ssl` uses, and
+only after the context pointer it found answers SSL_CTX_get_options with this context's options.
+Otherwise it does nothing and the tunnel works as before, a little slower.  Every reader of a TLS
+socket here reads until SSLWantReadError (or reschedules itself when it stops early), because
+bytes held by read-ahead are neither reported by the selector nor counted by pending().
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
+import sys
+
+log = logging.getLogger("anywhere.tls")
+
+READ_AHEAD = 256 * 1024  # OpenSSL's read buffer with read-ahead: one read takes up to this much
+_SSL_CTRL_SET_READ_AHEAD = 41
+_libssl = None  # ctypes handle, or False once found unusable
 
 
 class CredentialError(Exception):
@@ -37,6 +56,45 @@ def _harden(ctx: ssl.SSLContext) -> None:
     ctx.options |= ssl.OP_NO_COMPRESSION
     # ECDHE + AEAD only for TLS 1.2; TLS 1.3 suites are AEAD by definition.
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
+    if os.environ.get("ANYWHERE_READ_AHEAD", "1") != "0":  # 0: off, to compare (bench/)
+        _read_ahead(ctx)
+
+
+def _read_ahead(ctx: ssl.SSLContext) -> bool:
+    """Turn on OpenSSL read-ahead for `ctx` (see the module's docstring); False if it cannot."""
+    global _libssl
+    if _libssl is False:
+        return False
+    try:
+        import ctypes
+        if _libssl is None:
+            _libssl = False
+            if sys.implementation.name != "cpython" or not (3, 8) <= sys.version_info[:2] <= (3, 13) \
+                    or getattr(sys, "_is_gil_enabled", lambda: True)() is False \
+                    or not ssl.OPENSSL_VERSION.startswith("OpenSSL 3."):
+                return False
+            lib = ctypes.CDLL("libssl.so.3")  # already loaded by _ssl: dlopen returns that copy
+            lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+            lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+            lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+            lib.SSL_CTX_ctrl.restype = ctypes.c_long
+            lib.SSL_CTX_set_default_read_buffer_len.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            lib.SSL_CTX_set_default_read_buffer_len.restype = None
+            _libssl = lib
+        lib = _libssl
+        # PySSLContext is PyObject_HEAD (reference count, type) followed by its SSL_CTX pointer
+        ptr = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+        if not ptr or lib.SSL_CTX_get_options(ptr) != ctx.options:
+            log.debug("OpenSSL read-ahead not available: the context pointer does not check out")
+            _libssl = False
+            return False
+        lib.SSL_CTX_set_default_read_buffer_len(ptr, READ_AHEAD)
+        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
+        return True
+    except (OSError, AttributeError, ImportError) as exc:
+        log.debug("OpenSSL read-ahead not available: %s", exc)
+        _libssl = False
+        return False
 
 
 def server_context(ca: str, cert: str, key: str) -> ssl.SSLContext:

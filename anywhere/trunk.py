@@ -458,6 +458,9 @@ class Stream:
         if self.shut or self.sock is None:
             return
         self.shut = True
+        if self.eof_read:
+            self._check_done()  # both ways ended: close() sends the FIN (nothing is left unread)
+            return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
