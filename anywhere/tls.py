@@ -27,7 +27,7 @@ import sys
 
 log = logging.getLogger("anywhere.tls")
 
-READ_AHEAD = 256 * 1024  # OpenSSL's read buffer with read-ahead: one read takes up to this much
+READ_AHEAD = 64 * 1024  # OpenSSL's read buffer with read-ahead (4 records a read; 256 KiB measured no faster)
 _SSL_CTRL_SET_READ_AHEAD = 41
 _libssl = None  # ctypes handle, or False once found unusable
 
