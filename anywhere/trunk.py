@@ -65,7 +65,7 @@ class Trunk:
         self.on_close = on_close
         self.decoder = mux.MuxDecoder()
         self.streams: dict[int, Stream] = {}
-        self.out: collections.deque[bytes] = collections.deque()
+        self.out: collections.deque[bytes | memoryview] = collections.deque()
         self.out_bytes = 0
         self.blocked: set[Stream] = set()
         self.closed = False
@@ -161,7 +161,7 @@ class Trunk:
                 return
             self.out_bytes -= sent
             if sent < len(head):
-                out[0] = head[sent:]
+                out[0] = memoryview(head)[sent:]  # the rest, not a copy of it
                 break
             out.popleft()
         if not self.closed and self.out_bytes < LOW and self.blocked:
