@@ -18,6 +18,13 @@ sender may have at most `WINDOW` bytes of a stream unacknowledged; the receiver 
 (WINDOW frames) for what it has handed to its plain socket.  Memory per stream is thus bounded by
 the window whatever the peers do, and a stream whose reader stalls stops only itself.
 
+A fixed window caps a stream at window / round trip: 1 MiB over a trunk whose round trip
+(through two busy processes and TLS) is a few milliseconds holds one bulk stream to well under
+what the processes can carry.  So a receiver grows a stream's window (doubling, up to
+`MAX_WINDOW`) when the sender had used nearly all of it while the receiver's own reader kept up:
+the window, not a slow reader, was the limit.  Growth comes out of a per-trunk budget, so the
+memory a trunk may be made to hold stays bounded however many streams grow.
+
 Opening costs no round trip: the server sends OPEN and goes on reading its client at once, so
 the first bytes travel right behind OPEN while the agent dials the target, which holds them
 until the target answers.  Until READY the server keeps to a smaller window (`EARLY_WINDOW`),
@@ -46,7 +53,8 @@ NAMES = {OPEN: "OPEN", READY: "READY", FAIL: "FAIL", DATA: "DATA", END: "END", A
 HEADER = struct.Struct("!II")  # (type << 24 | length), stream
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 256 * 1024
-WINDOW_SIZE = 1024 * 1024
+WINDOW_SIZE = 1024 * 1024  # a stream's receive window to begin with
+MAX_WINDOW = 4 * WINDOW_SIZE  # what a receiver may grow it to (the most a sender accepts)
 EARLY_WINDOW = 16 * 1024  # what a stream may send before READY
 _CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4}
 

@@ -18,9 +18,13 @@ when its window is used up (it resumes on WINDOW) or when the trunk's queue is o
 Trunk → plain: the trunk reads into a buffer of its own (so a stream that resumes reading in
 the middle of a dispatch cannot overwrite frames still being handled), decodes frames and hands
 DATA to its stream, which writes to its plain socket at once and keeps the rest in `outbuf`.
-The peer never has more than `WINDOW_SIZE` bytes unacknowledged, so `outbuf` is bounded by it; a
-sender that exceeds it breaks the protocol and loses the stream.  Credit is returned (WINDOW)
-once a quarter of the window has been delivered.
+The peer never has more than the stream's receive window unacknowledged, so `outbuf` is bounded
+by it; a sender that exceeds it breaks the protocol and loses the stream.  Credit is returned
+(WINDOW) once a quarter of the window has been delivered.  The window starts at `WINDOW_SIZE`
+and doubles (up to `MAX_WINDOW`) when a whole window was delivered within `GROW_WITHIN` with
+`outbuf` empty: a stream that fast would be held back by a window of one round trip's worth of a
+slower link, and its plain socket keeps up, so the window is what limits it.  What the streams of
+a trunk grew by comes out of `WINDOW_BUDGET` and goes back when they close.
 
 END after the last DATA is a half-close, passed on as shutdown(SHUT_WR) once `outbuf` is empty;
 a stream is done when both directions have ended.  ABORT, or the trunk going away, closes the
@@ -47,7 +51,8 @@ log = logging.getLogger("anywhere.trunk")
 HIGH = 1024 * 1024  # queued bytes over which streams stop reading
 LOW = 256 * 1024
 READ_SIZE = 512 * 1024
-CREDIT_STEP = mux.WINDOW_SIZE // 4
+WINDOW_BUDGET = 12 * 1024 * 1024  # per trunk: what its streams' receive windows may grow by in all
+GROW_WITHIN = 0.05  # seconds: a stream that delivers its whole window faster gets a bigger one
 _FOREIGN = -1  # Stream.mask of a socket registered by another owner: the next _update re-points it
 COALESCE = 16384  # frames under one TLS record's worth wait for the end of the loop pass
 COALESCE_MAX = 65536  # at most this much joined into one write
@@ -68,6 +73,7 @@ class Trunk:
         self.out: collections.deque[bytes | memoryview] = collections.deque()
         self.out_bytes = 0
         self.blocked: set[Stream] = set()
+        self.window_budget = WINDOW_BUDGET
         self.closed = False
         self.reason = ""
         self.mask = 0
@@ -286,7 +292,10 @@ class Stream:
         self.sock: socket.socket | None = None
         self.mask = 0
         self.send_window = mux.WINDOW_SIZE
+        self.recv_window = mux.WINDOW_SIZE  # grows, see the module's docstring
         self.credit = 0
+        self.window_delivered = 0  # delivered since window_start (for growing the window)
+        self.window_start = trunk.loop.time()
         self.outbuf = bytearray()
         self.eof_read = False
         self.peer_ended = False
@@ -408,7 +417,7 @@ class Stream:
 
     def on_window(self, credit: int) -> None:
         self.send_window += credit
-        if self.send_window > 4 * mux.WINDOW_SIZE:
+        if self.send_window > mux.MAX_WINDOW:
             raise ProtocolError(f"stream {self.sid}: window credit beyond what was sent")
         self.pump()
 
@@ -416,7 +425,7 @@ class Stream:
     def on_data(self, payload: memoryview | bytes) -> None:
         if self.peer_ended:
             raise ProtocolError(f"stream {self.sid}: DATA after END")
-        if len(self.outbuf) + len(payload) > mux.WINDOW_SIZE:
+        if len(self.outbuf) + len(payload) > self.recv_window:
             raise ProtocolError(f"stream {self.sid}: more data than its window")
         self.nbytes_out += len(payload)
         self._activity()
@@ -430,9 +439,9 @@ class Stream:
             except OSError as exc:
                 self.close(f"{self.name} write failed: {exc.strerror or exc}")
                 return
-            self._credit(sent)
             if sent < len(payload):
                 self.outbuf += payload[sent:]
+            self._credit(sent)
         self._update()
 
     def _drain(self) -> None:
@@ -452,10 +461,25 @@ class Stream:
         self._update()
 
     def _credit(self, delivered: int) -> None:
-        self.credit += delivered
-        if self.credit >= CREDIT_STEP:
-            self.trunk.write(mux.window_frame(self.sid, self.credit))
-            self.credit = 0
+        credit = self.credit + delivered
+        window = self.recv_window
+        if credit < window >> 2:
+            self.credit = credit
+            return
+        trunk = self.trunk
+        delivered = self.window_delivered + credit
+        if delivered >= window:
+            now = trunk.loop.time()
+            if now - self.window_start < GROW_WITHIN and window < mux.MAX_WINDOW and not self.outbuf \
+                    and trunk.window_budget >= window:
+                trunk.window_budget -= window  # a whole window in no time, and our reader keeps up: double it
+                self.recv_window = window * 2
+                credit += window
+            self.window_start = now
+            delivered = 0
+        self.window_delivered = delivered
+        self.credit = 0
+        trunk.write(mux.window_frame(self.sid, credit))
 
     def on_peer_end(self) -> None:
         self.peer_ended = True
@@ -493,6 +517,7 @@ class Stream:
             trunk.write(mux.frame(mux.ABORT, self.sid, reason.encode("utf-8", "replace")[:1024]))
         trunk.streams.pop(self.sid, None)
         trunk.blocked.discard(self)
+        trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
         if self.dialer is not None:
             dialer, self.dialer = self.dialer, None
             dialer.cancel()

@@ -217,8 +217,9 @@ def missing_deps(kinds: Sequence[str]) -> list[str]:
     for kind in kinds:
         for tool, package in DEPS[kind].items():
             if tool.startswith(("python3-", "pybuild-")):
-                ok = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True,
-                                    text=True).stdout.endswith("installed")
+                status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True,
+                                        text=True).stdout.split()
+                ok = status[-1:] == ["installed"]  # "unknown ok not-installed" is a package dpkg only knows of
             elif tool.startswith("/"):
                 ok = os.path.exists(tool)
             else:

@@ -327,3 +327,59 @@ def test_fail_before_ready_discards_the_early_bytes_and_closes_the_client(world,
     with socket.create_connection(("127.0.0.1", port), timeout=10):
         frames = _frames(trunk, decoder, 5, until=lambda f: any(k == mux.OPEN for k, _, _ in f))
         assert any(k == mux.OPEN and s != sid for k, s, _ in frames)
+
+
+# -- receive windows that grow for a fast stream, within bounds ------------------------------------------
+def _fast_stream(trunk, decoder, port: int, total: int) -> int:
+    """One client reading at once, the hand agent always sending all the credit it has: every byte
+    must arrive in order; returns the credit the server gave for the `total` bytes."""
+    blob = os.urandom(total)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    got = bytearray()
+    reader = threading.Thread(target=lambda: got.extend(recv_all(client, 60)), daemon=True)
+    try:
+        frames = _frames(trunk, decoder, 5, until=lambda f: any(k == mux.OPEN for k, _, _ in f))
+        sid = next(s for k, s, _ in frames if k == mux.OPEN)
+        trunk.send_raw(mux.frame(mux.READY, sid))
+        reader.start()
+        sent = credit = 0
+
+        def take_credit(wait: float, first: bool = True) -> None:
+            nonlocal credit
+            for kind, s, payload in _frames(trunk, decoder, wait, until=(lambda f: bool(f)) if first else None):
+                assert not (s == sid and kind in (mux.ABORT, mux.FAIL)), (kind, payload)
+                if kind == mux.WINDOW and s == sid:
+                    credit += mux.parse_window(payload)
+
+        deadline = time.monotonic() + 60
+        while sent < total:
+            assert time.monotonic() < deadline, f"only {sent} of {total} bytes sent in 60 s"
+            room = mux.WINDOW_SIZE + credit - sent
+            if room <= 0:
+                take_credit(5)
+                continue
+            n = min(room, mux.MAX_PAYLOAD, total - sent)
+            trunk.send_raw(mux.frame(mux.DATA, sid, blob[sent:sent + n]))
+            sent += n
+        trunk.send_raw(mux.frame(mux.END, sid))
+        reader.join(60)
+        assert not reader.is_alive() and bytes(got) == blob
+        take_credit(0.5, first=False)  # every credit: it was sent before the client could read the last byte
+        return credit
+    finally:
+        client.close()
+
+
+def test_a_fast_stream_gets_a_bigger_window_never_beyond_the_maximum(world, creds, peers):
+    """Credit beyond what was delivered is the window's growth (less at most a quarter window not
+    yet returned): some, never past MAX_WINDOW.  Five streams one after the other on one trunk all
+    grow: what a closed stream grew by goes back to the trunk's budget (which holds four)."""
+    world.start_server()
+    _admin, trunk = _hand_trunk(world, creds, peers)
+    port = world.add_proxy(9)
+    decoder = mux.MuxDecoder()
+    total = 24 * 1024 * 1024
+    for i in range(5):
+        credit = _fast_stream(trunk, decoder, port, total)
+        assert credit > total, f"stream {i}: the window never grew: {credit} bytes of credit for {total} delivered"
+        assert credit - total <= mux.MAX_WINDOW - mux.WINDOW_SIZE, f"stream {i}: {credit - total} bytes beyond the maximum"
