@@ -53,15 +53,11 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
 
 def certificate_identity(cert_path: str) -> str | None:
     """The commonName of a PEM certificate file, or None if it cannot be read."""
-    from cryptography import x509  # here only: it costs the agent's process about 10 MB
-    from cryptography.x509.oid import NameOID
     try:
         with open(cert_path, "rb") as f:
-            cert = x509.load_pem_x509_certificate(f.read())
+            return tls.certificate_common_name(f.read())
     except (OSError, ValueError):
         return None
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
 
 
 def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:

@@ -20,6 +20,8 @@ bytes held by read-ahead are neither reported by the selector nor counted by pen
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
 import ssl
@@ -121,6 +123,70 @@ def peer_identity(sock: ssl.SSLSocket) -> str | None:
         for name, value in rdn:
             if name == "commonName":
                 return value
+    return None
+
+
+# -- our own certificate's name, without cryptography (which costs the agent about 11 MB) -------------
+_PEM_BEGIN, _PEM_END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+_OID_COMMON_NAME = b"\x55\x04\x03"  # 2.5.4.3
+_STRING_CODECS = {0x0C: "utf-8", 0x13: "ascii", 0x16: "ascii", 0x14: "latin-1", 0x1E: "utf-16-be"}
+
+
+def _der_items(der: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
+    """(tag, start, end) of the content of each DER element in der[pos:end]; ValueError if malformed."""
+    items = []
+    while pos < end:
+        if pos + 2 > end:
+            raise ValueError("DER element header cut short")
+        tag, length = der[pos], der[pos + 1]
+        pos += 2
+        if length & 0x80:
+            n = length & 0x7F
+            if not 0 < n <= 4 or pos + n > end:
+                raise ValueError("bad DER length")
+            length = int.from_bytes(der[pos:pos + n], "big")
+            pos += n
+        if pos + length > end:
+            raise ValueError("DER element runs past its container")
+        items.append((tag, pos, pos + length))
+        pos += length
+    return items
+
+
+def certificate_common_name(pem: bytes) -> str | None:
+    """The subject commonName of the first certificate in a PEM file's bytes, or None if it has
+    none; ValueError if there is no readable certificate.  (Certificate → tbsCertificate →
+    [version], serial, signature, issuer, validity, subject → RDN sets → (OID, string).)"""
+    start, stop = pem.find(_PEM_BEGIN), pem.find(_PEM_END)
+    if start < 0 or stop < start:
+        raise ValueError("no PEM certificate")
+    try:
+        der = base64.b64decode(b"".join(pem[start + len(_PEM_BEGIN):stop].split()), validate=True)
+    except binascii.Error:
+        raise ValueError("bad base64 in the PEM certificate") from None
+    outer = _der_items(der, 0, len(der))
+    if len(outer) != 1 or outer[0][0] != 0x30:
+        raise ValueError("not a DER certificate")
+    tbs = _der_items(der, outer[0][1], outer[0][2])
+    if not tbs or tbs[0][0] != 0x30:
+        raise ValueError("no tbsCertificate")
+    fields = _der_items(der, tbs[0][1], tbs[0][2])
+    if fields and fields[0][0] == 0xA0:
+        fields = fields[1:]  # the explicit version
+    if len(fields) < 5 or fields[4][0] != 0x30:
+        raise ValueError("no subject")
+    for rdn_tag, rdn_start, rdn_end in _der_items(der, fields[4][1], fields[4][2]):
+        for pair_tag, pair_start, pair_end in _der_items(der, rdn_start, rdn_end) if rdn_tag == 0x31 else ():
+            pair = _der_items(der, pair_start, pair_end) if pair_tag == 0x30 else []
+            if len(pair) == 2 and pair[0][0] == 0x06 and der[pair[0][1]:pair[0][2]] == _OID_COMMON_NAME:
+                tag, value_start, value_end = pair[1]
+                codec = _STRING_CODECS.get(tag)
+                if codec is None:
+                    raise ValueError(f"commonName of unknown string type {tag:#x}")
+                try:
+                    return der[value_start:value_end].decode(codec)
+                except UnicodeDecodeError:
+                    raise ValueError("commonName is not valid text") from None
     return None
 
 

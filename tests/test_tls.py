@@ -56,3 +56,83 @@ def test_a_burst_of_records_then_silence_is_delivered_whole(world, creds, peers)
         got = recv_all(client, 20)
         assert len(got) == len(blob) and got == blob
     wait_for(lambda: world.api("GET", "/v1/status")["connections"] == 0, 5, what="the stream to end")
+
+
+# -- the agent's own certificate name, read without cryptography -------------------------------------------
+def _cert_pem(subject_attrs, *, key=None) -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(subject_attrs)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(x509.Name([]) if not subject_attrs else name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_common_name_matches_what_cryptography_reads(creds):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    for path in [creds.ca, creds.agent("agent-1")[0], *(creds.agent(f"a{i}.x_y-{i}")[0] for i in range(3))]:
+        pem = path.read_bytes()
+        want = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert tls.certificate_common_name(pem) == want
+        assert tls.certificate_common_name(b"junk before\n" + pem + pem) == want  # the first of a chain
+
+
+def test_common_name_of_odd_subjects():
+    from cryptography.x509 import NameAttribute
+    from cryptography.x509.oid import NameOID
+    assert tls.certificate_common_name(_cert_pem([NameAttribute(NameOID.ORGANIZATION_NAME, "no cn here")])) is None
+    many = [NameAttribute(NameOID.COUNTRY_NAME, "NL"), NameAttribute(NameOID.ORGANIZATION_NAME, "O" * 300),
+            NameAttribute(NameOID.COMMON_NAME, "agent-ü-7")]  # a long field (two-byte length), UTF-8
+    assert tls.certificate_common_name(_cert_pem(many)) == "agent-ü-7"
+
+
+def test_common_name_refuses_malformed_input(creds):
+    pem = creds.agent("agent-1")[0].read_bytes()
+    body = b"".join(pem.split(b"\n")[1:-2])
+    for bad in (b"", b"not a certificate", pem.replace(b"-----END CERTIFICATE-----", b""),
+                b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+                b"-----BEGIN CERTIFICATE-----\n" + body[:40] + b"\n-----END CERTIFICATE-----\n"):
+        with pytest.raises(ValueError):
+            tls.certificate_common_name(bad)
+
+
+def test_common_name_fuzz_never_raises_anything_but_valueerror(creds):
+    """A real certificate with bytes changed and cut: a name, None or ValueError, nothing else."""
+    import base64
+
+    from hypothesis import given, settings, strategies as st
+    pem = creds.agent("agent-1")[0].read_bytes()
+    der = base64.b64decode(b"".join(pem.split(b"\n")[1:-2]))
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, len(der) - 1), st.integers(0, 255)), max_size=6),
+           st.integers(0, len(der)))
+    def check(edits: list[tuple[int, int]], cut: int) -> None:
+        mutated = bytearray(der)
+        for pos, value in edits:
+            mutated[pos] = value
+        text = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(mutated[:cut])) + b"-----END CERTIFICATE-----\n"
+        try:
+            name = tls.certificate_common_name(text)
+        except ValueError:
+            return
+        assert name is None or isinstance(name, str)
+    check()
+
+
+def test_the_agent_reads_its_identity_without_loading_cryptography(creds):
+    import subprocess
+    import sys
+    code = ("import sys; from anywhere import agent_cli; print(agent_cli.certificate_identity(sys.argv[1])); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))")
+    res = subprocess.run([sys.executable, "-c", code, str(creds.agent("agent-1")[0])], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["agent-1", "[]"], res.stdout
