@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: all test demo venv system-deps clean
-.PHONY: bench
+.PHONY: bench profile floor
 
 # Packages (packaging/build.py; Debian's python3, standard library only).  `make` builds the
 # PyInstaller tarball; `make deb` / `make rpm` the packages; all go into $(DIST), scratch space is
@@ -109,3 +109,13 @@ bench: $(STAMP)
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 	$(VPY) bench/run.py $(BENCH_ARGS)
+
+# Where the daemons' CPU goes under one load: py-spy (installed into the venv on first use) on
+# anywhered and the agent, e.g. make profile PROFILE_ARGS="--load c10 --native".  Same tools as bench.
+# `make floor`: what the same work costs with no tunnel logic (bench/floor.py), beside Anywhere.
+profile: $(STAMP)
+	@$(VENV)/bin/py-spy --version >/dev/null 2>&1 || $(VPY) -m pip install --quiet py-spy
+	$(VPY) bench/cpuprofile.py $(PROFILE_ARGS)
+
+floor: $(STAMP)
+	$(VPY) bench/floor.py $(FLOOR_ARGS)

@@ -1,6 +1,6 @@
 """Where Anywhere's CPU goes under one load: py-spy on anywhered and the agent, one table each.
 
-    .venv/bin/python bench/profile.py [--load bulk|c10|c100|conns] [--seconds N] [--native] [--top N]
+    .venv/bin/python bench/cpuprofile.py [--load bulk|c10|c100|conns] [--seconds N] [--native] [--top N]
 
 Starts the targets and the Anywhere path exactly as `bench/run.py` does (the harness in
 bench/harness), runs one load through it while `py-spy record` samples both processes, and prints
@@ -75,7 +75,7 @@ def summarise(raw: Path, top: int) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="bench/profile.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bench/cpuprofile.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--load", choices=("bulk", "c1", "c10", "c100", "conns"), default="bulk")
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--native", action="store_true", help="sample C frames too")
