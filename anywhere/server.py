@@ -81,7 +81,7 @@ class ServerConfig:
     data_timeout: float = 10.0
     heartbeat: float = 5.0
     handshake_timeout: float = 10.0
-    pool_size: int = 4  # trunks each agent keeps (at most 16); 0: a data connection per client
+    pool_size: int = 2  # trunks each agent keeps (at most 16); 0: a data connection per client
     pool_max: int = 256  # idle data connections kept per agent at most (reused ones included)
     pool_idle_timeout: float = 60.0  # idle ones beyond pool_size are closed after this
     audit_log: str = ""  # "", "journal" or a file

@@ -69,7 +69,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--handshake-timeout", type=_positive, help="TLS handshake and hello timeout (default 10)")
     p.add_argument("--drain-timeout", type=_positive, help="seconds live connections may finish on SIGTERM (default 10)")
     p.add_argument("--pool-size", type=int, help="trunks (multiplexed data connections) each agent keeps, at most 16 "
-                   "(default 4; 0: a data connection of its own per client)")
+                   "(default 2; 0: a data connection of its own per client)")
     p.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     p.add_argument("--log-file", help="append logs to this file instead of stderr")
 

@@ -42,7 +42,7 @@ def load_command(load: str, port: int, seconds: int) -> list[str]:
     if load in ("c1", "c10", "c100"):
         return ["wrk", "-t1", f"-c{load[1:]}", f"-d{seconds}s", f"http://127.0.0.1:{port}/1k"]
     if load == "conns":
-        return [sys.executable, LOADGEN, "conns", "--port", str(port), "--count", str(2000 * seconds),
+        return [sys.executable, LOADGEN, "conns", str(port), "--count", str(2000 * seconds), "--max-time", str(seconds),
                 "--concurrency", "50", "--timeout", "10"]
     raise ValueError(load)
 
