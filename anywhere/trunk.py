@@ -13,7 +13,9 @@ smaller frames (requests, WINDOW, OPEN, END) are queued and the queue is written
 the loop pass (`Loop.call_at_end`), joined: ten clients' requests that arrive together cost one
 TLS record and one system call instead of ten, on both sides.  A stream stops reading
 when its window is used up (it resumes on WINDOW) or when the trunk's queue is over `HIGH`
-(it resumes when the queue drains below `LOW`): backpressure, per stream and per trunk.
+(it resumes when the queue drains below `LOW`, in turn with the others that wait: oldest
+first, so every busy stream of a congested trunk gets its share): backpressure, per stream and
+per trunk.
 
 Trunk → plain: the trunk reads into a buffer of its own (so a stream that resumes reading in
 the middle of a dispatch cannot overwrite frames still being handled), decodes frames and hands
@@ -72,7 +74,7 @@ class Trunk:
         self.streams: dict[int, Stream] = {}
         self.out: collections.deque[bytes | memoryview] = collections.deque()
         self.out_bytes = 0
-        self.blocked: set[Stream] = set()
+        self.blocked: dict[Stream, None] = {}  # streams waiting for the queue to drain, oldest first
         self.window_budget = WINDOW_BUDGET
         self.closed = False
         self.reason = ""
@@ -176,10 +178,22 @@ class Trunk:
                 break
             out.popleft()
         if not self.closed and self.out_bytes < LOW and self.blocked:
-            waiting, self.blocked = self.blocked, set()
-            for stream in waiting:
-                stream.pump()
+            self._resume()
         self._update()
+
+    def _resume(self) -> None:
+        """Let waiting streams read again, oldest first, until the queue is full again; those that
+        got no turn keep their place ahead of those that just had one (round robin: with a set,
+        the same streams went first every time and the rest starved)."""
+        waiting = list(self.blocked)
+        self.blocked = {}
+        for i, stream in enumerate(waiting):
+            if self.congested or self.closed:
+                rest = dict.fromkeys(st for st in waiting[i:] if not st.closed)
+                rest.update(self.blocked)
+                self.blocked = rest
+                return
+            stream.pump()
 
     # -- input -------------------------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -382,7 +396,7 @@ class Stream:
             if self.eof_read or self.send_window <= 0:
                 break
             if trunk.congested:
-                trunk.blocked.add(self)
+                trunk.blocked[self] = None
                 break
             limit = min(mux.MAX_PAYLOAD, self.send_window)
             try:
@@ -516,7 +530,7 @@ class Stream:
         if notify and not trunk.closed:
             trunk.write(mux.frame(mux.ABORT, self.sid, reason.encode("utf-8", "replace")[:1024]))
         trunk.streams.pop(self.sid, None)
-        trunk.blocked.discard(self)
+        trunk.blocked.pop(self, None)
         trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
         if self.dialer is not None:
             dialer, self.dialer = self.dialer, None
