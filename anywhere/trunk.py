@@ -481,8 +481,8 @@ class Stream:
             self.credit = credit
             return
         trunk = self.trunk
-        delivered = self.window_delivered + credit
-        if delivered >= window:
+        moved = self.window_delivered + credit
+        if moved >= window:
             now = trunk.loop.time()
             if now - self.window_start < GROW_WITHIN and window < mux.MAX_WINDOW and not self.outbuf \
                     and trunk.window_budget >= window:
@@ -490,8 +490,8 @@ class Stream:
                 self.recv_window = window * 2
                 credit += window
             self.window_start = now
-            delivered = 0
-        self.window_delivered = delivered
+            moved = 0
+        self.window_delivered = moved
         self.credit = 0
         trunk.write(mux.window_frame(self.sid, credit))
 
