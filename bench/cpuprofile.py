@@ -68,7 +68,7 @@ def summarise(raw: Path, top: int) -> list[str]:
     out = [f"  {samples} samples", f"  {'self %':>7}  {'total %':>7}  function"]
     for name, n in self_n.most_common(top):
         out.append(f"  {100 * n / samples:7.1f}  {100 * total_n[name] / samples:7.1f}  {name}")
-    out.append(f"  by total (on the stack):")
+    out.append("  by total (on the stack):")
     for name, n in total_n.most_common(top):
         out.append(f"  {100 * self_n[name] / samples:7.1f}  {100 * n / samples:7.1f}  {name}")
     return out

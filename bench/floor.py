@@ -27,7 +27,6 @@ import selectors
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +36,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from anywhere import credentials, tls  # noqa: E402
+from anywhere import tls  # noqa: E402
+from harness.metrics import Settings, Targets, iperf  # noqa: E402
 from harness.paths import PATHS, Context  # noqa: E402
 from harness.procs import CLK_TCK, Procs, cpu_ticks, raise_nofile  # noqa: E402
-from harness.services import Echo, Ports, iperf3_server  # noqa: E402
+from harness.services import Echo, Ports  # noqa: E402
 
 CHUNK = 256 * 1024
 
@@ -273,21 +273,8 @@ def echo_anywhere(ctx: Context, echo_port: int, count: int) -> dict:
 
 
 def bulk_anywhere(ctx: Context, procs: Procs, ports: Ports, seconds: int) -> float:
-    server, target = iperf3_server(procs, ports)
-    path = PATHS["anywhere"](ctx)
-    try:
-        port = path.start(target)
-        pids = path.pids()
-        before = cpu_ticks(pids)
-        res = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-                             capture_output=True, text=True, timeout=seconds + 60)
-        after = cpu_ticks(pids)
-    finally:
-        path.stop()
-        procs.stop(server, timeout=2)
-    import json
-    nbytes = json.loads(res.stdout)["end"]["sum_received"]["bytes"]
-    return (after - before) / CLK_TCK / (nbytes / 1e9)
+    """CPU seconds of anywhered + agent per GB of one iperf3 stream: metric g of bench/run.py."""
+    return iperf(PATHS["anywhere"](ctx), Targets(procs, ports, 0, 0), Settings(iperf_seconds=seconds), 1)["cpu_s_per_gb"]
 
 
 def main() -> int:
