@@ -21,9 +21,10 @@ the window whatever the peers do, and a stream whose reader stalls stops only it
 A fixed window caps a stream at window / round trip: 1 MiB over a trunk whose round trip
 (through two busy processes and TLS) is a few milliseconds holds one bulk stream to well under
 what the processes can carry.  So a receiver grows a stream's window (doubling, up to
-`MAX_WINDOW`) when the sender had used nearly all of it while the receiver's own reader kept up:
-the window, not a slow reader, was the limit.  Growth comes out of a per-trunk budget, so the
-memory a trunk may be made to hold stays bounded however many streams grow.
+`MAX_WINDOW`) when it delivered a whole window within a short time (trunk.GROW_WITHIN) while its
+own reader kept up: the window, not a slow reader, was the limit.  Growth comes out of a
+per-trunk budget, so the memory a trunk may be made to hold stays bounded however many streams
+grow.
 
 Opening costs no round trip: the server sends OPEN and goes on reading its client at once, so
 the first bytes travel right behind OPEN while the agent dials the target, which holds them
