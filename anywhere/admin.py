@@ -414,7 +414,7 @@ class _AdminConn:
             return
         self.closed = True
         self.timer.cancel()
-        self.loop.unregister(self.sock)
+        self.loop.discard(self.sock)
         try:
             self.sock.close()
         except OSError:

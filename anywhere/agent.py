@@ -287,7 +287,7 @@ class Agent:
             stream.dialer = None
             if stream.closed or trunk.closed:
                 if sock is not None:
-                    self.loop.unregister(sock)
+                    self.loop.discard(sock)
                     sock.close()
                 return
             if sock is None:

@@ -241,7 +241,7 @@ class FramedConn:
             self._timer.cancel()
             self._timer = None
         if self.mask:
-            self.loop.unregister(self.sock)
+            self.loop.discard(self.sock)
             self.mask = 0
         try:
             self.sock.close()

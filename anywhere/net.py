@@ -258,7 +258,7 @@ class Dialer:
             self.sock = None
             self._finish(sock, None)
             return
-        self.loop.unregister(sock)
+        self.loop.discard(sock)
         try:
             peer = format_addr(sock.getpeername())
         except OSError:
@@ -280,7 +280,7 @@ class Dialer:
     def _cleanup(self) -> None:
         self.timer.cancel()
         if self.sock is not None:
-            self.loop.unregister(self.sock)
+            self.loop.discard(self.sock)
             self.sock.close()
             self.sock = None
 
@@ -289,7 +289,7 @@ class Dialer:
         self._cleanup()
         if callback is None:
             if sock is not None:
-                self.loop.unregister(sock)
+                self.loop.discard(sock)
                 sock.close()
             return
         callback(sock, reason)

@@ -347,7 +347,7 @@ class Relay:
             sides = (self.a,)
         for side in sides:
             if side.mask:
-                self.loop.unregister(side.sock)
+                self.loop.discard(side.sock)
                 side.mask = 0
             try:
                 side.sock.close()

@@ -15,7 +15,12 @@ only on CPython with a known object layout, only if libssl.so.3 is the library `
 only after the context pointer it found answers SSL_CTX_get_options with this context's options.
 Otherwise it does nothing and the tunnel works as before, a little slower.  Every reader of a TLS
 socket here reads until SSLWantReadError (or reschedules itself when it stops early), because
-bytes held by read-ahead are neither reported by the selector nor counted by pending().
+bytes held by read-ahead are neither reported by the selector nor counted by pending().  The
+one exception is the trunk, whose reads are the hot path of every request: `has_pending()` gives
+it OpenSSL's SSL_has_pending (any buffered bytes, records not yet decrypted included) through the
+same guarded ctypes handle, so after a short read it can stop when nothing is buffered instead of
+paying a last read that fails with SSLWantReadError (a system call and an exception, 3.2 µs
+against 0.4 µs measured here); the selector reports whatever the kernel still receives.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import base64
 import binascii
 import logging
 import os
+import functools
 import ssl
 import sys
+from typing import Any, Callable
 
 log = logging.getLogger("anywhere.tls")
 
@@ -62,19 +69,17 @@ def _harden(ctx: ssl.SSLContext) -> None:
         _read_ahead(ctx)
 
 
-def _read_ahead(ctx: ssl.SSLContext) -> bool:
-    """Turn on OpenSSL read-ahead for `ctx` (see the module's docstring); False if it cannot."""
+def _lib() -> Any:
+    """libssl through ctypes, where the object layouts read below are known; None otherwise."""
     global _libssl
-    if _libssl is False:
-        return False
-    try:
-        import ctypes
-        if _libssl is None:
-            _libssl = False
-            if sys.implementation.name != "cpython" or not (3, 8) <= sys.version_info[:2] <= (3, 13) \
-                    or getattr(sys, "_is_gil_enabled", lambda: True)() is False \
-                    or not ssl.OPENSSL_VERSION.startswith("OpenSSL 3."):
-                return False
+    if _libssl is None:
+        _libssl = False
+        if sys.implementation.name != "cpython" or not (3, 8) <= sys.version_info[:2] <= (3, 13) \
+                or getattr(sys, "_is_gil_enabled", lambda: True)() is False \
+                or not ssl.OPENSSL_VERSION.startswith("OpenSSL 3."):
+            return None
+        try:
+            import ctypes
             lib = ctypes.CDLL("libssl.so.3")  # already loaded by _ssl: dlopen returns that copy
             lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
             lib.SSL_CTX_get_options.restype = ctypes.c_uint64
@@ -82,21 +87,68 @@ def _read_ahead(ctx: ssl.SSLContext) -> bool:
             lib.SSL_CTX_ctrl.restype = ctypes.c_long
             lib.SSL_CTX_set_default_read_buffer_len.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             lib.SSL_CTX_set_default_read_buffer_len.restype = None
-            _libssl = lib
-        lib = _libssl
-        # PySSLContext is PyObject_HEAD (reference count, type) followed by its SSL_CTX pointer
-        ptr = ctypes.c_void_p.from_address(id(ctx) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
-        if not ptr or lib.SSL_CTX_get_options(ptr) != ctx.options:
-            log.debug("OpenSSL read-ahead not available: the context pointer does not check out")
-            _libssl = False
-            return False
-        lib.SSL_CTX_set_default_read_buffer_len(ptr, READ_AHEAD)
-        lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
-        return True
-    except (OSError, AttributeError, ImportError) as exc:
-        log.debug("OpenSSL read-ahead not available: %s", exc)
+            lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+            lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+            lib.SSL_has_pending.argtypes = [ctypes.c_void_p]
+            lib.SSL_has_pending.restype = ctypes.c_int
+        except (OSError, AttributeError, ImportError) as exc:
+            log.debug("libssl through ctypes not available: %s", exc)
+            return None
+        _libssl = lib
+    return _libssl or None
+
+
+def _word(obj: object, index: int) -> int:
+    """The index-th pointer-sized word of a CPython object (0 and 1 are its header)."""
+    import ctypes
+    return ctypes.c_void_p.from_address(id(obj) + index * ctypes.sizeof(ctypes.c_void_p)).value or 0
+
+
+def _ctx_pointer(lib: Any, ctx: ssl.SSLContext) -> int:
+    """The SSL_CTX of `ctx` (PySSLContext is the object header, then its SSL_CTX pointer), once
+    it answers SSL_CTX_get_options with this context's options; 0 if it does not check out."""
+    ptr = _word(ctx, 2)
+    return ptr if ptr and lib.SSL_CTX_get_options(ptr) == ctx.options else 0
+
+
+def _read_ahead(ctx: ssl.SSLContext) -> bool:
+    """Turn on OpenSSL read-ahead for `ctx` (see the module's docstring); False if it cannot."""
+    global _libssl
+    lib = _lib()
+    if lib is None:
+        return False
+    ptr = _ctx_pointer(lib, ctx)
+    if not ptr:
+        log.debug("OpenSSL read-ahead not available: the context pointer does not check out")
         _libssl = False
         return False
+    lib.SSL_CTX_set_default_read_buffer_len(ptr, READ_AHEAD)
+    lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
+    return True
+
+
+def has_pending(sock: ssl.SSLSocket) -> Callable[[], int] | None:
+    """A call answering whether OpenSSL holds bytes of `sock` not yet read, decrypted or not
+    (SSL_has_pending); None where it cannot be had safely.  PySSLSocket is the object header, a
+    weak reference to the socket, its SSL pointer, then its context object: the pointer is used
+    only when the word after it is that context and OpenSSL names that context's SSL_CTX as the
+    one of the SSL.  The caller must keep `sock._sslobj` alive as long as it uses the call (the
+    SSL is freed with it)."""
+    lib = _lib()
+    sslobj = getattr(sock, "_sslobj", None)
+    if lib is None or sslobj is None:
+        return None
+    try:
+        ctx = sock.context
+        if _word(sslobj, 4) != id(ctx):
+            return None
+        ssl_ptr, ctx_ptr = _word(sslobj, 3), _ctx_pointer(lib, ctx)
+        if not ssl_ptr or not ctx_ptr or lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr:
+            return None
+    except (OSError, AttributeError, ValueError) as exc:
+        log.debug("SSL_has_pending not available: %s", exc)
+        return None
+    return functools.partial(lib.SSL_has_pending, ssl_ptr)
 
 
 def server_context(ca: str, cert: str, key: str) -> ssl.SSLContext:

@@ -43,7 +43,7 @@ import socket
 import ssl
 from typing import Any, Callable
 
-from . import mux
+from . import mux, tls
 from .loop import READ, WRITE, Loop
 from .relay import _scratch, _view
 from .wire import ProtocolError
@@ -53,6 +53,7 @@ log = logging.getLogger("anywhere.trunk")
 HIGH = 1024 * 1024  # queued bytes over which streams stop reading
 LOW = 256 * 1024
 READ_SIZE = 512 * 1024
+SHORT_READ = tls.READ_AHEAD  # less than OpenSSL's read-ahead buffer read: the kernel had no more
 WINDOW_BUDGET = 12 * 1024 * 1024  # per trunk: what its streams' receive windows may grow by in all
 GROW_WITHIN = 0.05  # seconds: a stream that delivers its whole window faster gets a bigger one
 _FOREIGN = -1  # Stream.mask of a socket registered by another owner: the next _update re-points it
@@ -88,6 +89,9 @@ class Trunk:
         sslobj = getattr(sock, "_sslobj", None)
         self._read: Callable[[int, memoryview], int] = sslobj.read if sslobj is not None else \
             (lambda n, buf: sock.recv_into(buf, n))
+        # After a short read, stop when OpenSSL holds nothing more (tls.has_pending; _read keeps
+        # the SSL object it asks about alive) rather than read again only to meet SSLWantReadError.
+        self._has_pending = tls.has_pending(sock)
         sock.setblocking(False)
         self._update()
         if leftover:
@@ -200,7 +204,7 @@ class Trunk:
         if self.closed:
             return
         got, eof = 0, False
-        read, view = self._read, self._bufview
+        read, view, has_pending = self._read, self._bufview, self._has_pending
         try:
             while got < READ_SIZE:
                 n = read(READ_SIZE - got, view[got:])
@@ -208,6 +212,8 @@ class Trunk:
                     eof = True
                     break
                 got += n
+                if got < SHORT_READ and has_pending is not None and not has_pending():
+                    break  # what the kernel still gets, the selector reports
         except _WOULD_BLOCK:
             pass
         except ssl.SSLEOFError:
@@ -273,7 +279,7 @@ class Trunk:
         for stream in list(self.streams.values()):
             stream.close(f"data connection lost: {reason}", notify=False)
         if self.mask:
-            self.loop.unregister(self.sock)
+            self.loop.discard(self.sock)
             self.mask = 0
         try:
             self.sock.close()
@@ -537,7 +543,7 @@ class Stream:
             dialer.cancel()
         if self.sock is not None:
             if self.mask:
-                trunk.loop.unregister(self.sock)
+                trunk.loop.discard(self.sock)
                 self.mask = 0
             try:
                 self.sock.close()

@@ -1,10 +1,15 @@
-"""The event loop's ordering guarantees that the trunks' write coalescing relies on."""
+"""The event loop: the ordering guarantees that the trunks' write coalescing relies on, and the
+registration rules of its own epoll set (what `selectors` did for it before)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 
-from anywhere.loop import READ, Loop
+import pytest
+
+from anywhere.loop import READ, WRITE, Loop
 
 
 def test_call_at_end_runs_after_events_and_callbacks_of_the_same_pass():
@@ -46,4 +51,141 @@ def test_pending_end_callbacks_do_not_let_the_loop_sleep():
         loop.run_once()  # would block forever if the pending callback did not count
         assert ran == [1]
     finally:
+        loop.close()
+
+
+def _drive(loop: Loop, until, seconds: float = 2.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        loop.run_once(max_wait=0.05)
+
+
+def test_registration_rules_match_selectors():
+    loop = Loop()
+    a, b = socket.socketpair()
+    try:
+        with pytest.raises(KeyError):
+            loop.modify(a, READ, print)  # not registered
+        loop.register(a, READ, print)
+        with pytest.raises(KeyError):
+            loop.register(a, WRITE, print)  # twice
+        with pytest.raises(KeyError):
+            loop.register(a.fileno(), WRITE, print)  # the same descriptor by number
+        loop.unregister(a)
+        loop.unregister(a)  # idempotent
+        loop.register(a, READ, print)
+        a.close()
+        loop.unregister(a)  # closed first: found by the object, then forgotten
+        assert a not in [entry[2] for entry in loop._fds.values()]
+        with pytest.raises(ValueError):
+            loop.register(a, READ, print)  # a closed socket has no descriptor
+    finally:
+        a.close()
+        b.close()
+        loop.close()
+
+
+def test_modify_changes_the_interest_and_the_callback():
+    loop = Loop()
+    a, b = socket.socketpair()
+    seen: list[tuple[str, int]] = []
+    try:
+        loop.register(a, READ, lambda m: seen.append(("first", m)))
+        loop.run_once(max_wait=0.05)
+        assert seen == []  # nothing to read
+        loop.modify(a, READ | WRITE, lambda m: seen.append(("second", m)))
+        loop.run_once(max_wait=1.0)
+        assert seen == [("second", WRITE)]  # writable, still nothing to read
+        seen.clear()
+        b.send(b"x")
+        loop.modify(a, READ, lambda m: seen.append(("third", m)))
+        loop.run_once(max_wait=1.0)
+        assert seen == [("third", READ)]
+    finally:
+        loop.unregister(a)
+        a.close()
+        b.close()
+        loop.close()
+
+
+def test_a_hang_up_wakes_every_interest():
+    loop = Loop()
+    a, b = socket.socketpair()
+    seen: list[int] = []
+    try:
+        a.send(b"x" * 100)
+        loop.register(a, READ | WRITE, seen.append)
+        b.close()  # a's peer is gone: readable (EOF) and writable (EPIPE), EPOLLHUP among the events
+        _drive(loop, lambda: bool(seen))
+        assert seen and seen[0] == READ | WRITE
+        loop.modify(a, READ, seen.append)
+        seen.clear()
+        loop.run_once(max_wait=1.0)
+        assert seen == [READ]  # only what is asked for
+    finally:
+        loop.unregister(a)
+        a.close()
+        loop.close()
+
+
+def test_a_discarded_socket_closed_at_once_leaves_the_epoll_set_and_its_number_can_be_reused():
+    loop = Loop()
+    a, b = socket.socketpair()
+    calls: list[str] = []
+    try:
+        b.send(b"x")  # a is readable and stays so: level-triggered, it would be reported every pass
+        loop.register(a, READ, lambda m: calls.append("old"))
+        fd = a.fileno()
+        loop.discard(a)
+        a.close()
+        loop.run_once(max_wait=0.05)
+        assert calls == []
+        c, d = socket.socketpair()
+        try:
+            if c.fileno() != fd:  # the kernel hands out the lowest free number: normally the same
+                os.dup2(c.fileno(), fd)
+                c.close()
+                c = socket.socket(fileno=fd)
+            loop.register(c, READ, lambda m: calls.append("new"))  # no stale entry in the way
+            loop.run_once(max_wait=0.05)
+            assert calls == []  # the old socket's readiness did not follow its number
+            d.send(b"y")
+            _drive(loop, lambda: bool(calls))
+            assert calls == ["new"]
+        finally:
+            loop.unregister(c)
+            c.close()
+            d.close()
+    finally:
+        b.close()
+        loop.close()
+
+
+def test_an_event_for_a_socket_closed_earlier_in_the_same_pass_is_not_dispatched():
+    loop = Loop()
+    pairs = [socket.socketpair() for _ in range(2)]
+    calls: list[int] = []
+    try:
+        socks = [p[0] for p in pairs]
+
+        def on_event(i: int):
+            def handler(_mask: int) -> None:
+                calls.append(i)
+                other = socks[1 - i]
+                if other.fileno() >= 0:
+                    loop.discard(other)  # the connection ends both legs at once
+                    other.close()
+            return handler
+
+        for i, s in enumerate(socks):
+            loop.register(s, READ, on_event(i))
+        for p in pairs:
+            p[1].send(b"x")  # both ready in one wait
+        loop.run_once(max_wait=1.0)
+        assert len(calls) == 1
+    finally:
+        for a, b in pairs:
+            loop.unregister(a)
+            a.close()
+            b.close()
         loop.close()

@@ -12,6 +12,7 @@ import ctypes
 import os
 import socket
 import ssl
+import threading
 
 import pytest
 
@@ -56,6 +57,43 @@ def test_a_burst_of_records_then_silence_is_delivered_whole(world, creds, peers)
         got = recv_all(client, 20)
         assert len(got) == len(blob) and got == blob
     wait_for(lambda: world.api("GET", "/v1/status")["connections"] == 0, 5, what="the stream to end")
+
+
+def test_has_pending_sees_the_records_read_ahead_holds(creds):
+    """The trunk stops reading after a short read when OpenSSL holds nothing more: that answer
+    must count records read ahead but not yet decrypted, or they would be stranded."""
+    server = tls.server_context(str(creds.ca), str(creds.server_cert), str(creds.server_key))
+    cert, key = creds.agent("agent-1")
+    client = tls.client_context(str(creds.ca), str(cert), str(key))
+    a, b = socket.socketpair()
+    writer = server.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    reader = client.wrap_socket(b, server_hostname="localhost", do_handshake_on_connect=False)
+    try:
+        hs = threading.Thread(target=writer.do_handshake)
+        hs.start()
+        reader.do_handshake()
+        hs.join(10)
+        probe = tls.has_pending(reader)
+        if probe is None:
+            pytest.skip(f"SSL_has_pending is not reachable with this Python/OpenSSL ({ssl.OPENSSL_VERSION}); "
+                        "the trunk reads until SSLWantReadError instead")
+        reader.setblocking(False)
+        assert probe() == 0  # nothing read yet: the bytes are in the kernel, which the selector reports
+        for i in range(3):
+            writer.sendall(bytes([65 + i]) * 1000)  # three records
+        assert reader.recv(1) == b"A"  # sendall has put all three in the kernel: read-ahead takes them at once
+        assert probe() == 1
+        assert reader.recv(999) == b"A" * 999
+        assert probe() == 1  # two records still buffered, not yet decrypted
+        assert reader.recv(1000) == b"B" * 1000
+        assert probe() == 1
+        assert reader.recv(1000) == b"C" * 1000
+        assert probe() == 0
+        with pytest.raises(ssl.SSLWantReadError):
+            reader.recv(1000)
+    finally:
+        reader.close()
+        writer.close()
 
 
 # -- the agent's own certificate name, read without cryptography -------------------------------------------
