@@ -92,6 +92,7 @@ class Loop:
         self._running = False
         self._stopping = False
         self._closed = False
+        self.now = self.time()  # when the current pass's wait ended: a cheap clock for bookkeeping
 
     # -- time and timers -------------------------------------------------------------------
     @staticmethod
@@ -229,6 +230,7 @@ class Loop:
                                       min(max(len(fds), 1), MAX_EVENTS))
         except InterruptedError:
             events = []
+        self.now = self.time()
         for fd, ev in events:
             entry = fds.get(fd)
             if entry is None:  # forgotten during this pass (and maybe its number already reused)

@@ -138,15 +138,19 @@ class MuxDecoder:
                         self._control.clear()
                     self._kind = 0
                 continue
-            need = HEADER_SIZE - len(self._hdr)
-            piece = bytes(view[pos:pos + need])
-            pos += len(piece)
-            self._hdr += piece
-            if len(self._hdr) < HEADER_SIZE:
-                break
-            word, stream = HEADER.unpack(self._hdr)
+            if not self._hdr and n - pos >= HEADER_SIZE:  # a whole header: read in place
+                word, stream = HEADER.unpack_from(view, pos)
+                pos += HEADER_SIZE
+            else:
+                need = HEADER_SIZE - len(self._hdr)
+                piece = bytes(view[pos:pos + need])
+                pos += len(piece)
+                self._hdr += piece
+                if len(self._hdr) < HEADER_SIZE:
+                    break
+                word, stream = HEADER.unpack(self._hdr)
+                self._hdr = b""
             kind, length = word >> 24, word & 0xFFFFFF
-            self._hdr = b""
             if kind not in NAMES:
                 raise ProtocolError(f"unknown frame type {kind}")
             if length > MAX_PAYLOAD:

@@ -85,10 +85,12 @@ class Trunk:
         self._buf = bytearray(READ_SIZE)
         self._bufview = memoryview(self._buf)
         # One TLS record per call, so per 16 KiB: the SSL object's own read(len, buffer) spares
-        # the two Python frames of SSLSocket.recv_into -> read (about 5% of the agent's CPU in bulk).
+        # the two Python frames of SSLSocket.recv_into -> read (about 5% of the agent's CPU in bulk);
+        # its write() likewise spares SSLSocket.send's frame and checks.
         sslobj = getattr(sock, "_sslobj", None)
         self._read: Callable[[int, memoryview], int] = sslobj.read if sslobj is not None else \
             (lambda n, buf: sock.recv_into(buf, n))
+        self._send: Callable[[bytes | memoryview], int] = sslobj.write if sslobj is not None else sock.send
         # After a short read, stop when OpenSSL holds nothing more (tls.has_pending; _read keeps
         # the SSL object it asks about alive) rather than read again only to meet SSLWantReadError.
         self._has_pending = tls.has_pending(sock)
@@ -136,7 +138,7 @@ class Trunk:
         out = self.out
         if not out and len(data) >= COALESCE:
             try:
-                sent = self.sock.send(data)
+                sent = self._send(data)
             except _WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
@@ -170,7 +172,7 @@ class Trunk:
                 head = b"".join(parts)
                 out.appendleft(head)
             try:
-                sent = self.sock.send(head)
+                sent = self._send(head)
             except _WOULD_BLOCK:
                 break
             except OSError as exc:
@@ -382,16 +384,13 @@ class Stream:
         if mask & READ and not self.closed:
             self.pump()
 
-    def _activity(self) -> None:
-        now = self.trunk.loop.time()
-        self.last_active = now
-        if self.first_byte_at is None:
-            self.first_byte_at = now
-            if self.on_first_byte is not None:
-                try:
-                    self.on_first_byte(self)
-                except Exception:
-                    log.exception("on_first_byte callback failed")
+    def _first_byte(self) -> None:
+        self.first_byte_at = self.trunk.loop.time()
+        if self.on_first_byte is not None:
+            try:
+                self.on_first_byte(self)
+            except Exception:
+                log.exception("on_first_byte callback failed")
 
     # -- plain → trunk ---------------------------------------------------------------------------------
     def pump(self) -> None:
@@ -421,7 +420,9 @@ class Stream:
             trunk.write(_view[:mux.HEADER_SIZE + n])
             self.send_window -= n
             self.nbytes_in += n
-            self._activity()
+            self.last_active = trunk.loop.now  # for idle timeouts: the time of this loop pass will do
+            if self.first_byte_at is None:
+                self._first_byte()
             if trunk.closed:
                 return
             if n < limit:
@@ -448,7 +449,9 @@ class Stream:
         if len(self.outbuf) + len(payload) > self.recv_window:
             raise ProtocolError(f"stream {self.sid}: more data than its window")
         self.nbytes_out += len(payload)
-        self._activity()
+        self.last_active = self.trunk.loop.now
+        if self.first_byte_at is None:
+            self._first_byte()
         if self.sock is None or self.outbuf:
             self.outbuf += payload
         else:
