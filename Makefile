@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: all test demo venv system-deps clean
-.PHONY: bench profile floor
+.PHONY: bench profile floor instructions
 
 # Packages (packaging/build.py; Debian's python3, standard library only).  `make` builds the
 # PyInstaller tarball; `make deb` / `make rpm` the packages; all go into $(DIST), scratch space is
@@ -119,3 +119,11 @@ profile: $(STAMP)
 
 floor: $(STAMP)
 	$(VPY) bench/floor.py $(FLOOR_ARGS)
+
+# `make instructions`: user-space instructions per request of both daemons under callgrind
+# (bench/instructions.py), repeatable within ~2% on a noisy machine; compare with revisions, e.g.
+# make instructions INSTR_ARGS="--rev HEAD~1".  Installs valgrind if missing.
+instructions: $(STAMP)
+	@command -v valgrind >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq valgrind; }
+	$(VPY) bench/instructions.py $(INSTR_ARGS)

@@ -76,6 +76,10 @@ class Context:
         self.ports = ports
         self.workdir = workdir
         self.anywhere_env = anywhere_env  # PYTHONPATH pointing at the run's snapshot of anywhere/
+        # bench/instructions.py runs the daemons under valgrind: a command in front of the venv's
+        # python, and the patience that takes to start
+        self.anywhere_prefix: list[str] = []
+        self.anywhere_startup = 15.0
         self.n = 0
         self._ssh_ready = False
         self._anywhere_ready = False
@@ -254,17 +258,19 @@ class Anywhere(Path):
         port = self.ctx.ports.get()
         sock = str(tmp / "anywhered.sock")
         config, _ = self.ctx.anywhere_config()
+        prefix = [*self.ctx.anywhere_prefix, str(VENV_BIN / "python")] if self.ctx.anywhere_prefix else []
+        patience = self.ctx.anywhere_startup
         server = self.ctx.procs.start("anywhered", [
-            str(VENV_BIN / "anywhered"), "start", *(["--config", config] if config else []), "-p", str(agent_port), "--bind", "127.0.0.1",
+            *prefix, str(VENV_BIN / "anywhered"), "start", *(["--config", config] if config else []), "-p", str(agent_port), "--bind", "127.0.0.1",
             "--proxy-bind", "127.0.0.1", "--ca", str(creds / "ca.crt"), "--cert", str(creds / "server.crt"),
             "--key", str(creds / "server.key"), "--wl", "127.0.0.1", "--admin-socket", sock,
             "--state-dir", str(tmp / "state"), "--log-level", "warning", "--drain-timeout", "2"],
             cwd=str(tmp), env=self.ctx.anywhere_env)
         self.procs = [server]
-        wait_listen(server, agent_port, "anywhered")
-        wait_until(lambda: os.path.exists(sock), 10, "the admin socket", alive=server.alive)
+        wait_listen(server, agent_port, "anywhered", timeout=patience)
+        wait_until(lambda: os.path.exists(sock), patience, "the admin socket", alive=server.alive)
         agent = self.ctx.procs.start("anywhere-agent", [
-            str(VENV_BIN / "anywhere"), "-i", "agent-1", "-s", "127.0.0.1", "-p", str(agent_port),
+            *prefix, str(VENV_BIN / "anywhere"), "-i", "agent-1", "-s", "127.0.0.1", "-p", str(agent_port),
             "--ca", str(creds / "ca.crt"), "--cert", str(creds / "agent-1.crt"), "--key", str(creds / "agent-1.key"),
             "--log-level", "warning"], cwd=str(tmp), env=self.ctx.anywhere_env)
         self.procs = [agent, server]  # stop order: the agent first
@@ -278,7 +284,7 @@ class Anywhere(Path):
             except CtlError:
                 return False
         try:
-            wait_until(agent_online, 15, "the agent to connect", interval=0.05, alive=agent.alive)
+            wait_until(agent_online, patience, "the agent to connect", interval=0.05, alive=agent.alive)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- agent log ---\n{agent.log_tail()}\n--- server log ---\n{server.log_tail()}") from None
         res = subprocess.run([str(VENV_BIN / "anywhered"), "proxy", "add", "--admin-socket", sock, "--agent-id", "agent-1",
@@ -286,7 +292,7 @@ class Anywhere(Path):
                              capture_output=True, text=True, timeout=30, cwd=str(tmp), env=self.ctx.anywhere_env)
         if res.returncode != 0:
             raise RuntimeError(f"anywhered proxy add failed: {res.stderr}{res.stdout}")
-        wait_listen(server, port, "the Anywhere proxy port")
+        wait_listen(server, port, "the Anywhere proxy port", timeout=patience)
         return port
 
 
