@@ -60,6 +60,12 @@ _FOREIGN = -1  # Stream.mask of a socket registered by another owner: the next _
 COALESCE = 16384  # frames under one TLS record's worth wait for the end of the loop pass
 COALESCE_MAX = 65536  # at most this much joined into one write
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# the per-chunk path reads these as globals of this module, not attributes of mux
+_HDR = mux.HEADER_SIZE
+_MAX_PAYLOAD = mux.MAX_PAYLOAD
+_DATA = mux.DATA
+_DATA_WORD = _DATA << 24
+_pack_header_into = mux.HEADER.pack_into
 
 
 class Trunk:
@@ -116,7 +122,9 @@ class Trunk:
     def _on_event(self, mask: int) -> None:
         if mask & WRITE:
             self._flush()
-        if mask & READ and not self.closed:
+            if self.closed:
+                return
+        if mask & READ:
             self._on_readable()
 
     @property
@@ -231,12 +239,17 @@ class Trunk:
             self.loop.call_soon(self._on_readable)
 
     def _handle(self, view: memoryview) -> None:
+        streams = self.streams
         try:
-            frames = self.decoder.feed(view)
-            for kind, sid, payload in frames:
+            for kind, sid, payload in self.decoder.feed(view):
                 if self.closed:
                     return
-                self._dispatch(kind, sid, payload)
+                if kind == _DATA:  # most frames: straight to the stream
+                    stream = streams.get(sid)
+                    if stream is not None:  # else in flight for a stream this side has closed
+                        stream.on_data(payload)
+                else:
+                    self._dispatch(kind, sid, payload)
         except ProtocolError as exc:
             log.warning("trunk %s: protocol error: %s; closing it", self.name, exc)
             self.close(f"protocol error: {exc}")
@@ -398,14 +411,15 @@ class Stream:
         if sock is None or self.closed:
             return
         for _ in range(16):
-            if self.eof_read or self.send_window <= 0:
+            window = self.send_window
+            if self.eof_read or window <= 0:
                 break
-            if trunk.congested:
+            if trunk.out_bytes >= HIGH:  # congested
                 trunk.blocked[self] = None
                 break
-            limit = min(mux.MAX_PAYLOAD, self.send_window)
+            limit = _MAX_PAYLOAD if window > _MAX_PAYLOAD else window
             try:
-                n = sock.recv_into(_view[mux.HEADER_SIZE:mux.HEADER_SIZE + limit])
+                n = sock.recv_into(_view[_HDR:_HDR + limit])
             except _WOULD_BLOCK:
                 break
             except OSError as exc:
@@ -416,9 +430,9 @@ class Stream:
                 trunk.write(mux.frame(mux.END, self.sid))
                 self._check_done()
                 break
-            mux.pack_header(_scratch, mux.DATA, n, self.sid)
-            trunk.write(_view[:mux.HEADER_SIZE + n])
-            self.send_window -= n
+            _pack_header_into(_scratch, 0, _DATA_WORD | n, self.sid)
+            trunk.write(_view[:_HDR + n])
+            self.send_window = window - n
             self.nbytes_in += n
             self.last_active = trunk.loop.now  # for idle timeouts: the time of this loop pass will do
             if self.first_byte_at is None:
@@ -444,28 +458,37 @@ class Stream:
 
     # -- trunk → plain ---------------------------------------------------------------------------------
     def on_data(self, payload: memoryview | bytes) -> None:
+        n = len(payload)
+        outbuf = self.outbuf
         if self.peer_ended:
             raise ProtocolError(f"stream {self.sid}: DATA after END")
-        if len(self.outbuf) + len(payload) > self.recv_window:
+        if len(outbuf) + n > self.recv_window:
             raise ProtocolError(f"stream {self.sid}: more data than its window")
-        self.nbytes_out += len(payload)
+        self.nbytes_out += n
         self.last_active = self.trunk.loop.now
         if self.first_byte_at is None:
             self._first_byte()
-        if self.sock is None or self.outbuf:
-            self.outbuf += payload
-        else:
-            try:
-                sent = self.sock.send(payload)
-            except _WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                self.close(f"{self.name} write failed: {exc.strerror or exc}")
-                return
-            if sent < len(payload):
-                self.outbuf += payload[sent:]
+        if self.sock is None or outbuf:
+            outbuf += payload
+            self._update()
+            return
+        try:
+            sent = self.sock.send(payload)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError as exc:
+            self.close(f"{self.name} write failed: {exc.strerror or exc}")
+            return
+        if sent < n:
+            outbuf += payload[sent:]  # before _credit, which grows the window only for a reader that keeps up
             self._credit(sent)
-        self._update()
+            self._update()  # now it waits to write
+            return
+        credit = self.credit + n
+        if credit < self.recv_window >> 2:
+            self.credit = credit  # not worth a WINDOW frame yet (what _credit would decide, one call less)
+        else:
+            self._credit(n)
 
     def _drain(self) -> None:
         if not self.outbuf or self.sock is None:
