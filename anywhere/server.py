@@ -326,6 +326,7 @@ class Server:
         self.rates: dict[tuple, tuple[float, int]] = {}  # (proxy, source ip) → (minute start, count)
         self.log_throttle: dict[tuple, tuple[float, int]] = {}
         self.metrics = Metrics(self)
+        self._setup_children: dict[str, Any] = {}  # proxy name -> its setup_seconds child (labels() once)
         self.recent_errors = RecentErrors()
         logging.getLogger("anywhere").addHandler(self.recent_errors)
         self.audit = AuditLog()
@@ -627,10 +628,12 @@ class Server:
     def _add_tunnel(self, pending: Pending, relay: Any) -> None:
         """Count and list a joined connection; `relay` is a Relay or a trunk Stream."""
         proxy = pending.proxy
-        relay.on_first_byte = lambda r, started=pending.started, name=proxy.name: \
-            self.metrics.setup_seconds.labels(name).observe(r.first_byte_at - started)
+        setup = self._setup_children.get(proxy.name)
+        if setup is None:
+            setup = self._setup_children[proxy.name] = self.metrics.setup_seconds.labels(proxy.name)
+        relay.on_first_byte = lambda r, started=pending.started: setup.observe(r.first_byte_at - started)
         if relay.first_byte_at is not None:  # bytes went ahead of READY: the path is whole only now
-            self.metrics.setup_seconds.labels(proxy.name).observe(self.loop.time() - pending.started)
+            setup.observe(self.loop.time() - pending.started)
         self.tunnels[pending.conn_id] = Tunnel(pending.conn_id, proxy, pending.peer, relay, pending.started,
                                                self.wall_time())
         for counters in (self._counters(self.proxy_stats, proxy.name),
@@ -638,8 +641,9 @@ class Server:
             counters.connections += 1
         self.proxy_agents[proxy.name] = proxy.agent_id
         self.stats_dirty = True
-        log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id,
-                  proxy.target)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection %d: %s joined to agent %s for %s", pending.conn_id, pending.peer, proxy.agent_id,
+                      proxy.target)
 
     @staticmethod
     def _counters(table: dict[str, Counters], key: str) -> Counters:
@@ -664,11 +668,14 @@ class Server:
         self._counters(self.agent_stats, proxy.agent_id).add(bytes_in, bytes_out)
         self.stats_dirty = True
         duration = self.loop.time() - tunnel.started
-        self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=tunnel.peer, target=proxy.target,
-                         bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3), reason=reason)
+        if self.audit.target:
+            self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=tunnel.peer,
+                             target=proxy.target, bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3),
+                             reason=reason)
         level = logging.INFO if reason in ("done", "server stopping") else logging.WARNING
-        log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id, tunnel.peer,
-                proxy.target, proxy.name, reason, bytes_in, bytes_out, duration)
+        if log.isEnabledFor(level):
+            log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id,
+                    tunnel.peer, proxy.target, proxy.name, reason, bytes_in, bytes_out, duration)
 
     # -- proxy ports -------------------------------------------------------------------------------
     def _open_proxy(self, proxy: Proxy) -> None:
