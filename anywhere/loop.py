@@ -174,6 +174,16 @@ class Loop:
         if fd is not None:
             del self._fds[fd]
 
+    def _drop_stale(self, fd: int) -> None:
+        """An event for a descriptor nobody watches: one discarded but left open (a bug, which level
+        triggering would turn into a busy loop) is taken out of the set.  A closed or reused number
+        answers EBADF or ENOENT and nothing changes."""
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            return
+        log.warning("fd %d was discarded from the loop but not closed; no longer watched", fd)
+
     def _lookup(self, fileobj: Any) -> int | None:
         try:
             fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
@@ -233,7 +243,8 @@ class Loop:
         self.now = self.time()
         for fd, ev in events:
             entry = fds.get(fd)
-            if entry is None:  # forgotten during this pass (and maybe its number already reused)
+            if entry is None:  # forgotten during this pass (its number may be reused already)
+                self._drop_stale(fd)
                 continue
             if ev == _EPOLLIN:
                 mask = READ

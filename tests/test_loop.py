@@ -189,3 +189,22 @@ def test_an_event_for_a_socket_closed_earlier_in_the_same_pass_is_not_dispatched
             a.close()
             b.close()
         loop.close()
+
+
+def test_a_socket_discarded_but_left_open_does_not_keep_the_loop_busy(caplog):
+    loop = Loop()
+    a, b = socket.socketpair()
+    calls: list[int] = []
+    try:
+        b.send(b"x")  # readable for good
+        loop.register(a, READ, calls.append)
+        loop.discard(a)  # the caller's promise to close it is broken
+        loop.run_once(max_wait=1.0)  # the stale event comes once ...
+        assert calls == []
+        loop._epoll.register(a.fileno(), 1)  # ... and has taken it out of the epoll set (else FileExistsError)
+        loop._epoll.unregister(a.fileno())
+        assert "discarded from the loop but not closed" in caplog.text
+    finally:
+        a.close()
+        b.close()
+        loop.close()
