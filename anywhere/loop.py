@@ -13,8 +13,10 @@ The loop drives `select.epoll` itself rather than through `selectors`: per event
 `SelectorKey`, a method call and a tuple (0.8 -> 0.45 µs measured here), and per connection
 registered, modified and removed 10.5 -> 3.7 µs, which shows at thousands of short connections
 a second.  An event is looked up when it is dispatched, not when the batch is read, so a
-callback never runs for a file object unregistered earlier in the same pass.  Timers are `(deadline, seq, Timer)` entries on a heap; a cancelled timer
-stays on the heap and is skipped when it comes up, which keeps cancel O(1).
+callback never runs for a file object unregistered earlier in the same pass.
+
+Timers are `(deadline, seq, Timer)` entries on a heap; a cancelled timer stays on the heap and
+is skipped when it comes up, which keeps cancel O(1).
 
 Signals: `signal.set_wakeup_fd` writes the signal number into one end of a socketpair; the
 other end is registered like any socket, so a signal wakes `select()` and its handler runs on
@@ -189,8 +191,8 @@ class Loop:
             fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
         except (OSError, ValueError):
             fd = -1
-        if fd in self._fds:
-            return fd
+        if fd >= 0:
+            return fd if fd in self._fds else None
         for fd, entry in self._fds.items():  # closed already (fileno() is -1): found by identity
             if entry[2] is fileobj:
                 return fd

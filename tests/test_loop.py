@@ -71,6 +71,9 @@ def test_registration_rules_match_selectors():
             loop.register(a, WRITE, print)  # twice
         with pytest.raises(KeyError):
             loop.register(a.fileno(), WRITE, print)  # the same descriptor by number
+        loop.unregister(b)  # open but never registered: nothing happens, a stays
+        loop.discard(b)
+        assert a.fileno() in loop._fds
         loop.unregister(a)
         loop.unregister(a)  # idempotent
         loop.register(a, READ, print)
