@@ -66,11 +66,6 @@ def frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(kind << 24 | len(payload), stream) + payload
 
 
-def pack_header(buffer: bytearray, kind: int, length: int, stream: int) -> None:
-    """Write a frame header at the start of `buffer` (the payload follows it there)."""
-    HEADER.pack_into(buffer, 0, kind << 24 | length, stream)
-
-
 def open_frame(stream: int, host: str, port: int) -> bytes:
     return frame(OPEN, stream, _open_payload(host, port))
 

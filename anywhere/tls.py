@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 import os
-import functools
 import ssl
 import sys
 from typing import Any, Callable
