@@ -12,46 +12,57 @@ import pytest
 from anywhere.loop import READ, WRITE, Loop
 
 
-def test_call_at_end_runs_after_events_and_callbacks_of_the_same_pass():
-    loop = Loop()
-    a, b = socket.socketpair()
-    order: list[str] = []
-    try:
-        def on_read(_mask: int) -> None:
-            a.recv(16)
-            order.append("event")
-            loop.call_at_end(order.append, "end-1")
-            loop.call_soon(order.append, "soon")
+@pytest.fixture
+def loop():
+    lp = Loop()
+    yield lp
+    lp.close()  # closes its epoll set: whatever is still registered goes with it
 
-        def end_then_more() -> None:
-            order.append("end-2")
-            loop.call_at_end(order.append, "end-3")  # scheduled while ending: still this pass
 
-        loop.register(a, READ, on_read)
-        loop.call_at_end(end_then_more)
-        b.send(b"x")
-        loop.run_once(max_wait=2.0)
-        assert order == ["event", "soon", "end-2", "end-1", "end-3"]
-        order.clear()
-        loop.run_once(max_wait=0.05)  # nothing left over for the next pass
-        assert order == []
-    finally:
-        loop.unregister(a)
+@pytest.fixture
+def socketpairs():
+    """socketpairs() makes a connected pair; every pair made is closed after the test."""
+    made: list[tuple[socket.socket, socket.socket]] = []
+
+    def make() -> tuple[socket.socket, socket.socket]:
+        made.append(socket.socketpair())
+        return made[-1]
+    yield make
+    for a, b in made:
         a.close()
         b.close()
-        loop.close()
 
 
-def test_pending_end_callbacks_do_not_let_the_loop_sleep():
-    loop = Loop()
+def test_call_at_end_runs_after_events_and_callbacks_of_the_same_pass(loop, socketpairs):
+    a, b = socketpairs()
+    order: list[str] = []
+
+    def on_read(_mask: int) -> None:
+        a.recv(16)
+        order.append("event")
+        loop.call_at_end(order.append, "end-1")
+        loop.call_soon(order.append, "soon")
+
+    def end_then_more() -> None:
+        order.append("end-2")
+        loop.call_at_end(order.append, "end-3")  # scheduled while ending: still this pass
+
+    loop.register(a, READ, on_read)
+    loop.call_at_end(end_then_more)
+    b.send(b"x")
+    loop.run_once(max_wait=2.0)
+    assert order == ["event", "soon", "end-2", "end-1", "end-3"]
+    order.clear()
+    loop.run_once(max_wait=0.05)  # nothing left over for the next pass
+    assert order == []
+
+
+def test_pending_end_callbacks_do_not_let_the_loop_sleep(loop):
     ran: list[int] = []
-    try:
-        loop.call_at_end(ran.append, 1)
-        assert loop._next_timeout() == 0.0
-        loop.run_once()  # would block forever if the pending callback did not count
-        assert ran == [1]
-    finally:
-        loop.close()
+    loop.call_at_end(ran.append, 1)
+    assert loop._next_timeout() == 0.0
+    loop.run_once()  # would block forever if the pending callback did not count
+    assert ran == [1]
 
 
 def _drive(loop: Loop, until, seconds: float = 2.0) -> None:
@@ -60,154 +71,112 @@ def _drive(loop: Loop, until, seconds: float = 2.0) -> None:
         loop.run_once(max_wait=0.05)
 
 
-def test_registration_rules_match_selectors():
-    loop = Loop()
-    a, b = socket.socketpair()
-    try:
-        with pytest.raises(KeyError):
-            loop.modify(a, READ, print)  # not registered
-        loop.register(a, READ, print)
-        with pytest.raises(KeyError):
-            loop.register(a, WRITE, print)  # twice
-        with pytest.raises(KeyError):
-            loop.register(a.fileno(), WRITE, print)  # the same descriptor by number
-        loop.unregister(b)  # open but never registered: nothing happens, a stays
-        loop.discard(b)
-        assert a.fileno() in loop._fds
-        loop.unregister(a)
-        loop.unregister(a)  # idempotent
-        loop.register(a, READ, print)
-        a.close()
-        loop.unregister(a)  # closed first: found by the object, then forgotten
-        assert a not in [entry[2] for entry in loop._fds.values()]
-        with pytest.raises(ValueError):
-            loop.register(a, READ, print)  # a closed socket has no descriptor
-    finally:
-        a.close()
-        b.close()
-        loop.close()
+def test_registration_rules_match_selectors(loop, socketpairs):
+    a, b = socketpairs()
+    with pytest.raises(KeyError):
+        loop.modify(a, READ, print)  # not registered
+    loop.register(a, READ, print)
+    with pytest.raises(KeyError):
+        loop.register(a, WRITE, print)  # twice
+    with pytest.raises(KeyError):
+        loop.register(a.fileno(), WRITE, print)  # the same descriptor by number
+    loop.unregister(b)  # open but never registered: nothing happens, a stays
+    loop.discard(b)
+    assert a.fileno() in loop._fds
+    loop.unregister(a)
+    loop.unregister(a)  # idempotent
+    loop.register(a, READ, print)
+    a.close()
+    loop.unregister(a)  # closed first: found by the object, then forgotten
+    assert a not in [entry[2] for entry in loop._fds.values()]
+    with pytest.raises(ValueError):
+        loop.register(a, READ, print)  # a closed socket has no descriptor
 
 
-def test_modify_changes_the_interest_and_the_callback():
-    loop = Loop()
-    a, b = socket.socketpair()
+def test_modify_changes_the_interest_and_the_callback(loop, socketpairs):
+    a, b = socketpairs()
     seen: list[tuple[str, int]] = []
-    try:
-        loop.register(a, READ, lambda m: seen.append(("first", m)))
-        loop.run_once(max_wait=0.05)
-        assert seen == []  # nothing to read
-        loop.modify(a, READ | WRITE, lambda m: seen.append(("second", m)))
-        loop.run_once(max_wait=1.0)
-        assert seen == [("second", WRITE)]  # writable, still nothing to read
-        seen.clear()
-        b.send(b"x")
-        loop.modify(a, READ, lambda m: seen.append(("third", m)))
-        loop.run_once(max_wait=1.0)
-        assert seen == [("third", READ)]
-    finally:
-        loop.unregister(a)
-        a.close()
-        b.close()
-        loop.close()
+    loop.register(a, READ, lambda m: seen.append(("first", m)))
+    loop.run_once(max_wait=0.05)
+    assert seen == []  # nothing to read
+    loop.modify(a, READ | WRITE, lambda m: seen.append(("second", m)))
+    loop.run_once(max_wait=1.0)
+    assert seen == [("second", WRITE)]  # writable, still nothing to read
+    seen.clear()
+    b.send(b"x")
+    loop.modify(a, READ, lambda m: seen.append(("third", m)))
+    loop.run_once(max_wait=1.0)
+    assert seen == [("third", READ)]
 
 
-def test_a_hang_up_wakes_every_interest():
-    loop = Loop()
-    a, b = socket.socketpair()
+def test_a_hang_up_wakes_every_interest(loop, socketpairs):
+    a, b = socketpairs()
     seen: list[int] = []
-    try:
-        a.send(b"x" * 100)
-        loop.register(a, READ | WRITE, seen.append)
-        b.close()  # a's peer is gone: readable (EOF) and writable (EPIPE), EPOLLHUP among the events
-        _drive(loop, lambda: bool(seen))
-        assert seen and seen[0] == READ | WRITE
-        loop.modify(a, READ, seen.append)
-        seen.clear()
-        loop.run_once(max_wait=1.0)
-        assert seen == [READ]  # only what is asked for
-    finally:
-        loop.unregister(a)
-        a.close()
-        loop.close()
+    a.send(b"x" * 100)
+    loop.register(a, READ | WRITE, seen.append)
+    b.close()  # a's peer is gone: readable (EOF) and writable (EPIPE), EPOLLHUP among the events
+    _drive(loop, lambda: bool(seen))
+    assert seen and seen[0] == READ | WRITE
+    loop.modify(a, READ, seen.append)
+    seen.clear()
+    loop.run_once(max_wait=1.0)
+    assert seen == [READ]  # only what is asked for
 
 
-def test_a_discarded_socket_closed_at_once_leaves_the_epoll_set_and_its_number_can_be_reused():
-    loop = Loop()
-    a, b = socket.socketpair()
+def test_a_discarded_socket_closed_at_once_leaves_the_epoll_set_and_its_number_can_be_reused(loop, socketpairs, request):
+    a, b = socketpairs()
     calls: list[str] = []
-    try:
-        b.send(b"x")  # a is readable and stays so: level-triggered, it would be reported every pass
-        loop.register(a, READ, lambda m: calls.append("old"))
-        fd = a.fileno()
-        loop.discard(a)
-        a.close()
-        loop.run_once(max_wait=0.05)
-        assert calls == []
-        c, d = socket.socketpair()
-        try:
-            if c.fileno() != fd:  # the kernel hands out the lowest free number: normally the same
-                os.dup2(c.fileno(), fd)
-                c.close()
-                c = socket.socket(fileno=fd)
-            loop.register(c, READ, lambda m: calls.append("new"))  # no stale entry in the way
-            loop.run_once(max_wait=0.05)
-            assert calls == []  # the old socket's readiness did not follow its number
-            d.send(b"y")
-            _drive(loop, lambda: bool(calls))
-            assert calls == ["new"]
-        finally:
-            loop.unregister(c)
-            c.close()
-            d.close()
-    finally:
-        b.close()
-        loop.close()
+    b.send(b"x")  # a is readable and stays so: level-triggered, it would be reported every pass
+    loop.register(a, READ, lambda m: calls.append("old"))
+    fd = a.fileno()
+    loop.discard(a)
+    a.close()
+    loop.run_once(max_wait=0.05)
+    assert calls == []
+    c, d = socketpairs()
+    if c.fileno() != fd:  # the kernel hands out the lowest free number: normally the same
+        os.dup2(c.fileno(), fd)
+        c.close()  # closed again by the fixture: nothing happens
+        c = socket.socket(fileno=fd)
+        request.addfinalizer(c.close)
+    loop.register(c, READ, lambda m: calls.append("new"))  # no stale entry in the way
+    loop.run_once(max_wait=0.05)
+    assert calls == []  # the old socket's readiness did not follow its number
+    d.send(b"y")
+    _drive(loop, lambda: bool(calls))
+    assert calls == ["new"]
 
 
-def test_an_event_for_a_socket_closed_earlier_in_the_same_pass_is_not_dispatched():
-    loop = Loop()
-    pairs = [socket.socketpair() for _ in range(2)]
+def test_an_event_for_a_socket_closed_earlier_in_the_same_pass_is_not_dispatched(loop, socketpairs):
+    pairs = [socketpairs() for _ in range(2)]
+    socks = [p[0] for p in pairs]
     calls: list[int] = []
-    try:
-        socks = [p[0] for p in pairs]
 
-        def on_event(i: int):
-            def handler(_mask: int) -> None:
-                calls.append(i)
-                other = socks[1 - i]
-                if other.fileno() >= 0:
-                    loop.discard(other)  # the connection ends both legs at once
-                    other.close()
-            return handler
+    def on_event(i: int):
+        def handler(_mask: int) -> None:
+            calls.append(i)
+            other = socks[1 - i]
+            if other.fileno() >= 0:
+                loop.discard(other)  # the connection ends both legs at once
+                other.close()
+        return handler
 
-        for i, s in enumerate(socks):
-            loop.register(s, READ, on_event(i))
-        for p in pairs:
-            p[1].send(b"x")  # both ready in one wait
-        loop.run_once(max_wait=1.0)
-        assert len(calls) == 1
-    finally:
-        for a, b in pairs:
-            loop.unregister(a)
-            a.close()
-            b.close()
-        loop.close()
+    for i, s in enumerate(socks):
+        loop.register(s, READ, on_event(i))
+    for p in pairs:
+        p[1].send(b"x")  # both ready in one wait
+    loop.run_once(max_wait=1.0)
+    assert len(calls) == 1
 
 
-def test_a_socket_discarded_but_left_open_does_not_keep_the_loop_busy(caplog):
-    loop = Loop()
-    a, b = socket.socketpair()
+def test_a_socket_discarded_but_left_open_does_not_keep_the_loop_busy(loop, socketpairs, caplog):
+    a, b = socketpairs()
     calls: list[int] = []
-    try:
-        b.send(b"x")  # readable for good
-        loop.register(a, READ, calls.append)
-        loop.discard(a)  # the caller's promise to close it is broken
-        loop.run_once(max_wait=1.0)  # the stale event comes once ...
-        assert calls == []
-        loop._epoll.register(a.fileno(), 1)  # ... and has taken it out of the epoll set (else FileExistsError)
-        loop._epoll.unregister(a.fileno())
-        assert "discarded from the loop but not closed" in caplog.text
-    finally:
-        a.close()
-        b.close()
-        loop.close()
+    b.send(b"x")  # readable for good
+    loop.register(a, READ, calls.append)
+    loop.discard(a)  # the caller's promise to close it is broken
+    loop.run_once(max_wait=1.0)  # the stale event comes once ...
+    assert calls == []
+    loop._epoll.register(a.fileno(), 1)  # ... and has taken it out of the epoll set (else FileExistsError)
+    loop._epoll.unregister(a.fileno())
+    assert "discarded from the loop but not closed" in caplog.text
