@@ -99,6 +99,33 @@ def default_credential(name: str) -> str:
     return relative
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: what can forge a line
+# or hide text in a log, a terminal or an audit record.
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+PEER_TEXT_MAX = 200
+
+
+def printable(text: object, limit: int = PEER_TEXT_MAX) -> str:
+    """`text` (anything a peer controls) made safe for one log line, an audit record or an API answer:
+    control characters escaped as \\xNN / \\uNNNN and backslashes doubled, then cut to `limit`
+    characters with a note of how much was left out.  Never raises."""
+    text = text if isinstance(text, str) else str(text)
+    cut = ""
+    if len(text) > limit:
+        cut = f"...({len(text) - limit} more characters)"
+        text = text[:limit]
+    if "\\" in text:
+        text = text.replace("\\", "\\\\")
+    if _UNPRINTABLE_RE.search(text):
+        text = _UNPRINTABLE_RE.sub(_escape_char, text)
+    return text + cut
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
