@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import tls
 from .allow import Allowlist, parse_allowlist
-from .common import __version__
+from .common import __version__, printable
 from .framed import FramedConn
 from .loop import Loop, Timer
 from .net import Dialer, format_addr, is_ip
@@ -125,12 +125,13 @@ class Agent:
         elif kind == "error" and msg.get("code") == "replaced":
             # another process with our id took the session: do not fight it every second
             log.error("server %s: %s; another agent is running with id %s? retrying in at most %g s",
-                      conn.peer, msg["reason"], self.config.agent_id, self.config.backoff_max)
+                      conn.peer, printable(msg["reason"]), self.config.agent_id, self.config.backoff_max)
             self.failures = max(self.failures, 30)
             conn.close("replaced by another session")
         elif kind == "error":
-            log.error("server %s refused this agent: %s", conn.peer, msg["reason"])
-            conn.close(f"refused by the server: {msg['reason']}")
+            reason = printable(msg["reason"])
+            log.error("server %s refused this agent: %s", conn.peer, reason)
+            conn.close(f"refused by the server: {reason}")
         else:
             log.warning("server %s sent an unexpected %r; closing the connection", conn.peer, kind)
             conn.close(f"unexpected {kind}")
@@ -241,7 +242,7 @@ class Agent:
                     keep_registered: bool = False) -> Dialer | None:
         """Dial a target the server asked for, within this agent's allowlist; `callback` and
         `keep_registered` as Dialer's."""
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = f"[{printable(host, 255)}]:{port}" if ":" in host else f"{printable(host, 255)}:{port}"
         allowlist = self.allowlist
         timeout = self.config.dial_timeout
         literal = is_ip(host.split("%", 1)[0])
@@ -274,7 +275,7 @@ class Agent:
             self.loop.call_later(backoff_delay(1, self.config.backoff_min, self.config.backoff_max), self.refill)
 
     def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int) -> None:
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = f"[{printable(host, 255)}]:{port}" if ":" in host else f"{printable(host, 255)}:{port}"
 
         def ended(st: Stream, reason: str) -> None:
             log.log(logging.DEBUG if reason == "done" else logging.INFO,
@@ -406,7 +407,7 @@ class _DataConn:
     def _dial_target(self, request: dict) -> None:
         self.conn_id = request["conn"]
         host, port = request["host"], request["port"]
-        self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.target = f"[{printable(host, 255)}]:{port}" if ":" in host else f"{printable(host, 255)}:{port}"
         self.dialer = self.agent.dial_target(host, port, self._on_target)
 
     def _on_target(self, sock: socket.socket | None, error: str | None) -> None:
@@ -467,7 +468,7 @@ class _DataConn:
         elif self.state == "connecting" and kind == "ready" and msg["conn"] == self.conn_id:
             self._join()
         elif kind == "error":
-            self.abort(f"server refused the data connection: {msg['reason']}")
+            self.abort(f"server refused the data connection: {printable(msg['reason'])}")
         else:
             self.abort(f"unexpected {kind} on a data connection in state {self.state}")
 

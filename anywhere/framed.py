@@ -181,10 +181,23 @@ class FramedConn:
             self.on_message(self, msg)
 
     # -- output ------------------------------------------------------------------------------------
+    def _encode(self, msg_type: str, fields: dict[str, Any]) -> bytes | None:
+        """The frame, or None after closing this connection: a message that cannot be encoded
+        (too long, out of range) must not leave the connection open and forgotten."""
+        try:
+            return encode(msg_type, **fields)
+        except ValueError as exc:
+            log.error("cannot send %s to %s: %s; closing the connection", msg_type, self.peer, exc)
+            self.close(f"cannot encode {msg_type}")
+            return None
+
     def send(self, msg_type: str, **fields: Any) -> None:
         if self.state not in ("open", "handshake"):
             return
-        self.out += encode(msg_type, **fields)
+        frame = self._encode(msg_type, fields)
+        if frame is None:
+            return
+        self.out += frame
         if len(self.out) > MAX_OUT:
             self.close("peer is not reading its control messages")
             return
@@ -212,7 +225,10 @@ class FramedConn:
         if self.state != "open":
             self.close(why)
             return
-        self.out += encode(msg_type, **fields)
+        frame = self._encode(msg_type, fields)
+        if frame is None:
+            return
+        self.out += frame
         self.state = "closing"
         self.reason = why
         if self._timer:

@@ -43,7 +43,7 @@ from .admin import AdminServer, ApiError, listen_unix
 from .api import Api
 from .audit import AuditLog
 from .common import __version__
-from .common import valid_agent_id
+from .common import printable, valid_agent_id
 from .framed import FramedConn
 from .loop import Loop, Timer
 from .net import HOSTNAME_RE, Acceptor, accepted, client_ip, format_addr, is_ip, listen
@@ -91,10 +91,12 @@ class ServerConfig:
     # limits: each bites with a log line and a "limit" rejection
     max_connections: int = 10000  # live tunneled connections in total
     max_connections_per_proxy: int = 2000
-    rate_limit: int = 1000  # new clients per minute from one source address, per proxy (0: no limit)
+    rate_limit: int = 60000  # new clients a minute from one source address, per proxy, sustained (0: no limit)
+    rate_burst: int = 2000  # of which this many may come at once (a token bucket; at most rate_limit)
     max_agents: int = 1000
     max_pending_per_agent: int = 512  # clients waiting for their agent's data connection
     max_unauthenticated: int = 1000  # agent-port connections still in their handshake or hello
+    max_unauthenticated_per_source: int = 500  # of those, from one address (never more than half of the above)
     idle_timeout: float = 0.0  # close tunneled connections idle this long (0: never); a proxy may set its own
     admin_timeout: float = 10.0
     admin_max_request: int = 65536
@@ -254,7 +256,7 @@ class AgentSession:
                 self.last_pong = self.server.wall_time()
                 self.server.metrics.heartbeat_rtt.labels(self.agent_id).observe(self.rtt)
         elif kind == "fail":
-            self.server.on_agent_fail(self.agent_id, msg["conn"], msg["reason"])
+            self.server.on_agent_fail(self.agent_id, msg["conn"], printable(msg["reason"]))
         else:
             log.warning("agent %s (%s) sent an unexpected %r on its admin connection; closing it",
                         self.agent_id, self.address, kind)
@@ -309,7 +311,8 @@ class Server:
         self.ctx: ssl.SSLContext | None = None
         self.global_nets = parse_whitelist(config.whitelist, "--wl")
         self.agent_listeners: list[Acceptor] = []
-        self.handshaking: set[FramedConn] = set()
+        self.handshaking: dict[FramedConn, str] = {}  # agent-port connections before their hello → source IP
+        self.handshaking_per_ip: dict[str, int] = {}
         self.sessions: dict[str, AgentSession] = {}
         self.proxies: dict[str, Proxy] = {}
         self.pending: dict[int, Pending] = {}
@@ -323,8 +326,10 @@ class Server:
         self.stats_dirty = False
         self.live_per_proxy: dict[str, int] = {}  # tunnels + pending clients per proxy
         self.pending_per_agent: dict[str, int] = {}
-        self.rates: dict[tuple, tuple[float, int]] = {}  # (proxy, source ip) → (minute start, count)
+        self.rates: dict[tuple, tuple[float, float]] = {}  # (proxy, source ip) → (tokens, when counted)
         self.log_throttle: dict[tuple, tuple[float, int]] = {}
+        # (proxy, reason, source ip) → [first refusal's time, refusals since, agent, target, detail]
+        self.rejects_held: dict[tuple, list] = {}
         self.metrics = Metrics(self)
         self._setup_children: dict[str, Any] = {}  # proxy name -> its setup_seconds child (labels() once)
         self.recent_errors = RecentErrors()
@@ -416,7 +421,8 @@ class Server:
         changed = [name for name in ("server_id", "ca", "cert", "key", "whitelist", "data_timeout", "heartbeat",
                                      "handshake_timeout", "pool_size", "pool_max", "pool_idle_timeout", "audit_log",
                                      "api_token_file", "metrics_public", "max_connections", "max_connections_per_proxy",
-                                     "rate_limit", "max_agents", "max_pending_per_agent", "max_unauthenticated",
+                                     "rate_limit", "rate_burst", "max_agents", "max_pending_per_agent",
+                                     "max_unauthenticated", "max_unauthenticated_per_source",
                                      "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group")
                    if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
@@ -426,6 +432,7 @@ class Server:
         self.global_nets = nets
         self.config = new
         self.api_token = token
+        self._flush_rejects(None)  # into the log they belong to
         self.audit.close()
         self.audit = audit
         self.admin.configure(new.admin_timeout, new.admin_max_request, new.admin_group)
@@ -481,6 +488,7 @@ class Server:
             if timer is not None:
                 timer.cancel()
         self.save_stats()
+        self._flush_rejects(None)
         self.audit.close()
         logging.getLogger("anywhere").removeHandler(self.recent_errors)
         for tunnel in list(self.tunnels.values()):
@@ -493,9 +501,18 @@ class Server:
 
     # -- agent port ------------------------------------------------------------------------------
     def _on_agent_conn(self, sock: socket.socket, addr: Any) -> None:
-        if len(self.handshaking) >= self.config.max_unauthenticated:
+        cfg = self.config
+        if len(self.handshaking) >= cfg.max_unauthenticated:
             self._limited("agent port", f"{len(self.handshaking)} connections still in their handshake "
-                          f"(max_unauthenticated = {self.config.max_unauthenticated})")
+                          f"(max_unauthenticated = {cfg.max_unauthenticated})")
+            sock.close()
+            return
+        ip = str(addr[0])
+        per_source = min(cfg.max_unauthenticated_per_source, max(1, cfg.max_unauthenticated // 2))
+        if self.handshaking_per_ip.get(ip, 0) >= per_source:
+            self._limited(f"agent port from {ip}", f"{per_source} connections from {ip} still in their handshake "
+                          f"(max_unauthenticated_per_source = {cfg.max_unauthenticated_per_source}, and at most half of "
+                          f"max_unauthenticated = {cfg.max_unauthenticated})")
             sock.close()
             return
         accepted(sock)
@@ -503,7 +520,8 @@ class Server:
         conn = FramedConn(self.loop, sock, self.ctx, server_side=True, peer=format_addr(addr),
                           on_message=self._on_first_message, on_close=self._on_early_close,
                           on_handshake=self._on_handshake, handshake_timeout=self.config.handshake_timeout)
-        self.handshaking.add(conn)
+        self.handshaking[conn] = ip
+        self.handshaking_per_ip[ip] = self.handshaking_per_ip.get(ip, 0) + 1
 
     def _on_handshake(self, conn: FramedConn) -> None:
         self.handshakes += 1
@@ -516,13 +534,23 @@ class Server:
             log.warning("connection from %s sent no hello within %.0f s; closing it", conn.peer, self.config.handshake_timeout)
             conn.close("hello timeout")
 
+    def _authenticated(self, conn: FramedConn) -> None:
+        """`conn` leaves the pre-hello count (closed, or its first frame arrived)."""
+        ip = self.handshaking.pop(conn, None)
+        if ip is not None:
+            left = self.handshaking_per_ip[ip] - 1
+            if left:
+                self.handshaking_per_ip[ip] = left
+            else:
+                del self.handshaking_per_ip[ip]
+
     def _on_early_close(self, conn: FramedConn, reason: str) -> None:
-        self.handshaking.discard(conn)
+        self._authenticated(conn)
         if reason != "server stopping":
             log.warning("connection from %s (%s) closed before its hello: %s", conn.peer, conn.identity or "no certificate", reason)
 
     def _on_first_message(self, conn: FramedConn, msg: dict) -> None:
-        self.handshaking.discard(conn)
+        self._authenticated(conn)
         if conn._timer:
             conn._timer.cancel()
             conn._timer = None
@@ -538,8 +566,8 @@ class Server:
             conn.send_and_close("error", "bad first message", reason=f"expected hello or data, got {kind}")
             return
         if msg["agent_id"] != conn.identity:
-            reason = (f"agent id {msg['agent_id']!r} does not match the identity of its certificate "
-                      f"({conn.identity!r}); refused")
+            reason = (f"agent id '{printable(msg['agent_id'], 64)}' does not match the identity of its certificate "
+                      f"('{printable(conn.identity, 64)}'); refused")
             log.warning("refusing %s from %s: %s", kind, conn.peer, reason)
             conn.send_and_close("error", reason, reason=reason)
             return
@@ -571,7 +599,8 @@ class Server:
             self._limited("agents", f"agent {agent_id} from {conn.peer} refused: max_agents = {self.config.max_agents}")
             conn.send_and_close("error", "too many agents", reason="this server has reached its maximum of agents")
             return
-        session = AgentSession(self, conn, agent_id, msg["version"])
+        version = printable(msg["version"], 64)
+        session = AgentSession(self, conn, agent_id, version)
         self.sessions[agent_id] = session  # replace first: the old session's close then changes nothing
         conn.on_message = session.on_message
         conn.on_close = lambda c, reason, s=session: self._on_session_close(s, reason)
@@ -584,7 +613,7 @@ class Server:
             old.conn.send_and_close("error", reason, reason=reason, code="replaced")
         conn.send("welcome", proto=PROTO_VERSION, server_id=self.config.server_id, heartbeat=self.config.heartbeat,
                   pool=self.config.pool_size)
-        log.info("agent %s connected from %s (version %s)", agent_id, conn.peer, msg["version"])
+        log.info("agent %s connected from %s (version %s)", agent_id, conn.peer, version)
 
     def _on_session_close(self, session: AgentSession, reason: str) -> None:
         session.stop()
@@ -1028,22 +1057,30 @@ class Server:
         if self.pending_per_agent.get(proxy.agent_id, 0) >= cfg.max_pending_per_agent:
             return f"agent {proxy.agent_id} already has {cfg.max_pending_per_agent} clients waiting (max_pending_per_agent)"
         if cfg.rate_limit:
+            # a token bucket per (proxy, source address): rate_limit a minute sustained, bursts of
+            # rate_burst (never more than rate_limit); a source that has been quiet has a full bucket
             now = self.loop.time()
             key = (proxy.name, ip)
-            start, count = self.rates.get(key, (now, 0))
-            if now - start >= 60.0:
-                start, count = now, 0
-            if count >= cfg.rate_limit:
-                return f"more than {cfg.rate_limit} connections in a minute from {ip} (rate_limit)"
-            if len(self.rates) >= MAX_RATE_ENTRIES and key not in self.rates:
+            burst = min(cfg.rate_burst, cfg.rate_limit)
+            entry = self.rates.get(key)
+            tokens = burst if entry is None else min(burst, entry[0] + (now - entry[1]) * cfg.rate_limit / 60.0)
+            if tokens < 1.0:
+                self.rates[key] = (tokens, now)
+                return (f"more than {cfg.rate_limit} connections a minute (bursts of {burst}) from {ip} "
+                        f"(rate_limit)")
+            if entry is None and len(self.rates) >= MAX_RATE_ENTRIES:
                 self._prune_rates(now, force=True)
-            self.rates[key] = (start, count + 1)
+            self.rates[key] = (tokens - 1.0, now)
         return None
 
     def _prune_rates(self, now: float, force: bool = False) -> None:
-        """Forget per-source counts older than their minute; bounded memory under a spoofed-source flood."""
-        for key, (start, _) in list(self.rates.items()):
-            if now - start >= 60.0:
+        """Forget sources whose bucket has filled up again (they start full anyway); bounded memory
+        under a spoofed-source flood."""
+        cfg = self.config
+        rate = cfg.rate_limit / 60.0
+        burst = min(cfg.rate_burst, cfg.rate_limit)
+        for key, (tokens, when) in list(self.rates.items()):
+            if not rate or tokens + (now - when) * rate >= burst:
                 del self.rates[key]
         if force and len(self.rates) >= MAX_RATE_ENTRIES:
             self.rates.clear()
@@ -1100,14 +1137,40 @@ class Server:
             if timeout and now - tunnel.relay.last_active >= timeout:
                 tunnel.relay.close(f"idle for {timeout:g} s")
         self._prune_rates(now)
+        if self.rejects_held:
+            self._flush_rejects(now)
         self._idle_timer = self.loop.call_later(IDLE_SWEEP, self._sweep_idle)
 
     # -- counters ----------------------------------------------------------------------------------------
     def _reject(self, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
+        """Count a refused client and audit it: the first refusal of a (proxy, reason, source address)
+        at once, the ones after it within LOG_THROTTLE seconds as one record with their count."""
         self._counters(self.proxy_stats, proxy.name).rejected[reason] += 1
         self.stats_dirty = True
+        if not self.audit.target:
+            return
+        key = (proxy.name, reason, peer.rsplit(":", 1)[0].strip("[]"))
+        held = self.rejects_held.get(key)
+        if held is not None:
+            held[1] += 1
+            return
         self.audit.write("connection", proxy=proxy.name, agent=proxy.agent_id, source=peer, target=proxy.target,
                          bytes_in=0, bytes_out=0, duration=0.0, reason=reason, detail=detail)
+        if len(self.rejects_held) >= MAX_RATE_ENTRIES:
+            self._flush_rejects(None)
+        self.rejects_held[key] = [self.loop.time(), 0, proxy.agent_id, proxy.target, detail]
+
+    def _flush_rejects(self, now: float | None) -> None:
+        """Audit the refusals held back since their key's first one (all of them when `now` is None)."""
+        for key, (first, count, agent, target, detail) in list(self.rejects_held.items()):
+            if now is not None and now - first < LOG_THROTTLE:
+                continue
+            del self.rejects_held[key]
+            if count:
+                name, reason, source = key
+                self.audit.write("connection", proxy=name, agent=agent, source=source, target=target, bytes_in=0,
+                                 bytes_out=0, duration=0.0, reason=reason, detail=detail, count=count,
+                                 note=f"{count} more refused like this within {LOG_THROTTLE:.0f} s of the first")
 
     def totals(self) -> Counters:
         total = Counters()

@@ -46,6 +46,7 @@ from typing import Any, Callable
 from . import mux, tls
 from .loop import READ, WRITE, Loop
 from .relay import _scratch, _view
+from .common import printable
 from .wire import ProtocolError
 
 log = logging.getLogger("anywhere.trunk")
@@ -132,7 +133,11 @@ class Trunk:
         return self.out_bytes >= HIGH
 
     def new_stream_id(self) -> int:
-        sid = self._next_id
+        """The next stream id not in use: ids wrap at 2**32 and skip streams still open (a
+        reused id would be an OPEN for a live stream, which the agent must take for an attack)."""
+        streams, sid = self.streams, self._next_id
+        while sid in streams:
+            sid = sid + 1 if sid + 1 < 2**32 else 1
         self._next_id = sid + 1 if sid + 1 < 2**32 else 1
         return sid
 
@@ -273,16 +278,21 @@ class Trunk:
         elif kind == mux.READY:
             if stream.on_ready is None:
                 raise ProtocolError(f"unexpected READY for stream {sid}")
-            callback, stream.on_ready = stream.on_ready, None
+            callback, stream.on_ready, stream.on_fail = stream.on_ready, None, None  # answered: FAIL no more
             callback()
         elif kind == mux.FAIL:
-            reason = bytes(payload).decode("utf-8", "replace")
+            # FAIL answers OPEN instead of READY; after READY (or on a stream this side did not
+            # open) it would drop the stream's on_close and leave its connection listed for ever
+            if stream.on_fail is None or stream.on_ready is None:
+                raise ProtocolError(f"unexpected FAIL for stream {sid}")
+            reason = printable(bytes(payload).decode("utf-8", "replace"))
             callback, stream.on_close = stream.on_fail, None  # the fail callback reports it
+            stream.on_fail = stream.on_ready = None
             stream.close(f"failed: {reason}", notify=False)
-            if callback is not None:
-                callback(reason)
+            callback(reason)
         elif kind == mux.ABORT:
-            stream.close(f"aborted by peer: {bytes(payload).decode('utf-8', 'replace') or 'no reason'}", notify=False)
+            reason = printable(bytes(payload).decode("utf-8", "replace")) or "no reason"
+            stream.close(f"aborted by peer: {reason}", notify=False)
 
     # -- ending --------------------------------------------------------------------------------------------
     def close(self, reason: str) -> None:
