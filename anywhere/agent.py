@@ -71,8 +71,13 @@ class Agent:
         self.failures = 0
         self.data_conns: set[_DataConn] = set()  # every data connection, whatever its state
         self.warm: set[_DataConn] = set()  # those waiting for the server's next open
-        self.trunks: list[Trunk] = []
+        self.trunks: list[Trunk] = []  # the current session's (see trunk.py, Ownership)
+        self.retired: set[Trunk] = set()  # of sessions that are over, closed with their last stream
         self.trunks_opening = 0
+        self.session = 0  # counts sessions: a trunk belongs to the one it was opened in
+        self.session_token: int | None = None  # the server's name for this session (welcome)
+        self.trunk_ping = False  # the server understands PING on trunks
+        self._liveness: Timer | None = None
         self.pool_target = 0  # warm data connections to keep, as the server's welcome asks
         self.server_peer = ""
         self._retry: Timer | None = None
@@ -87,6 +92,7 @@ class Agent:
     def start(self) -> None:
         self.ctx = tls.client_context(self.config.ca, self.config.cert, self.config.key)
         self._connect()
+        self._liveness = self.loop.call_later(self.heartbeat, self._check_trunks)
 
     # -- admin connection --------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -149,6 +155,10 @@ class Agent:
         self.server_id = msg["server_id"]
         self.server_peer = conn.peer
         self.pool_target = msg["pool"]
+        self.session += 1
+        token = msg.get("session")
+        self.session_token = token if isinstance(token, int) and not isinstance(token, bool) else None
+        self.trunk_ping = msg.get("trunk_ping") == 1
         log.info("connected to server %s at %s as agent %s", self.server_id, conn.peer, self.config.agent_id)
         self._hb = self.loop.call_later(self.heartbeat, self._tick)
         self.refill()
@@ -177,9 +187,7 @@ class Agent:
             return
         for data in list(self.warm):
             data.abort(None)  # warm ones go with the session; relays carry on
-        for trunk in list(self.trunks):
-            if not trunk.streams:  # idle trunks go with the session; those carrying streams carry on
-                trunk.close("agent session lost")
+        self._retire_trunks("agent session lost")
         if was_connected:
             log.warning("lost the server at %s: %s", conn.peer, reason)
         self._schedule_retry(reason if was_connected else f"connection to {conn.peer} failed: {reason}")
@@ -216,6 +224,7 @@ class Agent:
                     self._hb.cancel()
                     self._hb = None
                 conn.close("reconnecting with a new configuration")
+                self._retire_trunks("reconnecting with a new configuration")
             if self.dialer is not None:
                 self.dialer.cancel()
                 self.dialer = None
@@ -265,14 +274,39 @@ class Agent:
             _TrunkSetup(self)
 
     def _on_trunk(self, trunk: Trunk) -> None:
+        trunk.owner = self.session
+        trunk.can_ping = self.trunk_ping
         self.trunks.append(trunk)
 
     def _on_trunk_close(self, trunk: Trunk, reason: str) -> None:
-        if trunk in self.trunks:
+        self.retired.discard(trunk)
+        current = trunk in self.trunks
+        if current:
             self.trunks.remove(trunk)
         if not self.closed:
-            log.log(logging.DEBUG if reason.startswith("agent") else logging.INFO, "trunk %s closed: %s", trunk.name, reason)
-            self.loop.call_later(backoff_delay(1, self.config.backoff_min, self.config.backoff_max), self.refill)
+            log.log(logging.DEBUG if reason.startswith("agent") or trunk.retired else logging.INFO,
+                    "trunk %s closed: %s", trunk.name, reason)
+            if current:
+                self.loop.call_later(backoff_delay(1, self.config.backoff_min, self.config.backoff_max), self.refill)
+
+    def _retire_trunks(self, reason: str) -> None:
+        """The session is over: its trunks are not counted any more (the next session opens its
+        own at once) and close when their last stream ends."""
+        trunks, self.trunks = self.trunks, []
+        for trunk in trunks:
+            if trunk.streams:
+                self.retired.add(trunk)
+            trunk.retire(reason)
+
+    def _check_trunks(self) -> None:
+        """Every heartbeat interval, whether or not a session is up: each trunk's own liveness."""
+        self._liveness = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        for trunk in self.trunks + list(self.retired):
+            trunk.check_alive(now, self.heartbeat)
+        self._liveness = self.loop.call_later(self.heartbeat, self._check_trunks)
 
     def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int) -> None:
         target = f"[{printable(host, 255)}]:{port}" if ":" in host else f"{printable(host, 255)}:{port}"
@@ -304,7 +338,7 @@ class Agent:
     @property
     def relays(self) -> list:
         return [d.relay for d in self.data_conns if d.relay is not None] + \
-            [s for t in self.trunks for s in t.streams.values()]
+            [s for t in self.trunks + list(self.retired) for s in t.streams.values()]
 
     # -- ending --------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -315,13 +349,15 @@ class Agent:
             self._retry.cancel()
         if self._hb:
             self._hb.cancel()
+        if self._liveness:
+            self._liveness.cancel()
         if self.dialer:
             self.dialer.cancel()
         if self.conn:
             self.conn.close("agent stopping")
         for data in list(self.data_conns):
             data.abort("agent stopping")
-        for trunk in list(self.trunks):
+        for trunk in self.trunks + list(self.retired):
             trunk.close("agent stopping")
 
 
@@ -339,6 +375,7 @@ class _TrunkSetup:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.session = agent.session  # opened for this session: useless to any other
         agent.trunks_opening += 1
         self.done = False
         addr = agent.server_addr
@@ -371,12 +408,17 @@ class _TrunkSetup:
 
     def _on_handshake(self, conn: FramedConn) -> None:
         agent = self.agent
+        if agent.session != self.session or not agent.connected:
+            self._finish()
+            conn.close("its session is over")
+            return
         peer = conn.peer
         sock, leftover = conn.detach()
         self._finish()
         trunk = Trunk(agent.loop, sock, leftover, name=f"to {peer}", on_open=agent._on_stream_open,
                       on_close=agent._on_trunk_close)
-        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=agent.config.agent_id))
+        fields = {"session": agent.session_token} if agent.session_token is not None else {}
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=agent.config.agent_id, ping=1, **fields))
         agent._on_trunk(trunk)
 
 

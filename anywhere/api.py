@@ -98,7 +98,7 @@ class Api:
                      "pending": len(s.pending), "bytes_in": totals.bytes_in, "bytes_out": totals.bytes_out,
                      "connections_total": totals.connections, "rejected": totals.rejected,
                      "warm_data_connections": sum(len(c) for c in s.warm.values()), "tls_handshakes": s.handshakes,
-                     "trunks": sum(len(t) for t in s.trunks.values()),
+                     "trunks": sum(len(t) for t in s.trunks.values()), "retired_trunks": len(s.retired_trunks),
                      "draining": s.draining, "last_errors": list(s.recent_errors.records)}
 
     def agents(self) -> tuple[int, Any]:

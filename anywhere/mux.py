@@ -37,8 +37,10 @@ Frames
 ``type (1) | length (3) | stream (4)`` big-endian, then ``length`` bytes of payload (at most
 `MAX_PAYLOAD`, 256 KiB).  Types: OPEN (server → agent: JSON {"host", "port"}), READY, FAIL (UTF-8
 reason), DATA, END (half-close of the sender's direction), ABORT (UTF-8 reason; the stream is
-gone), WINDOW (4-byte credit increment).  Stream 0 is never used.  Anything else is a protocol
-error that ends the whole trunk.
+gone), WINDOW (4-byte credit increment), and PING / PONG (8 opaque bytes, echoed) on stream 0,
+the trunk's own liveness check (trunk.py), sent only to a peer that said it understands them
+(``ping`` in the agent's ``trunk`` message, ``trunk_ping`` in the server's ``welcome``).  Stream 0
+is used by nothing else.  Anything else is a protocol error that ends the whole trunk.
 """
 
 from __future__ import annotations
@@ -49,21 +51,30 @@ import struct
 
 from .wire import ProtocolError
 
-OPEN, READY, FAIL, DATA, END, ABORT, WINDOW = range(1, 8)
-NAMES = {OPEN: "OPEN", READY: "READY", FAIL: "FAIL", DATA: "DATA", END: "END", ABORT: "ABORT", WINDOW: "WINDOW"}
+OPEN, READY, FAIL, DATA, END, ABORT, WINDOW, PING, PONG = range(1, 10)
+NAMES = {OPEN: "OPEN", READY: "READY", FAIL: "FAIL", DATA: "DATA", END: "END", ABORT: "ABORT", WINDOW: "WINDOW",
+         PING: "PING", PONG: "PONG"}
+PING_SIZE = 8
 HEADER = struct.Struct("!II")  # (type << 24 | length), stream
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 256 * 1024
 WINDOW_SIZE = 1024 * 1024  # a stream's receive window to begin with
 MAX_WINDOW = 4 * WINDOW_SIZE  # what a receiver may grow it to (the most a sender accepts)
 EARLY_WINDOW = 16 * 1024  # what a stream may send before READY
-_CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4}
+_CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4, PING: PING_SIZE, PONG: PING_SIZE}
+_TRUNK_FRAMES = (PING, PONG)  # on stream 0, and only there
 
 
 def frame(kind: int, stream: int, payload: bytes = b"") -> bytes:
-    if kind not in NAMES or not 0 < stream < 2**32 or len(payload) > MAX_PAYLOAD:
+    if kind not in NAMES or not 0 <= stream < 2**32 or (stream == 0) != (kind in _TRUNK_FRAMES) \
+            or len(payload) > MAX_PAYLOAD:
         raise ValueError(f"bad frame {kind}/{stream}/{len(payload)}")
     return HEADER.pack(kind << 24 | len(payload), stream) + payload
+
+
+def ping_frame(kind: int, payload: bytes) -> bytes:
+    """PING or PONG: the trunk's liveness check, on stream 0."""
+    return frame(kind, 0, payload)
 
 
 def open_frame(stream: int, host: str, port: int) -> bytes:
@@ -150,13 +161,15 @@ class MuxDecoder:
                 raise ProtocolError(f"unknown frame type {kind}")
             if length > MAX_PAYLOAD:
                 raise ProtocolError(f"frame of {length} bytes exceeds {MAX_PAYLOAD}")
-            if stream == 0:
-                raise ProtocolError("frame on stream 0")
+            if (stream == 0) != (kind in _TRUNK_FRAMES):
+                raise ProtocolError(f"{NAMES[kind]} frame on stream {stream}" if stream else "frame on stream 0")
             limit = _CONTROL_MAX.get(kind)
             if limit is not None and length > limit:
                 raise ProtocolError(f"{NAMES[kind]} frame of {length} bytes (at most {limit})")
             if kind == WINDOW and length != 4:
                 raise ProtocolError("WINDOW frame without its 4-byte credit")
+            if kind in _TRUNK_FRAMES and length != PING_SIZE:
+                raise ProtocolError(f"{NAMES[kind]} frame of {length} bytes (exactly {PING_SIZE})")
             if length == 0:
                 if kind != DATA:
                     out.append((kind, stream, b""))

@@ -230,6 +230,7 @@ class AgentSession:
         self.last_pong: float | None = None
         self._seq = 0
         self._ping_sent: dict[int, float] = {}
+        self.token = secrets.randbits(62) + 1  # in welcome; the agent's trunks name it (their owner)
         self._timer: Timer = server.loop.call_later(server.config.heartbeat, self._tick)
 
     def _tick(self) -> None:
@@ -244,6 +245,7 @@ class AgentSession:
         self._ping_sent = {self._seq: loop.time()}
         self.conn.send("ping", seq=self._seq)
         self._timer = loop.call_later(hb, self._tick)
+        self.server.check_trunks(self)
 
     def on_message(self, conn: FramedConn, msg: dict) -> None:
         kind = msg["type"]
@@ -318,7 +320,9 @@ class Server:
         self.pending: dict[int, Pending] = {}
         self.tunnels: dict[int, Tunnel] = {}
         self.warm: dict[str, list[FramedConn]] = {}  # per agent, idle data connections, most recent last
-        self.trunks: dict[str, list[Trunk]] = {}  # per agent, multiplexed data connections
+        self.trunks: dict[str, list[Trunk]] = {}  # per agent, the current session's trunks
+        self.retired_trunks: set[Trunk] = set()  # of sessions that are over, closed with their last stream
+        self.waiting_for_trunk: dict[str, list[int]] = {}  # per agent, clients held while every trunk is stale
         self.handshakes = 0  # TLS handshakes completed on the agent port
         self.proxy_stats: dict[str, Counters] = {}
         self.agent_stats: dict[str, Counters] = {}
@@ -480,9 +484,8 @@ class Server:
         for conns in list(self.warm.values()):
             for conn in list(conns):
                 conn.close("server stopping")
-        for trunks in list(self.trunks.values()):
-            for trunk in list(trunks):
-                trunk.close("server stopping")
+        for trunk in [t for trunks in self.trunks.values() for t in trunks] + list(self.retired_trunks):
+            trunk.close("server stopping")
         for name in ("_sweep_timer", "_stats_timer", "_idle_timer"):
             timer = getattr(self, name, None)
             if timer is not None:
@@ -582,7 +585,7 @@ class Server:
         elif kind == "pool":
             self._add_warm(conn, msg["agent_id"])
         elif kind == "trunk":
-            self._add_trunk(conn, msg["agent_id"])
+            self._add_trunk(conn, msg)
         else:
             self._on_data(conn, msg)
 
@@ -610,9 +613,10 @@ class Server:
                     "agent %s connected from %s; replacing its session from %s%s", agent_id, conn.peer, old.address,
                     " which was still alive: are two agents running with the same id?" if healthy else "")
             reason = f"replaced by a new session of agent {agent_id} from {conn.peer}"
+            self._retire_trunks(old, "its agent session was replaced")
             old.conn.send_and_close("error", reason, reason=reason, code="replaced")
         conn.send("welcome", proto=PROTO_VERSION, server_id=self.config.server_id, heartbeat=self.config.heartbeat,
-                  pool=self.config.pool_size)
+                  pool=self.config.pool_size, session=session.token, trunk_ping=1)
         log.info("agent %s connected from %s (version %s)", agent_id, conn.peer, version)
 
     def _on_session_close(self, session: AgentSession, reason: str) -> None:
@@ -621,11 +625,9 @@ class Server:
             del self.sessions[session.agent_id]
             for conn in list(self.warm.get(session.agent_id, ())):
                 conn.close("agent session ended")
-            for trunk in list(self.trunks.get(session.agent_id, ())):
-                if not trunk.streams:  # trunks that carry connections outlive the session
-                    trunk.close("agent session ended")
             if reason != "server stopping":
                 log.info("agent %s (%s) disconnected: %s", session.agent_id, session.address, reason)
+        self._retire_trunks(session, "agent session ended")
 
     def _on_data(self, conn: FramedConn, msg: dict) -> None:
         pending = self.pending.get(msg["conn"])
@@ -762,10 +764,15 @@ class Server:
         """Open a stream on the agent's least busy trunk; without one, send `open` on a warm data
         connection, else on the admin connection."""
         proxy = pending.proxy
-        trunks = [t for t in self.trunks.get(proxy.agent_id, ()) if not t.closed]
+        trunks = self.trunks.get(proxy.agent_id)
         warm = self.warm.get(proxy.agent_id)
         if trunks:
-            trunk = min(trunks, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
+            now, hb = self.loop.time(), self.config.heartbeat
+            live = [t for t in trunks if not t.stale(now, hb)]
+            if not live:  # never on a trunk known to be stale: held for a live one (or data_timeout)
+                self.waiting_for_trunk.setdefault(proxy.agent_id, []).append(pending.conn_id)
+                return
+            trunk = min(live, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
             stream = Stream(trunk, trunk.new_stream_id(), name=f"client {pending.peer}",
                             on_close=lambda st, reason, cid=pending.conn_id: self._on_stream_close(cid, st, reason))
             stream.on_ready = lambda cid=pending.conn_id, st=stream: self._on_stream_ready(cid, st)
@@ -784,9 +791,18 @@ class Server:
             session.conn.send("open", conn=pending.conn_id, host=proxy.local_ip, port=proxy.local_port)
 
     # -- trunks ----------------------------------------------------------------------------------------
-    def _add_trunk(self, conn: FramedConn, agent_id: str) -> None:
-        if self.draining or agent_id not in self.sessions:
+    def _add_trunk(self, conn: FramedConn, msg: dict) -> None:
+        """A trunk joins the agent's current session; one opened for a session that is over (its
+        `session` names another) is refused, so a stale path never takes new clients."""
+        agent_id = msg["agent_id"]
+        session = self.sessions.get(agent_id)
+        if self.draining or session is None:
             conn.close("not needed")
+            return
+        token = msg.get("session")
+        if token is not None and token != session.token:
+            log.info("trunk from agent %s (%s) refused: opened for an earlier session", agent_id, conn.peer)
+            conn.close("earlier session")
             return
         trunks = self.trunks.setdefault(agent_id, [])
         if len(trunks) >= max(self.config.pool_size, 1) * 2:
@@ -795,16 +811,60 @@ class Server:
         peer = conn.peer
         sock, leftover = conn.detach()
         trunk = Trunk(self.loop, sock, leftover, name=f"{agent_id}@{peer}", on_close=self._on_trunk_close)
-        trunk.agent_id = agent_id
+        trunk.owner = session
+        trunk.can_ping = msg.get("ping") == 1
         trunks.append(trunk)
         log.debug("trunk from agent %s (%s) up; %d now", agent_id, peer, len(trunks))
+        self._serve_waiting(agent_id)
 
     def _on_trunk_close(self, trunk: Trunk, reason: str) -> None:
-        trunks = self.trunks.get(trunk.agent_id, [])
+        session = trunk.owner
+        trunks = self.trunks.get(session.agent_id, [])
         if trunk in trunks:
             trunks.remove(trunk)
+            if not trunks:
+                del self.trunks[session.agent_id]
+                self._serve_waiting(session.agent_id)  # none left: the other paths take them
+        self.retired_trunks.discard(trunk)
         if reason not in ("server stopping", "agent session ended"):
             log.info("trunk %s closed: %s", trunk.name, reason)
+
+    def _retire_trunks(self, session: AgentSession, reason: str) -> None:
+        """The session is over: its trunks take no new client and close with their last stream."""
+        trunks = self.trunks.get(session.agent_id, [])
+        mine = [t for t in trunks if t.owner is session]
+        if not mine:
+            return
+        trunks[:] = [t for t in trunks if t.owner is not session]
+        if not trunks:
+            del self.trunks[session.agent_id]
+        for trunk in mine:
+            if trunk.streams:
+                self.retired_trunks.add(trunk)
+            trunk.retire(reason)
+
+    def check_trunks(self, session: AgentSession) -> None:
+        """Every heartbeat of `session`: the liveness of its trunks, then the clients held for one."""
+        now, hb = self.loop.time(), self.config.heartbeat
+        for trunk in list(self.trunks.get(session.agent_id, ())):
+            trunk.check_alive(now, hb)
+        self._serve_waiting(session.agent_id)
+
+    def _serve_waiting(self, agent_id: str) -> None:
+        """Clients held while every trunk of their agent was stale: to a live trunk now, or, with no
+        trunk left at all, to the other data paths; still none live: they keep waiting."""
+        waiting = self.waiting_for_trunk.pop(agent_id, None)
+        if not waiting:
+            return
+        session = self.sessions.get(agent_id)
+        for conn_id in waiting:
+            pending = self.pending.get(conn_id)
+            if pending is None or pending.stream is not None or pending.warm is not None:
+                continue  # gone, or served another way meanwhile
+            if session is None or not session.conn.open:
+                self.waiting_for_trunk.setdefault(agent_id, []).append(conn_id)  # until data_timeout
+                continue
+            self._ask_agent(pending, session)
 
     def _on_stream_ready(self, conn_id: int, stream: Stream) -> None:
         pending = self._take_pending(conn_id)
@@ -1129,6 +1189,9 @@ class Server:
             for conn in list(conns):
                 if self._denied(conn):
                     conn.close("agent revoked")
+        for trunk in [t for trunks in self.trunks.values() for t in trunks] + list(self.retired_trunks):
+            if self._denied(trunk.owner.conn):  # a revoked agent's trunks close at once, retired ones too
+                trunk.close("agent revoked")
 
     def _sweep_idle(self) -> None:
         now = self.loop.time()
@@ -1137,6 +1200,14 @@ class Server:
             if timeout and now - tunnel.relay.last_active >= timeout:
                 tunnel.relay.close(f"idle for {timeout:g} s")
         self._prune_rates(now)
+        for trunk in list(self.retired_trunks):
+            trunk.check_alive(now, self.config.heartbeat)
+        for agent_id in list(self.waiting_for_trunk):
+            held = [cid for cid in self.waiting_for_trunk[agent_id] if cid in self.pending]
+            if held:
+                self.waiting_for_trunk[agent_id] = held
+            else:
+                del self.waiting_for_trunk[agent_id]
         if self.rejects_held:
             self._flush_rejects(now)
         self._idle_timer = self.loop.call_later(IDLE_SWEEP, self._sweep_idle)

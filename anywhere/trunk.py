@@ -32,6 +32,34 @@ END after the last DATA is a half-close, passed on as shutdown(SHUT_WR) once `ou
 a stream is done when both directions have ended.  ABORT, or the trunk going away, closes the
 plain socket at once.  `Stream` offers what the server's connection table reads from a relay:
 byte counts, `close()`, `first_byte_at`, `last_active`.
+
+Ownership
+---------
+A trunk belongs to one agent session (`owner`: the server's AgentSession, the agent's session
+number).  When that session ends or is replaced, its owner calls `retire()`: from then on no new
+stream is put on the trunk, its owner no longer counts it (the agent opens fresh ones for the
+next session at once), and it closes when its last stream ends, at once if it carries none.  A
+trunk therefore never outlives its session as a place for new clients, whatever happened to the
+path under it, yet the connections it carries are not cut for an admin connection that was.
+
+Liveness
+--------
+Every trunk checks its own path, on both sides: its owner calls `check_alive(now, interval)`
+once per heartbeat interval.  A trunk that has heard nothing for half an interval sends a PING
+(8 bytes on stream 0, answered by a PONG); one that has heard nothing for `STALE_AFTER`
+intervals is *stale* (`stale()`: no new client is placed on it, the server holds the client for
+a live trunk instead); one silent for `DEAD_AFTER` intervals is closed with everything on it.
+Anything received counts, so a busy trunk sends no pings.  PINGs go only to a peer that
+announced it understands them (older peers get none, and are checked as before, by their admin
+connection only).
+
+Why pings on the trunk rather than TCP keepalive with TCP_USER_TIMEOUT: keepalive only shows
+that the peer's kernel still answers; a peer process that is wedged, or a path whose NAT entry
+was replaced, can keep a kernel-level conversation going or fail it only after the kernel's own
+retries, and TCP_USER_TIMEOUT bites only on unacknowledged data, so an idle black-holed trunk
+is noticed only by keepalive probes at the kernel's pace.  A PING costs one frame (about 40 bytes
+of TLS) per interval on an idle trunk, none on a busy one; it proves the peer's loop reads this
+trunk, gives the trunk a round-trip time of its own (`rtt`), and needs no socket options.
 """
 
 from __future__ import annotations
@@ -60,6 +88,8 @@ GROW_WITHIN = 0.05  # seconds: a stream that delivers its whole window faster ge
 _FOREIGN = -1  # Stream.mask of a socket registered by another owner: the next _update re-points it
 COALESCE = 16384  # frames under one TLS record's worth wait for the end of the loop pass
 COALESCE_MAX = 65536  # at most this much joined into one write
+STALE_AFTER = 2.0  # heartbeat intervals without a byte: no new stream goes on this trunk
+DEAD_AFTER = 3.0  # heartbeat intervals without a byte: the trunk is closed
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # the per-chunk path reads these as globals of this module, not attributes of mux
 _HDR = mux.HEADER_SIZE
@@ -87,6 +117,12 @@ class Trunk:
         self.closed = False
         self.reason = ""
         self.mask = 0
+        self.owner: Any = None  # the session this trunk belongs to (see Ownership)
+        self.retired = False
+        self.can_ping = False  # the peer understands PING (see Liveness)
+        self.last_rx = loop.time()
+        self.rtt: float | None = None
+        self._ping_sent: float | None = None
         self._next_id = 1
         self._flush_due = False
         self._buf = bytearray(READ_SIZE)
@@ -237,6 +273,7 @@ class Trunk:
             self.close(f"read failed: {exc}")
             return
         if got:
+            self.last_rx = self.loop.now
             self._handle(self._bufview[:got])
         if eof and not self.closed:
             self.close("closed by peer")
@@ -260,6 +297,14 @@ class Trunk:
             self.close(f"protocol error: {exc}")
 
     def _dispatch(self, kind: int, sid: int, payload: memoryview | bytes) -> None:
+        if kind == mux.PING:
+            self.write(mux.ping_frame(mux.PONG, bytes(payload)))
+            return
+        if kind == mux.PONG:
+            if self._ping_sent is not None:
+                self.rtt = self.loop.time() - self._ping_sent
+                self._ping_sent = None
+            return
         if kind == mux.OPEN:
             if self.on_open is None or sid in self.streams:
                 raise ProtocolError(f"unexpected OPEN for stream {sid}")
@@ -293,6 +338,31 @@ class Trunk:
         elif kind == mux.ABORT:
             reason = printable(bytes(payload).decode("utf-8", "replace")) or "no reason"
             stream.close(f"aborted by peer: {reason}", notify=False)
+
+    # -- liveness and ownership ------------------------------------------------------------------------
+    def check_alive(self, now: float, interval: float) -> bool:
+        """Once per heartbeat `interval`: ping a quiet trunk, close a silent one; False if closed."""
+        if self.closed:
+            return False
+        silent = now - self.last_rx
+        if silent >= DEAD_AFTER * interval:
+            log.warning("trunk %s: nothing received for %.1f s; closing it", self.name, silent)
+            self.close(f"no sign of life for {silent:.0f} s")
+            return False
+        if self.can_ping and silent >= interval / 2 and (self._ping_sent is None or now - self._ping_sent >= interval):
+            self._ping_sent = now
+            self.write(mux.ping_frame(mux.PING, b"\0" * mux.PING_SIZE))
+        return True
+
+    def stale(self, now: float, interval: float) -> bool:
+        """Known or suspected dead: closed, retired, or silent for STALE_AFTER intervals."""
+        return self.closed or self.retired or now - self.last_rx >= STALE_AFTER * interval
+
+    def retire(self, reason: str) -> None:
+        """Its session is over: take no new stream, and close once the last one has ended."""
+        self.retired = True
+        if not self.streams:
+            self.close(reason)
 
     # -- ending --------------------------------------------------------------------------------------------
     def close(self, reason: str) -> None:
@@ -592,3 +662,5 @@ class Stream:
                 callback(self, reason)
             except Exception:
                 log.exception("stream on_close callback failed")
+        if trunk.retired and not trunk.streams:
+            trunk.close("its session is over and its last stream has ended")
