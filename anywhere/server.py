@@ -1267,13 +1267,16 @@ class Server:
     def agent_info(self, agent_id: str) -> dict:
         session = self.sessions[agent_id]
         counters = self.agent_stats.get(agent_id, Counters())
+        trunks, now = self.trunks.get(agent_id, ()), self.loop.time()
         live = [t for t in self.tunnels.values() if t.proxy.agent_id == agent_id]
         return {"agent_id": agent_id, "address": session.address, "version": session.version,
                 "connected_since": session.since, "rtt_ms": None if session.rtt is None else round(session.rtt * 1000, 3),
                 "last_heartbeat": session.last_pong, "connections": len(live), "connections_total": counters.connections,
                 "bytes_in": counters.bytes_in + sum(t.relay.bytes_a_to_b for t in live),
                 "bytes_out": counters.bytes_out + sum(t.relay.bytes_b_to_a for t in live),
-                "warm": len(self.warm.get(agent_id, ())), "trunks": len(self.trunks.get(agent_id, ()))}
+                "warm": len(self.warm.get(agent_id, ())), "trunks": len(trunks),
+                "trunks_stale": sum(1 for t in trunks if t.stale(now, self.config.heartbeat)),
+                "trunk_rtt_ms": [None if t.rtt is None else round(t.rtt * 1000, 3) for t in trunks]}
 
     def save_stats(self) -> None:
         """Write the counters (with the proxies) if they changed; called periodically and at exit."""

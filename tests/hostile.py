@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class HostileAgent:
         self.welcome: dict = {}
         self.trunks: list[HostileTrunk] = []
         self.peers: list[HandPeer] = []
+        self.admin_messages: list[dict] = []  # what keep_alive() read besides pings
 
     def connect(self, **hello_fields) -> dict:
         """Admin connection and hello (fields may be overridden); returns the server's answer."""
@@ -106,6 +108,21 @@ class HostileAgent:
             self.welcome = answer
         return answer
 
+    def keep_alive(self) -> None:
+        """Answer the server's pings on the admin connection from a thread, until it closes: the
+        session stays up while a test makes a trunk misbehave."""
+        admin = self.admin
+        assert admin is not None
+
+        def run() -> None:
+            while True:
+                try:
+                    msg = admin.recv(3600)
+                except (AssertionError, OSError, ValueError):
+                    return
+                self.admin_messages.append(msg)
+        threading.Thread(target=run, daemon=True).start()
+
     def raw(self) -> HandPeer:
         """A bare TLS connection to the agent port with this agent's certificate."""
         peer = HandPeer(self.port, self.ctx, host=self.host)
@@ -114,6 +131,7 @@ class HostileAgent:
 
     def trunk(self, **fields) -> HostileTrunk:
         peer = self.raw()
+        fields = {k: v for k, v in fields.items() if v is not None}  # session=None: an agent that names none
         peer.send("trunk", proto=PROTO_VERSION, agent_id=self.agent_id, **fields)
         trunk = HostileTrunk(peer)
         self.trunks.append(trunk)

@@ -279,3 +279,93 @@ def test_refused_connections_are_audited_in_aggregate(world, echo_target):
     records = refusals()
     assert len(records) == 3 and records[-1]["count"] == 299 and records[-1]["source"] == "127.0.0.1"
     assert 1 + sum(r.get("count", 0) for r in records if r["source"].startswith("127.0.0.1")) == 300
+
+
+# -- 4. trunks belong to their session ----------------------------------------------------------------------
+def agent_entry(world, agent_id: str) -> dict | None:
+    return next((a for a in world.api("GET", "/v1/agents")["agents"] if a["agent_id"] == agent_id), None)
+
+
+def test_a_replaced_sessions_trunks_take_no_new_client_and_close_with_their_last_stream(world, hostile):
+    world.start_server()
+    first = hostile("agent-2")
+    token = first.connect().get("session")
+    old_trunk = first.trunk(session=token, ping=1)
+    wait_for(lambda: (agent_entry(world, "agent-2") or {}).get("trunks") == 1, 5, what="the trunk")
+    port = world.add_proxy(9, agent_id="agent-2")
+    held = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sid = old_trunk.expect_open()[0]
+        old_trunk.send(mux.READY, sid)
+        wait_for(lambda: status(world)["connections"] == 1, 5, what="the held connection")
+        second = hostile("agent-2")
+        assert second.connect()["type"] == "welcome"  # the session is replaced
+        wait_for(lambda: status(world).get("retired_trunks") == 1, 5, what="the old trunk to be retired")
+        assert agent_entry(world, "agent-2")["trunks"] == 0  # not counted any more
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            assert second.admin.recv()["type"] == "open"  # not on the old session's trunk
+        with pytest.raises(AssertionError, match="no OPEN"):
+            old_trunk.expect_open(timeout=0.5)
+        late = first.trunk(session=token, ping=1)  # opened for the session that is over
+        assert late.wait_closed(5)
+        old_trunk.send(mux.ABORT, sid, b"done")  # its last stream ends: the retired trunk closes
+        assert old_trunk.wait_closed(5)
+        wait_for(lambda: status(world)["retired_trunks"] == 0, 5, what="the retired trunk gone")
+    finally:
+        held.close()
+
+
+def open_on_either(*trunks, timeout: float = 5.0):
+    """(trunk, stream id) of the first OPEN the server sends on any of `trunks`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trunk in trunks:
+            try:
+                return trunk, trunk.expect_open(timeout=0.1)[0]
+            except AssertionError:
+                pass
+    raise AssertionError(f"no OPEN on any trunk within {timeout} s")
+
+
+def test_a_denied_agents_trunks_close_at_once_on_reload(world, hostile):
+    conf = world.tmp / "anywhered.conf"
+    conf.write_text("[server]\n")
+    server = world.start_server("--config", str(conf))
+    agent = hostile("agent-2")
+    agent.connect()
+    agent.keep_alive()
+    trunk = agent.trunk(session=agent.welcome.get("session"), ping=1)
+    idle = agent.trunk(session=agent.welcome.get("session"), ping=1)
+    wait_for(lambda: (agent_entry(world, "agent-2") or {}).get("trunks") == 2, 5, what="the trunks")
+    port = world.add_proxy(9, agent_id="agent-2")
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        opened, sid = open_on_either(trunk, idle)
+        opened.send(mux.READY, sid)
+        wait_for(lambda: status(world)["connections"] == 1, 5, what="a connection through the trunk")
+        conf.write_text("[server]\ndeny = agent-2\n")
+        world.api("POST", "/v1/reload")
+        started = time.monotonic()
+        assert trunk.wait_closed(3) and idle.wait_closed(3), "a revoked agent's trunks must close at once"
+        assert time.monotonic() - started < 3
+    assert status(world)["trunks"] == 0 and status(world)["retired_trunks"] == 0
+    server.wait_log("is denied now")
+
+
+def test_a_silent_trunk_is_stale_at_once_for_new_clients_and_closed_after_three_heartbeats(world, hostile):
+    server = world.start_server("--heartbeat", "1")
+    agent = hostile("agent-2")
+    agent.connect()
+    agent.keep_alive()  # the admin connection stays healthy: only the trunk is silent
+    silent = agent.trunk(session=agent.welcome.get("session"), ping=1)  # never answers the server's pings
+    wait_for(lambda: (agent_entry(world, "agent-2") or {}).get("trunks") == 1, 5, what="the trunk")
+    wait_for(lambda: agent_entry(world, "agent-2").get("trunks_stale") == 1, 5, what="the trunk to go stale")
+    port = world.add_proxy(9, agent_id="agent-2")
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        wait_for(lambda: status(world)["pending"] == 1, 5, what="the client to be held for a live trunk")
+        fresh = agent.trunk(session=agent.welcome.get("session"), ping=1)
+        sid, host, port_asked = fresh.expect_open(timeout=3)  # served by the new, live trunk
+        assert (host, port_asked) == ("127.0.0.1", 9)
+        assert silent.wait_closed(5), "a trunk silent for three heartbeats must be closed"
+    assert not any(kind == mux.OPEN for kind, _, _ in silent.frames)
+    assert any(kind == mux.PING for kind, _, _ in silent.frames)  # it was asked first
+    server.wait_log("nothing received for")
