@@ -13,25 +13,21 @@ their own reaction time; the margin is for a loaded two-core machine.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from anywhere import credentials
-from anywhere.ctl import Client
 from anywhere.wire import PROTO_VERSION, encode
 from conftest import Proc, TargetServer, echo_handler, log_lines, wait_for, wait_log_line
 from handpeer import client_ctx
+import nshost
+from nshost import AGENT_PORT, TGT_PORT, connect_in, run
 from procstat import rss_kb
 from streams import EchoStream, one_shot
 
@@ -607,146 +603,13 @@ def test_clients_that_stop_reading(world, echo_target):
 
 # -- the admin connection cut while a data connection flows (network namespaces) ----------------------------
 TAG = f"awf{os.getpid()}"  # namespace and interface names carry our pid; veth names stay within 15 chars
-NS_SRV, NS_AGT = f"{TAG}-srv", f"{TAG}-agt"
-SRV_IP, AGT_IP = "10.232.7.1", "10.232.7.2"
-AGENT_PORT, TGT_PORT = 1111, 7000
-CLONE_NEWNET = 0x40000000
-
-ECHO_SCRIPT = r"""
-import socket, sys, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", int(sys.argv[1])))
-srv.listen(64)
-print("listening", flush=True)
-def serve(c):
-    try:
-        while True:
-            d = c.recv(1 << 16)
-            if not d:
-                c.shutdown(socket.SHUT_WR)
-                return
-            c.sendall(d)
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, a = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-
-def run(*args: str, check: bool = True, timeout: float = 10, stdin: str | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, input=stdin)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
-    return res
-
-
-def netns_names() -> set[str]:
-    res = run("ip", "netns", "list", check=False)
-    return {line.split()[0] for line in res.stdout.splitlines() if line.strip()}
-
-
-def in_netns(ns: str, fn, timeout: float = 30.0):
-    """Run fn() in a fresh thread that has joined network namespace `ns` (setns(2) affects only the
-    calling thread); a socket made there stays in that namespace and may be used from any thread."""
-    box: dict = {}
-
-    def run_there() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run_there, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise AssertionError(f"in_netns({ns}) did not finish within {timeout} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def connect_in(ns: str):
-    return lambda host, port, timeout: in_netns(ns, lambda: socket.create_connection((host, port), timeout=timeout))
 
 
 @pytest.fixture
 def two_hosts(tmp_path):
     """Server host and agent host, one veth pair between them; the target listens inside the agent's host."""
-    if os.geteuid() != 0:
-        pytest.skip(f"network-namespace tests need root (running as uid {os.geteuid()})")
-    if shutil.which("ip") is None:
-        pytest.skip("network-namespace tests need the `ip` command (iproute2)")
-    if shutil.which("nft") is None:
-        pytest.skip("cutting one TCP connection needs nft: apt-get install nftables")
-    for name in (NS_SRV, NS_AGT):
-        if name in netns_names():
-            run("ip", "netns", "del", name, check=False)
-    probe = run("ip", "netns", "add", NS_SRV, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"`ip netns add` failed, network namespaces unavailable: {probe.stderr.strip()}")
-    procs: list[Proc] = []
-    try:
-        run("ip", "netns", "add", NS_AGT)
-        for ns in (NS_SRV, NS_AGT):
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        run("ip", "link", "add", f"{TAG}s", "netns", NS_SRV, "type", "veth", "peer", "name", f"{TAG}a", "netns", NS_AGT)
-        run("ip", "-n", NS_SRV, "addr", "add", f"{SRV_IP}/24", "dev", f"{TAG}s")
-        run("ip", "-n", NS_AGT, "addr", "add", f"{AGT_IP}/24", "dev", f"{TAG}a")
-        run("ip", "-n", NS_SRV, "link", "set", f"{TAG}s", "up")
-        run("ip", "-n", NS_AGT, "link", "set", f"{TAG}a", "up")
-        probe = run("ip", "netns", "exec", NS_AGT, "nft", "list", "ruleset", check=False)
-        if probe.returncode != 0:
-            pytest.skip(f"nft does not work in a network namespace here: {probe.stderr.strip()}")
-        cred = tmp_path / "credential"
-        credentials.init(str(cred), "server.test", [SRV_IP])
-        credentials.issue("agent-1", str(cred))
-        repo = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-        def start(ns: str, args: list[str], name: str) -> Proc:
-            proc = Proc(["ip", "netns", "exec", ns, *args], tmp_path / f"{name}.log", env=env)
-            procs.append(proc)
-            return proc
-
-        target = start(NS_AGT, [sys.executable, "-u", "-c", ECHO_SCRIPT, str(TGT_PORT)], "target")
-        target.wait_log("listening")
-        sock = str(tmp_path / "anywhered.sock")
-        server = start(NS_SRV, [sys.executable, "-m", "anywhere.server_cli", "start", "-p", str(AGENT_PORT),
-                                "--ca", str(cred / "ca.crt"), "--cert", str(cred / "server.crt"),
-                                "--key", str(cred / "server.key"), "--admin-socket", sock,
-                                "--state-dir", str(tmp_path / "state"), "--log-level", "debug",
-                                "--heartbeat", "0.5"], "server")
-        server.wait_log("listening for agents")
-        agent = start(NS_AGT, [sys.executable, "-m", "anywhere.agent_cli", "-i", "agent-1", "-s", SRV_IP,
-                               "-p", str(AGENT_PORT), "--ca", str(cred / "ca.crt"), "--cert", str(cred / "agent-1.crt"),
-                               "--key", str(cred / "agent-1.key"), "--log-level", "debug"], "agent")
-        yield {"server": server, "agent": agent, "api": Client(sock).call}
-    finally:
-        for proc in reversed(procs):
-            try:
-                proc.stop(timeout=5)
-            except Exception:
-                proc.kill()
-        errors = []
-        for name in (NS_SRV, NS_AGT):
-            if name in netns_names():
-                res = run("ip", "netns", "del", name, check=False)
-                if res.returncode:
-                    errors.append(res.stderr)
-        assert not errors, errors
+    with nshost.two_hosts(tmp_path, TAG, "10.232.7", heartbeat=0.5, need_nft=True) as hosts:
+        yield {"server": hosts.server, "agent": hosts.agent, "api": hosts.api, "hosts": hosts}
 
 
 @pytest.mark.netns
@@ -762,6 +625,8 @@ def test_admin_connection_cut_while_a_data_connection_flows(two_hosts):
     the data connection; a silent drop of the admin connection alone is exactly "the admin
     connection is cut while the data connections keep flowing"."""
     server, agent, api = two_hosts["server"], two_hosts["agent"], two_hosts["api"]
+    hosts = two_hosts["hosts"]
+    NS_SRV, NS_AGT, SRV_IP, AGT_IP = hosts.ns_srv, hosts.ns_agt, hosts.srv_ip, hosts.agt_ip  # noqa: N806
 
     def session() -> dict | None:
         return next((a for a in api("GET", "/v1/agents")["agents"] if a["agent_id"] == "agent-1"), None)

@@ -21,8 +21,7 @@ from anywhere import mux
 from anywhere.loop import Loop
 from anywhere.trunk import Stream, Trunk
 from anywhere.wire import PROTO_VERSION
-from conftest import echo, free_port, wait_for
-from handpeer import client_ctx
+from conftest import echo, wait_for
 from hostile import HostileAgent
 
 
