@@ -24,6 +24,7 @@ SERVER_BAD = [
     ("whitelist", "203.0.113.7, 10.0.0.0/33", "'10.0.0.0/33' is not an IP address or CIDR"),
     ("admin_socket", '""', "must be a path"),
     ("state_dir", '""', "must be a path"),
+    ("stats_save_interval", "0", "must be a number of seconds greater than 0"),
     ("data_timeout", "soon", "must be a number of seconds greater than 0"),
     ("handshake_timeout", "-1", "must be a number of seconds greater than 0"),
     ("heartbeat", "0", "must be a number of seconds greater than 0"),
