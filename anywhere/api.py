@@ -6,10 +6,11 @@
 | GET    /v1/status                         | summary: id, version, uptime, counts, bytes, last errors |
 | GET    /v1/agents                         | agents with session, RTT, connections, bytes           |
 | POST   /v1/agents/ID/disconnect           | close that agent's session and everything through it   |
-| GET    /v1/proxies                        | proxies with their counters                            |
+| GET    /v1/proxies                        | proxies with their state and counters                  |
 | POST   /v1/proxies                        | add one (validated, bound, saved) → 201                |
 | DELETE /v1/proxies/NAME                   | delete one, closing its listener and connections       |
-| POST   /v1/proxies/NAME/disable|enable    | stop / resume accepting without deleting               |
+| POST   /v1/proxies/NAME/disable|enable    | stop / resume accepting without deleting; enable binds |
+|                                           | a failed proxy's port now (409 if it is still busy)    |
 | GET    /v1/connections                    | live connections                                       |
 | DELETE /v1/connections/ID                 | kill one connection                                    |
 | DELETE /v1/connections?proxy=NAME         | kill every connection of a proxy                       |
@@ -94,7 +95,9 @@ class Api:
         totals = s.totals()
         return 200, {"server_id": s.config.server_id, "version": __version__,
                      "uptime": round(s.loop.time() - s.started, 3), "started": s.started_wall,
-                     "agents": len(s.sessions), "proxies": len(s.proxies), "connections": len(s.tunnels),
+                     "agents": len(s.sessions), "proxies": len(s.proxies),
+                     "proxies_failed": sorted(p.name for p in s.proxies.values() if p.failed),
+                     "connections": len(s.tunnels),
                      "pending": len(s.pending), "bytes_in": totals.bytes_in, "bytes_out": totals.bytes_out,
                      "connections_total": totals.connections, "rejected": totals.rejected,
                      "warm_data_connections": sum(len(c) for c in s.warm.values()), "tls_handshakes": s.handshakes,

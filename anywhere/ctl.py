@@ -80,11 +80,12 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/proxies")
     rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=_human(p.get("bytes_in", 0)),
                  bytes_out=_human(p.get("bytes_out", 0))) for p in data["proxies"]]
-    _emit(args, data, lambda d: table(rows, [
+    failed = [f"proxy {p['name']} failed: {p['failed']}" for p in data["proxies"] if p.get("failed")]
+    _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
-        ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
+        ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
         ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
-        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT")]))
+        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT")])] + ([""] + failed if failed else [])))
 
 
 def cmd_proxy_del(args: argparse.Namespace) -> None:
@@ -136,7 +137,8 @@ def render_status(d: dict) -> str:
         f"anywhered {d['version']}, server id {d['server_id']}, up {_duration(d['uptime'])}"
         + (" (draining)" if d.get("draining") else ""),
         f"agents:      {d['agents']} connected",
-        f"proxies:     {d['proxies']}",
+        f"proxies:     {d['proxies']}" + (f" ({len(d['proxies_failed'])} failed: {', '.join(d['proxies_failed'])})"
+                                              if d.get("proxies_failed") else ""),
         f"connections: {d['connections']} live, {d['connections_total']} in all; "
         f"{d['warm_data_connections']} warm data connection(s)",
         f"bytes:       {_human(d['bytes_in'])} in, {_human(d['bytes_out'])} out",

@@ -24,7 +24,8 @@ the loop, between callbacks, never in the middle of one.
 
 Blocking calls that have no non-blocking form (getaddrinfo) run in a small thread pool;
 their results are posted back with `call_soon_threadsafe`, which also writes to the wake-up
-socket.  No other code in the process touches threads.
+socket.  The only other thread is the server's state writer (`state.Store`), which writes
+snapshots of the counters and touches nothing the loop uses.
 
 The loop knows no protocol.  A callback that raises is logged and does not stop the loop.
 """

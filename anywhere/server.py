@@ -24,6 +24,12 @@ connection and carry on through its loss.
 *Admin API*: the methods ``api_*`` are the operations behind `admin.py`'s routes; they raise
 `ApiError` with a 4xx status for bad requests, and every change to the proxies is saved
 (`state.py`) before it is reported as done.
+
+*Stored proxies*: a stored proxy whose port cannot be bound at start (busy, or the agent port
+now) stays, marked failed with the reason: listed, counted, saved, retried every
+`PROXY_RETRY` seconds until its port is free, and ``enable`` tries it at once.  A stored entry
+that is not valid is not served but is kept as it is, and written back in every save.  Only
+``delete`` removes a proxy from the state file (`state.Store` refuses a save that loses one).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ POOL_SWEEP = 5.0
 IDLE_SWEEP = 1.0
 LOG_THROTTLE = 10.0
 MAX_RATE_ENTRIES = 100_000
-STATS_SAVE_INTERVAL = 30.0
+PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -102,6 +108,7 @@ class ServerConfig:
     admin_max_request: int = 65536
     deny: list[str] = field(default_factory=list)  # agent ids, or serial:HEX, refused and dropped
     admin_group: str = "anywhere"  # besides root (and our own user), members may use the admin socket
+    stats_save_interval: float = 30.0  # the counters are written this often (in the background)
 
 
 def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
@@ -148,6 +155,10 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _why(exc: Exception) -> str:
+    return str(getattr(exc, "strerror", None) or exc)
+
+
 def allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
     return any(ip.version == net.version and ip in net for net in nets)
 
@@ -164,6 +175,7 @@ class Proxy:
     idle_timeout: float = 0.0  # 0: the server's idle_timeout
     nets: list[Network] = field(repr=False, default_factory=list)
     listeners: list[Acceptor] = field(repr=False, default_factory=list)
+    failed: str | None = None  # enabled but not listening: why (retried; not stored)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
@@ -317,6 +329,9 @@ class Server:
         self.handshaking_per_ip: dict[str, int] = {}
         self.sessions: dict[str, AgentSession] = {}
         self.proxies: dict[str, Proxy] = {}
+        self.store = state.Store(config.state_dir)
+        self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
+        self._retry_timer: Timer | None = None  # armed while a proxy has failed
         self.pending: dict[int, Pending] = {}
         self.tunnels: dict[int, Tunnel] = {}
         self.warm: dict[str, list[FramedConn]] = {}  # per agent, idle data connections, most recent last
@@ -354,7 +369,7 @@ class Server:
             self.ctx = tls.server_context(self.config.ca, self.config.cert, self.config.key)
             self.audit.open(self.config.audit_log)
             self.api_token = read_token(self.config.api_token_file) if self.config.api_listen else None
-            stored, stats = state.load_all(self.config.state_dir)
+            stored, stats = self.store.load()
             self._restore_stats(stats)
             self.agent_listeners = [Acceptor(self.loop, sock, self._on_agent_conn, "the agent port", ACCEPT_BUDGET)
                                     for sock in listen(self.config.bind, self.config.port)]
@@ -364,7 +379,7 @@ class Server:
             for spec in stored:
                 self._restore_proxy(spec)
             self._sweep_timer = self.loop.call_later(POOL_SWEEP, self._sweep_warm)
-            self._stats_timer = self.loop.call_later(STATS_SAVE_INTERVAL, self._stats_tick)
+            self._stats_timer = self.loop.call_later(self.config.stats_save_interval, self._stats_tick)
             self._idle_timer = self.loop.call_later(IDLE_SWEEP, self._sweep_idle)
         except BaseException:
             self.close()
@@ -398,14 +413,50 @@ class Server:
                 else:
                     log.info("REST API on %s", where)
 
-    def _restore_proxy(self, spec: dict) -> None:
+    def _restore_proxy(self, spec: Any) -> None:
+        """A stored entry: served if it can be; else kept failed (retried), or kept as it is if not valid."""
         try:
             proxy = validate_proxy(spec)
-            self._open_proxy(proxy)
+            if proxy.name in self.proxies:
+                raise ApiError(409, f"a proxy named {proxy.name} is stored twice")
+            other = next((p for p in self.proxies.values() if p.remote_port == proxy.remote_port), None)
+            if other is not None:
+                raise ApiError(409, f"remote port {proxy.remote_port} is already used by proxy {other.name}")
         except ApiError as exc:
-            log.error("stored proxy %s not restored: %s", spec.get("name", spec), exc.message)
+            self.unrestored.append(spec)
+            log.error("stored proxy %s in %s not served: %s; its entry is kept as it is (fix it in the file, or "
+                      "delete it there, while anywhered is stopped)", printable(state.entry_name(spec) or spec, 200),
+                      self.store.file, printable(exc.message))
             return
-        log.info("proxy %s restored: port %d → agent %s → %s", proxy.name, proxy.remote_port, proxy.agent_id, proxy.target)
+        self.proxies[proxy.name] = proxy
+        self.proxy_agents[proxy.name] = proxy.agent_id
+        if proxy.enabled and not self._try_listen(proxy):
+            log.error("proxy %s restored but not serving: %s; retried every %g s (or: anywherectl proxy enable %s)",
+                      proxy.name, proxy.failed, PROXY_RETRY, proxy.name)
+            return
+        log.info("proxy %s restored%s: port %d → agent %s → %s", proxy.name, "" if proxy.enabled else " (disabled)",
+                 proxy.remote_port, proxy.agent_id, proxy.target)
+
+    def _try_listen(self, proxy: Proxy) -> bool:
+        """Bind an enabled proxy's port; if that fails the proxy is marked failed, and retried."""
+        try:
+            self._listen(proxy)
+        except ApiError as exc:
+            proxy.failed = exc.message
+            if self._retry_timer is None:
+                self._retry_timer = self.loop.call_later(PROXY_RETRY, self._retry_failed)
+            return False
+        proxy.failed = None
+        return True
+
+    def _retry_failed(self) -> None:
+        self._retry_timer = None
+        if self.draining or self.closed:
+            return
+        for proxy in [p for p in self.proxies.values() if p.failed and p.enabled]:
+            if self._try_listen(proxy):
+                log.info("proxy %s: remote port %d could be bound now; serving (agent %s → %s)", proxy.name,
+                         proxy.remote_port, proxy.agent_id, proxy.target)
 
     # -- reload and drain ------------------------------------------------------------------------
     RESTART_ONLY = ("port", "bind", "proxy_bind", "admin_socket", "state_dir", "api_listen")
@@ -427,7 +478,8 @@ class Server:
                                      "api_token_file", "metrics_public", "max_connections", "max_connections_per_proxy",
                                      "rate_limit", "rate_burst", "max_agents", "max_pending_per_agent",
                                      "max_unauthenticated", "max_unauthenticated_per_source",
-                                     "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group")
+                                     "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group",
+                                     "stats_save_interval")
                    if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         for name in restart:
@@ -486,11 +538,12 @@ class Server:
                 conn.close("server stopping")
         for trunk in [t for trunks in self.trunks.values() for t in trunks] + list(self.retired_trunks):
             trunk.close("server stopping")
-        for name in ("_sweep_timer", "_stats_timer", "_idle_timer"):
+        for name in ("_sweep_timer", "_stats_timer", "_idle_timer", "_retry_timer"):
             timer = getattr(self, name, None)
             if timer is not None:
                 timer.cancel()
-        self.save_stats()
+        self.save_stats(wait=True)
+        self.store.close()
         self._flush_rejects(None)
         self.audit.close()
         logging.getLogger("anywhere").removeHandler(self.recent_errors)
@@ -723,6 +776,8 @@ class Server:
         self.proxy_agents[proxy.name] = proxy.agent_id
 
     def _listen(self, proxy: Proxy) -> None:
+        if proxy.remote_port == self.config.port:  # a stored proxy, and the agent port changed since
+            raise ApiError(409, f"remote port {proxy.remote_port} is the agent port")
         try:
             socks = listen(self.config.proxy_bind, proxy.remote_port)
         except OSError as exc:
@@ -1020,11 +1075,18 @@ class Server:
         return sum(1 for t in self.tunnels.values()
                    if (agent_id is None or t.proxy.agent_id == agent_id) and (proxy is None or t.proxy.name == proxy))
 
-    def _save(self) -> None:
+    def _snapshot(self) -> tuple[list[Any], dict]:
+        """The proxies (then the stored entries not valid, as they were: never changed) and the counters,
+        as plain data the loop does not touch again (state.Store may write it from its thread)."""
         stats = {"proxies": {name: c.to_dict() for name, c in self.proxy_stats.items() if name in self.proxies},
                  "agents": {agent: c.to_dict() for agent, c in self.agent_stats.items()}}
-        state.save(self.config.state_dir, [p.to_dict() for p in sorted(self.proxies.values(), key=lambda p: p.remote_port)],
-                   stats)
+        proxies = [p.to_dict() for p in sorted(self.proxies.values(), key=lambda p: p.remote_port)]
+        return proxies + self.unrestored, stats
+
+    def _save(self, deleted: tuple[str, ...] = ()) -> None:
+        """Write the state now (durable on return).  Raises OSError or state.StateError: nothing was written."""
+        proxies, stats = self._snapshot()
+        self.store.save(proxies, stats, deleted=deleted)
         self.stats_dirty = False
 
     # -- operations behind the admin API (api.py) ------------------------------------------------------
@@ -1033,11 +1095,11 @@ class Server:
         self._open_proxy(proxy)
         try:
             self._save()
-        except OSError as exc:
+        except (OSError, state.StateError) as exc:
             self._close_listeners(proxy)
             del self.proxies[proxy.name]
             log.error("proxy %s not added: cannot save the state: %s", proxy.name, exc)
-            raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {exc.strerror or exc}") from None
+            raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {_why(exc)}") from None
         log.info("proxy %s added: port %d → agent %s → %s%s", proxy.name, proxy.remote_port, proxy.agent_id,
                  proxy.target, f" (whitelist {','.join(proxy.whitelist)})" if proxy.whitelist else "")
         return proxy
@@ -1055,30 +1117,36 @@ class Server:
         proxy = self.find_proxy(key)
         del self.proxies[proxy.name]
         try:
-            self._save()
-        except OSError as exc:
+            self._save(deleted=(proxy.name,))
+        except (OSError, state.StateError) as exc:
             self.proxies[proxy.name] = proxy
-            raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {exc.strerror or exc}") from None
+            raise ApiError(500, f"cannot save the state in {self.config.state_dir}: {_why(exc)}") from None
         self._close_listeners(proxy)
         closed = self._close_connections(lambda p: p is proxy, "proxy deleted")
         log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
         return proxy, closed
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
+        """Enable or disable a proxy.  Enabling a failed one tries its port now: 409 with the reason if it is still busy."""
         proxy = self.find_proxy(key)
+        if enabled and proxy.enabled and proxy.failed and not self.draining:
+            if not self._try_listen(proxy):
+                raise ApiError(409, f"proxy {proxy.name} is still not serving: {proxy.failed}; retried every "
+                                    f"{PROXY_RETRY:g} s")
+            log.info("proxy %s enabled: remote port %d bound; serving (agent %s → %s)", proxy.name, proxy.remote_port,
+                     proxy.agent_id, proxy.target)
+            return proxy
         if proxy.enabled == enabled:
             return proxy
         if enabled and not self.draining:
-            try:
-                self._listen(proxy)
-            except ApiError:
-                raise
+            self._listen(proxy)
         elif not enabled:
             self._close_listeners(proxy)
+            proxy.failed = None
         proxy.enabled = enabled
         try:
             self._save()
-        except OSError as exc:
+        except (OSError, state.StateError) as exc:
             log.error("proxy %s %s, but the state could not be saved: %s", proxy.name,
                       "enabled" if enabled else "disabled", exc)
         log.info("proxy %s %s (port %d)", proxy.name, "enabled" if enabled else "disabled: no new clients",
@@ -1258,11 +1326,20 @@ class Server:
         counters = self.proxy_stats.get(proxy.name, Counters())
         live = [t for t in self.tunnels.values() if t.proxy is proxy]
         item = proxy.to_dict()
+        item.update(state=self.proxy_state(proxy), failed=proxy.failed)
         item.update(agent_online=proxy.agent_id in self.sessions, connections=len(live),
                     connections_total=counters.connections, rejected=dict(counters.rejected),
                     bytes_in=counters.bytes_in + sum(t.relay.bytes_a_to_b for t in live),
                     bytes_out=counters.bytes_out + sum(t.relay.bytes_b_to_a for t in live))
         return item
+
+    def proxy_state(self, proxy: Proxy) -> str:
+        """listening, disabled, failed (enabled, its port not bound: see proxy.failed) or draining."""
+        if not proxy.enabled:
+            return "disabled"
+        if proxy.failed:
+            return "failed"
+        return "draining" if self.draining else "listening"
 
     def agent_info(self, agent_id: str) -> dict:
         session = self.sessions[agent_id]
@@ -1278,15 +1355,22 @@ class Server:
                 "trunks_stale": sum(1 for t in trunks if t.stale(now, self.config.heartbeat)),
                 "trunk_rtt_ms": [None if t.rtt is None else round(t.rtt * 1000, 3) for t in trunks]}
 
-    def save_stats(self) -> None:
-        """Write the counters (with the proxies) if they changed; called periodically and at exit."""
-        if not self.stats_dirty:
+    def save_stats(self, wait: bool = False) -> None:
+        """Write the counters (with the proxies) if they changed: periodically in the background (the
+        loop does not wait for the disk), at exit with `wait` (done when it returns)."""
+        if not self.stats_dirty and not self.store.background_failed:
             return
+        proxies, stats = self._snapshot()
         try:
-            self._save()
-        except OSError as exc:
-            log.error("cannot save the counters in %s: %s", self.config.state_dir, exc.strerror or exc)
+            if wait:
+                self.store.save(proxies, stats)
+            else:
+                self.store.save_later(proxies, stats)
+        except (OSError, state.StateError) as exc:
+            log.error("cannot save the counters in %s: %s", self.config.state_dir, _why(exc))
+            return
+        self.stats_dirty = False
 
     def _stats_tick(self) -> None:
         self.save_stats()
-        self._stats_timer = self.loop.call_later(STATS_SAVE_INTERVAL, self._stats_tick)
+        self._stats_timer = self.loop.call_later(self.config.stats_save_interval, self._stats_tick)

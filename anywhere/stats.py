@@ -114,7 +114,7 @@ class _Collector:
             p_active.add_metric(labels, live[2])
             for reason, count in counters.rejected.items():
                 p_rej.add_metric(labels + [reason], count)
-            p_up.add_metric(labels, 1 if proxy is not None and proxy.enabled else 0)
+            p_up.add_metric(labels, 1 if proxy is not None and proxy.enabled and not proxy.failed else 0)
         yield from (p_in, p_out, p_conns, p_active, p_rej, p_up)
         a_in = CounterMetricFamily("anywhere_agent_bytes_in", "Bytes sent towards the agent's targets", labels=["agent"])
         a_out = CounterMetricFamily("anywhere_agent_bytes_out", "Bytes from the agent's targets", labels=["agent"])
