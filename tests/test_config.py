@@ -238,3 +238,33 @@ def test_reload_with_a_heartbeat_beyond_the_wire_limit_is_refused_and_changes_no
     conf.write_text("[server]\nheartbeat = 2\n")
     assert "nothing changed" in world.ctl("reload", "--admin-socket", world.sock).stdout
 
+
+def test_server_refuses_to_start_or_reload_with_what_a_welcome_cannot_carry(tmp_path, creds):
+    """The server's own guard, for a configuration made in code rather than read from a file."""
+    from dataclasses import replace
+
+    from anywhere.loop import Loop
+    from anywhere.server import Server, ServerConfig
+    from conftest import free_port
+    sock = tmp_path / "anywhered.sock"
+    base = ServerConfig(port=free_port(), bind=["127.0.0.1"], proxy_bind=["127.0.0.1"], ca=str(creds.ca),
+                        cert=str(creds.server_cert), key=str(creds.server_key), admin_socket=str(sock),
+                        state_dir=str(tmp_path / "state"))
+    loop = Loop()
+    try:
+        for bad in ({"heartbeat": 7200.0}, {"pool_size": 1025}, {"pool_size": -1}):
+            server = Server(loop, replace(base, **bad))
+            with pytest.raises(ValueError, match="heartbeat must be more than 0 and at most 3600 seconds, pool_size 0..1024"):
+                server.start()
+            assert not sock.exists()
+        server = Server(loop, replace(base))
+        server.start()
+        try:
+            running = server.config
+            with pytest.raises(ValueError, match="heartbeat 7200"):
+                server.reload(replace(running, heartbeat=7200.0, whitelist=["10.0.0.0/8"]))
+            assert server.config is running and running.heartbeat == 5.0 and server.global_nets == []
+        finally:
+            server.close()
+    finally:
+        loop.close()
