@@ -34,7 +34,7 @@ from .net import Dialer, format_addr, is_ip
 from . import mux
 from .relay import Relay
 from .trunk import Stream, Trunk
-from .wire import PROTO_VERSION, encode
+from .wire import MAX_TRUNKS, PROTO_VERSION, encode
 
 log = logging.getLogger("anywhere.agent")
 
@@ -365,9 +365,6 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     """Exponential backoff with jitter: the n-th delay lies in [d/2, d], d = min(high, low * 2**(n-1))."""
     ceiling = min(high, low * (2 ** min(failures - 1, 30)))
     return max(low, random.uniform(ceiling / 2, ceiling))
-
-
-MAX_TRUNKS = 16  # whatever the server asks for
 
 
 class _TrunkSetup:

@@ -19,12 +19,21 @@ from typing import Any, Callable
 from . import config as configuration
 from . import tls
 from .agent import Agent, AgentConfig
-from .common import __version__, default_credential, port_arg, setup_logging, valid_agent_id, version_line
+from .common import __version__, default_credential, setup_logging, valid_agent_id, version_line
 from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
 
 log = logging.getLogger("anywhere.agent")
+
+
+def _checked(key: str) -> Callable[[str], Any]:
+    """The argparse type of the flag that overrides `key`: that key's own check and bounds (config.py)."""
+    return configuration.flag_type(configuration.AGENT_SPEC, key)
+
+
+def _range(key: str) -> str:
+    return configuration.describe(configuration.AGENT_SPEC, key)
 
 
 def build_parser(check: bool = False) -> argparse.ArgumentParser:
@@ -35,12 +44,14 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="configuration file, e.g. /etc/anywhere/agents/NAME.conf")
     parser.add_argument("-i", "--agent-id", help="this agent's id (default: NAME of the config file, else the certificate's identity)")
     parser.add_argument("-s", "--server-ip", help="the server's name or address (v4 or v6)")
-    parser.add_argument("-p", "--server-port", type=port_arg, help="the server's agent port (default 1111)")
+    parser.add_argument("-p", "--server-port", type=_checked("server_port"),
+                        help=f"the server's agent port ({_range('server_port')})")
     parser.add_argument("--server-name", help="the name to expect in the server's certificate (default: --server-ip)")
     parser.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
     parser.add_argument("--cert", help="this agent's certificate (default credential/client.crt)")
     parser.add_argument("--key", help="this agent's private key (default credential/client.key)")
-    parser.add_argument("--dial-timeout", type=float, help="seconds to reach a target (default 5)")
+    parser.add_argument("--dial-timeout", type=_checked("dial_timeout"), metavar="SECONDS",
+                        help=f"seconds to reach a target ({_range('dial_timeout')})")
     parser.add_argument("--allow", metavar="LIST", help="targets the server may ask for: comma-separated IP, CIDR or "
                         "host, each with an optional :PORT; * for any (default with no --config: *)")
     parser.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+from .wire import MAX_PORT, MIN_PORT
+
 __version__ = "0.1.0"
 
 DEFAULT_AGENT_PORT = 1111
@@ -148,6 +150,6 @@ def port_arg(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a port number 1..65535")
+    if not MIN_PORT <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number {MIN_PORT}..{MAX_PORT}")
     return value

@@ -13,10 +13,17 @@ Unknown sections and keys are errors too (a typo must not be silently ignored). 
 are our own validate functions (`port`, `seconds`, `addresses`, `networks`, …) so the messages
 say what an operator needs, not what a type system would.  Nothing here opens a socket: a bad
 file stops the process before it binds anything, and a reload that fails changes nothing.
+
+The specs are the one home of every key's range and default.  Where the wire protocol bounds a
+value (the heartbeat and pool size a ``welcome`` carries, ports) the spec takes the bound from
+wire.py, so whatever passes check-config can be sent to every agent.  A command-line flag that
+overrides a key is checked by that key's own check (`flag_type`) and its help shows that key's
+range and default (`describe`): a flag cannot accept what the file refuses.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 from dataclasses import fields, replace
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator
 
+from . import wire
 from .common import valid_agent_id
 from .net import HOSTNAME_RE, is_ip
 
@@ -34,8 +42,9 @@ if TYPE_CHECKING:
 DEFAULT_SERVER_CONFIG = "/etc/anywhere/anywhered.conf"
 AGENTS_DIR = "/etc/anywhere/agents"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_SECONDS = 86400  # a timeout of more than a day is a typo
 
-SERVER_SPEC = """
+SERVER_SPEC = f"""
 [server]
 port = port(default=1111)
 bind = addresses(default=list())
@@ -50,9 +59,9 @@ state_dir = path(default=/var/lib/anywhere)
 stats_save_interval = seconds(default=30)
 data_timeout = seconds(default=10)
 handshake_timeout = seconds(default=10)
-heartbeat = seconds(default=5)
+heartbeat = seconds(at_most={wire.MAX_HEARTBEAT}, default=5)
 drain_timeout = seconds(default=10)
-pool_size = count(0, 1024, default=2)
+pool_size = count(0, {wire.MAX_POOL}, default=2)
 pool_max = count(0, 65536, default=256)
 pool_idle_timeout = seconds(default=60)
 max_connections = count(1, 1000000, default=10000)
@@ -117,8 +126,8 @@ def _list(value: Any) -> list[str]:
 
 def check_port(value: Any, default: Any = None) -> int:
     text = _text(value)
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
-        raise _Bad("must be 1..65535")
+    if not (text.isascii() and text.isdigit()) or not wire.MIN_PORT <= int(text) <= wire.MAX_PORT:
+        raise _Bad(f"must be {wire.MIN_PORT}..{wire.MAX_PORT}")
     return int(text)
 
 
@@ -130,14 +139,15 @@ def check_count(value: Any, low: Any = 0, high: Any = 2**31) -> int:
     return int(text)
 
 
-def check_seconds(value: Any, default: Any = None) -> float:
+def check_seconds(value: Any, at_most: Any = MAX_SECONDS) -> float:
     text = _text(value)
+    at_most = int(at_most)
     try:
         number = float(text)
     except ValueError:
-        raise _Bad("must be a number of seconds greater than 0") from None
-    if not 0 < number <= 86400:
-        raise _Bad("must be a number of seconds greater than 0 (at most 86400)")
+        raise _Bad(f"must be a number of seconds greater than 0 (at most {at_most})") from None
+    if not 0 < number <= at_most:  # also refuses NaN and infinities
+        raise _Bad(f"must be a number of seconds greater than 0 (at most {at_most})")
     return number
 
 
@@ -187,11 +197,11 @@ def check_networks(value: Any, default: Any = None) -> list[str]:
     return items
 
 
-def check_seconds_or_off(value: Any, default: Any = None) -> float:
+def check_seconds_or_off(value: Any, at_most: Any = MAX_SECONDS) -> float:
     text = _text(value)
     if text in ("0", "off", ""):
         return 0.0
-    return check_seconds(text)
+    return check_seconds(text, at_most)
 
 
 def check_denylist(value: Any, default: Any = None) -> list[str]:
@@ -260,6 +270,70 @@ CHECKS: dict[str, Callable[..., Any]] = {
 }
 
 
+# what each check accepts, in words, from the same arguments as the check (for --help)
+RANGES: dict[str, Callable[..., str]] = {
+    "port": lambda: f"{wire.MIN_PORT}..{wire.MAX_PORT}",
+    "count": lambda low=0, high=2**31: f"{low}..{high}",
+    "seconds": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}",
+    "seconds_or_off": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}, or 0: off",
+    "name": lambda: "1-64 printable characters",
+}
+
+
+# -- flags: the checks and ranges of the keys they override ----------------------------------------------
+def _spec_check(spec: list[str], key: str) -> str:
+    """The check of `key` in `spec`, e.g. 'count(0, 1024, default=2)'."""
+    for line in spec:
+        name, sep, check = line.partition("=")
+        if sep and name.strip() == key:
+            return check.strip()
+    raise KeyError(f"{key} is not in the spec")
+
+
+def _parse_check(check: str) -> tuple[str, list[str], dict[str, str]]:
+    """'count(0, 1024, default=2)' -> ('count', ['0', '1024'], {'default': '2'}); our specs' simple syntax only."""
+    name, _, rest = check.partition("(")
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for arg in (a.strip() for a in rest.rstrip(")").split(",")):
+        if not arg:
+            continue
+        word, sep, value = arg.partition("=")
+        if sep:
+            kwargs[word.strip()] = value.strip().strip("\"'")
+        else:
+            args.append(arg.strip("\"'"))
+    return name.strip(), args, kwargs
+
+
+def describe(spec: list[str], key: str) -> str:
+    """What `key` accepts and its default, for a flag's help: e.g. '0..1024; default 2'."""
+    name, args, kwargs = _parse_check(_spec_check(spec, key))
+    default = kwargs.pop("default", None)
+    words = [RANGES[name](*args, **kwargs)] if name in RANGES else []
+    if default not in (None, "None"):
+        words.append(f"default {default}")
+    return "; ".join(words)
+
+
+def flag_type(spec: list[str], key: str) -> Callable[[str], Any]:
+    """An argparse type for the flag that overrides `key`: the key's own check, with the same bounds.
+
+    A bad value is an argparse error, which names the flag: "argument --pool-size: 1025: must be ...".
+    """
+    check = _spec_check(spec, key)
+    validator = Validator(CHECKS)
+
+    def convert(text: str) -> Any:
+        try:
+            return validator.check(check, text)
+        except ValidateError as exc:
+            raise argparse.ArgumentTypeError(f"{text}: {exc}") from None
+
+    convert.__name__ = key
+    return convert
+
+
 # -- reading ---------------------------------------------------------------------------------------------
 def read(path: str, spec: list[str], required: bool = True) -> dict[str, dict[str, Any]]:
     """Parse and check one file; {section: {key: value}} with defaults filled.  Raises ConfigError."""
@@ -326,6 +400,9 @@ def server_config(path: str, overrides: dict[str, Any], required: bool = False) 
     known = {f.name for f in fields(ServerConfig)}
     config = replace(ServerConfig(), **{k: v for k, v in values.items() if k in known})
     if config.pool_max < config.pool_size:
+        if overrides.get("pool_size") is not None:  # --pool-size set it: name the flag, not a key the file may lack
+            raise ConfigError([f"--pool-size {config.pool_size}: must be at most pool_max ({config.pool_max}; "
+                               f"raise pool_max in [server] of {path})"])
         raise ConfigError([f"{path} [server] pool_max = {config.pool_max}: must be at least pool_size ({config.pool_size})"])
     config.bind = list(config.bind) or [""]
     config.proxy_bind = list(config.proxy_bind) or [""]
@@ -359,4 +436,4 @@ def render(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "read", "server_config", "agent_config", "render"]
+__all__ = ["ConfigError", "read", "server_config", "agent_config", "render", "describe", "flag_type"]

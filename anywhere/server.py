@@ -57,7 +57,7 @@ from . import mux
 from .relay import Relay
 from .trunk import Stream, Trunk
 from .stats import Counters, Metrics, RecentErrors
-from .wire import PROTO_VERSION
+from .wire import MAX_HEARTBEAT, MAX_POOL, PROTO_VERSION, encode
 
 log = logging.getLogger("anywhere.server")
 
@@ -128,6 +128,19 @@ def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
         except ValueError:
             raise ValueError(f"{what} entry {entry.strip()!r} is not an IP address or CIDR") from None
     return nets
+
+
+def check_welcome(config: ServerConfig) -> None:
+    """ValueError unless the welcome this configuration makes can be sent (wire.py's ranges).
+
+    Checked at start and reload, so that no agent's hello can go unanswered for a bad setting.
+    """
+    try:
+        encode("welcome", proto=PROTO_VERSION, server_id=config.server_id, heartbeat=config.heartbeat,
+               pool=config.pool_size)
+    except ValueError as exc:
+        raise ValueError(f"agents could not be welcomed with this configuration ({exc}): heartbeat must be more "
+                         f"than 0 and at most {MAX_HEARTBEAT} seconds, pool_size 0..{MAX_POOL}") from None
 
 
 def read_token(path: str | None) -> str:
@@ -364,8 +377,10 @@ class Server:
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Bind everything or raise (OSError, tls.CredentialError, state.StateError); nothing stays half-open."""
+        """Bind everything or raise (OSError, tls.CredentialError, state.StateError, ValueError); nothing stays
+        half-open."""
         try:
+            check_welcome(self.config)
             self.ctx = tls.server_context(self.config.ca, self.config.cert, self.config.key)
             self.audit.open(self.config.audit_log)
             self.api_token = read_token(self.config.api_token_file) if self.config.api_listen else None
@@ -468,6 +483,7 @@ class Server:
         agent sessions and live connections are kept.  Listening addresses need a restart and
         are reported as such.  Raises tls.CredentialError or ValueError, and then changes nothing.
         """
+        check_welcome(new)
         nets = parse_whitelist(new.whitelist, "whitelist")
         ctx = tls.server_context(new.ca, new.cert, new.key)
         token = read_token(new.api_token_file) if self.config.api_listen else None

@@ -25,6 +25,7 @@ from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
 from .server import Server, ServerConfig
+from .wire import MAX_TRUNKS
 
 log = logging.getLogger("anywhere.server")
 
@@ -35,22 +36,22 @@ def _hosts(text: str | None) -> list[str] | None:
     return [h.strip() for h in text.split(",")] if text.strip() else [""]
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
-    return value
+def _checked(key: str) -> Callable[[str], Any]:
+    """The argparse type of the flag that overrides `key`: that key's own check and bounds (config.py)."""
+    return configuration.flag_type(configuration.SERVER_SPEC, key)
+
+
+def _range(key: str) -> str:
+    return configuration.describe(configuration.SERVER_SPEC, key)
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
     # every default is None: only flags actually given override the configuration file
     p.add_argument("--config", default=None, metavar="PATH",
                    help=f"configuration file (default {configuration.DEFAULT_SERVER_CONFIG}, used if it exists)")
-    p.add_argument("-p", "--port", type=port_arg, help="agent port (default 1111)")
-    p.add_argument("-s", "--server-id", help="this server's id, told to agents (default anywhered)")
+    p.add_argument("-p", "--port", type=_checked("port"), help=f"agent port ({_range('port')})")
+    p.add_argument("-s", "--server-id", type=_checked("server_id"),
+                   help=f"this server's id, told to agents ({_range('server_id')})")
     p.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
     p.add_argument("--cert", help="server certificate (default credential/server.crt)")
     p.add_argument("--key", help="server private key (default credential/server.key)")
@@ -64,12 +65,17 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-bind", help="addresses for proxy ports, comma-separated (default: all, v4+v6)")
     p.add_argument("--admin-socket", help=f"admin API socket (default {DEFAULT_ADMIN_SOCKET})")
     p.add_argument("--state-dir", help="where proxies are stored (default /var/lib/anywhere)")
-    p.add_argument("--data-timeout", type=_positive, help="seconds to wait for the agent's data connection (default 10)")
-    p.add_argument("--heartbeat", type=_positive, help="heartbeat interval in seconds (default 5)")
-    p.add_argument("--handshake-timeout", type=_positive, help="TLS handshake and hello timeout (default 10)")
-    p.add_argument("--drain-timeout", type=_positive, help="seconds live connections may finish on SIGTERM (default 10)")
-    p.add_argument("--pool-size", type=int, help="trunks (multiplexed data connections) each agent keeps, at most 16 "
-                   "(default 2; 0: a data connection of its own per client)")
+    p.add_argument("--data-timeout", type=_checked("data_timeout"), metavar="SECONDS",
+                   help=f"seconds to wait for the agent's data connection ({_range('data_timeout')})")
+    p.add_argument("--heartbeat", type=_checked("heartbeat"), metavar="SECONDS",
+                   help=f"heartbeat interval in seconds ({_range('heartbeat')})")
+    p.add_argument("--handshake-timeout", type=_checked("handshake_timeout"), metavar="SECONDS",
+                   help=f"TLS handshake and hello timeout in seconds ({_range('handshake_timeout')})")
+    p.add_argument("--drain-timeout", type=_checked("drain_timeout"), metavar="SECONDS",
+                   help=f"seconds live connections may finish on SIGTERM ({_range('drain_timeout')})")
+    p.add_argument("--pool-size", type=_checked("pool_size"), metavar="N",
+                   help=f"trunks (multiplexed data connections) each agent is asked to keep ({_range('pool_size')}; "
+                        f"an agent keeps at most {MAX_TRUNKS}; 0: a data connection of its own per client)")
     p.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     p.add_argument("--log-file", help="append logs to this file instead of stderr")
 

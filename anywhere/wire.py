@@ -54,6 +54,14 @@ MAX_CHUNK = 1024 * 1024
 END = 0
 ABORT = 0xFFFFFFFF
 
+# Ranges of the fields the peers exchange (checked by `_check` both ways).  They are the one home of
+# these limits: config.py's spec and the command-line flags take their bounds from here, so a value
+# that passes check-config can always be sent.
+MAX_HEARTBEAT = 3600  # welcome.heartbeat: seconds, 0 < heartbeat <= MAX_HEARTBEAT
+MAX_POOL = 1024  # welcome.pool: trunks an agent is asked to keep, 0..MAX_POOL
+MAX_TRUNKS = 16  # an agent keeps at most this many trunks, whatever welcome.pool asks
+MIN_PORT, MAX_PORT = 1, 65535  # open.port
+
 _HEADER = struct.Struct("!I")
 HEADER_SIZE = _HEADER.size
 pack_header = _HEADER.pack_into
@@ -107,12 +115,12 @@ def _check(msg: Any, exc: type[Exception]) -> dict:
     for name in ("conn", "port", "seq"):
         if name in spec and not (0 <= msg[name] < 2**63):
             raise exc(f"{msg_type}: field {name!r} out of range")
-    if "heartbeat" in spec and not (0 < msg["heartbeat"] <= 3600):  # also refuses NaN and infinities
-        raise exc(f"{msg_type}: heartbeat {msg['heartbeat']!r} out of range (0, 3600]")
-    if "pool" in spec and not (0 <= msg["pool"] <= 1024):
-        raise exc(f"{msg_type}: pool {msg['pool']} out of range 0..1024")
-    if "port" in spec and not (1 <= msg["port"] <= 65535):
-        raise exc(f"{msg_type}: port {msg['port']} out of range 1..65535")
+    if "heartbeat" in spec and not (0 < msg["heartbeat"] <= MAX_HEARTBEAT):  # also refuses NaN and infinities
+        raise exc(f"{msg_type}: heartbeat {msg['heartbeat']!r} out of range (0, {MAX_HEARTBEAT}]")
+    if "pool" in spec and not (0 <= msg["pool"] <= MAX_POOL):
+        raise exc(f"{msg_type}: pool {msg['pool']} out of range 0..{MAX_POOL}")
+    if "port" in spec and not (MIN_PORT <= msg["port"] <= MAX_PORT):
+        raise exc(f"{msg_type}: port {msg['port']} out of range {MIN_PORT}..{MAX_PORT}")
     return msg
 
 

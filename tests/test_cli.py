@@ -310,3 +310,56 @@ def test_start_with_agent_port_in_use(creds, tmp_path):
         res = start_fails(creds, tmp_path, port=port)
     assert str(port) in res.stderr
     assert "in use" in res.stderr
+
+
+# -- flags: the same ranges as the configuration keys they override --------------------------------------
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--pool-size", "-1", "must be a whole number 0..1024"),
+    ("--pool-size", "1025", "must be a whole number 0..1024"),
+    ("--heartbeat", "7200", "must be a number of seconds greater than 0 (at most 3600)"),
+    ("--data-timeout", "inf", "must be a number of seconds greater than 0 (at most 86400)"),
+    ("--handshake-timeout", "86401", "must be a number of seconds greater than 0 (at most 86400)"),
+    ("--drain-timeout", "1e9", "must be a number of seconds greater than 0 (at most 86400)"),
+    ("--server-id", "x" * 65, "must be 1-64 printable characters"),
+])
+def test_start_refuses_a_flag_out_of_its_keys_range(creds, tmp_path, flag, value, expected):
+    res = start_fails(creds, tmp_path, flag, value)
+    assert res.returncode == 2
+    assert f"{flag}: {value}: {expected}" in res.stderr  # argparse's "argument [-s/]--flag: ..." names the flag
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "86401"])
+def test_agent_refuses_a_dial_timeout_out_of_its_keys_range(creds, value):
+    crt, key = creds.agent("agent-1")
+    common = ["-i", "agent-1", "-s", "127.0.0.1", "-p", str(free_port()), "--ca", str(creds.ca), "--cert", str(crt),
+              "--key", str(key), "--dial-timeout", value]
+    for args in ([AGENT, "check-config", *common], [AGENT, *common]):
+        try:
+            res = subprocess.run([PY, "-m", *args], capture_output=True, text=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent ran with --dial-timeout {value}") from None
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert f"argument --dial-timeout: {value}: must be a number of seconds greater than 0 (at most 86400)" in res.stderr
+
+
+def test_flag_help_shows_the_keys_range():
+    res = subprocess.run([PY, "-m", SERVER, "start", "--help"], capture_output=True, text=True, timeout=30)
+    text = " ".join(res.stdout.split())
+    assert "--pool-size N trunks (multiplexed data connections) each agent is asked to keep (0..1024; default 2;" in text
+    assert "--heartbeat SECONDS heartbeat interval in seconds (more than 0, at most 3600; default 5)" in text
+    res = subprocess.run([PY, "-m", AGENT, "--help"], capture_output=True, text=True, timeout=30)
+    assert "seconds to reach a target (more than 0, at most 86400; default 5)" in " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("pool_size,beyond", [("1024", "1025"), ("0", "-1")])
+def test_wire_limits_are_accepted_and_agents_welcomed_one_past_is_refused(world, echo_target, pool_size, beyond):
+    conf = world.tmp / "anywhered.conf"
+    conf.write_text("[server]\npool_max = 1024\n")
+    for flag, value in (("--heartbeat", "3600.5"), ("--pool-size", beyond)):
+        res = subprocess.run([PY, "-m", SERVER, "check-config", "--config", str(conf), flag, value],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and f"argument {flag}: {value}: must be" in res.stderr, (flag, value, res.stderr)
+    world.start_server("--config", str(conf), "--heartbeat", "3600", "--pool-size", pool_size)
+    agent = world.start_agent("agent-1")
+    agent.wait_log("connected to server")  # welcomed, not merely listed
+    assert_echo(world.add_proxy(echo_target.port))

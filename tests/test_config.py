@@ -193,3 +193,81 @@ def test_example_configs_are_valid():
     assert cfg.port == 1111
     values, _ = config.agent_config(str(ETC / "agents" / "agent.conf.example"), "agent-1", {})
     assert values["server"] == "tunnel.example.com" and values["agent_id"] == "agent-1"
+
+
+# -- the ranges the wire protocol imposes: what check-config accepts can be sent to every agent --------------
+def test_what_the_config_accepts_a_welcome_can_carry(tmp_path):
+    from anywhere import wire
+    path = tmp_path / "anywhered.conf"
+    accepted = []
+    for key, value in (("heartbeat", "0.001"), ("heartbeat", "3600"), ("heartbeat", "3600.5"), ("heartbeat", "7200"),
+                       ("heartbeat", "86400"), ("pool_size", "0"), ("pool_size", "1024"), ("pool_size", "1025")):
+        path.write_text(f"[server]\n{key} = {value}\npool_max = 2048\n")
+        try:
+            cfg, _ = config.server_config(str(path), {})
+        except config.ConfigError as exc:
+            assert str(exc).startswith(f"{path} [server] {key} = {value}: must be "), exc
+            continue
+        wire.encode("welcome", proto=wire.PROTO_VERSION, server_id=cfg.server_id, heartbeat=cfg.heartbeat,
+                    pool=cfg.pool_size)
+        accepted.append((key, value))
+    assert accepted == [("heartbeat", "0.001"), ("heartbeat", "3600"), ("pool_size", "0"), ("pool_size", "1024")]
+
+
+def test_check_config_refuses_a_heartbeat_beyond_the_wire_limit(tmp_path):
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nheartbeat = 7200\n")
+    res = _run("anywhere.server_cli", "check-config", "--config", str(path))
+    assert res.returncode == 1, res.stdout
+    assert res.stderr.strip() == f"{path} [server] heartbeat = 7200: must be a number of seconds greater than 0 (at most 3600)"
+    path.write_text("[server]\nheartbeat = 3600\n")  # the limit itself is fine
+    res = _run("anywhere.server_cli", "check-config", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "heartbeat = 3600.0" in res.stdout.splitlines()
+
+
+def test_reload_with_a_heartbeat_beyond_the_wire_limit_is_refused_and_changes_nothing(world):
+    conf = world.tmp / "anywhered.conf"
+    conf.write_text("[server]\nheartbeat = 2\n")
+    server = world.start_server("--config", str(conf))
+    conf.write_text("[server]\nheartbeat = 7200\n")
+    res = world.ctl("reload", "--admin-socket", world.sock, check=False)
+    assert res.returncode == 1, res.stdout
+    assert f"{conf} [server] heartbeat = 7200: must be a number of seconds greater than 0 (at most 3600)" in res.stderr
+    assert server.alive()
+    # an agent that connects now is welcomed (with the heartbeat still in force), not left without an answer
+    agent = world.start_agent("agent-1")
+    agent.wait_log("connected to server")
+    conf.write_text("[server]\nheartbeat = 2\n")
+    assert "nothing changed" in world.ctl("reload", "--admin-socket", world.sock).stdout
+
+
+def test_server_refuses_to_start_or_reload_with_what_a_welcome_cannot_carry(tmp_path, creds):
+    """The server's own guard, for a configuration made in code rather than read from a file."""
+    from dataclasses import replace
+
+    from anywhere.loop import Loop
+    from anywhere.server import Server, ServerConfig
+    from conftest import free_port
+    sock = tmp_path / "anywhered.sock"
+    base = ServerConfig(port=free_port(), bind=["127.0.0.1"], proxy_bind=["127.0.0.1"], ca=str(creds.ca),
+                        cert=str(creds.server_cert), key=str(creds.server_key), admin_socket=str(sock),
+                        state_dir=str(tmp_path / "state"))
+    loop = Loop()
+    try:
+        for bad in ({"heartbeat": 7200.0}, {"pool_size": 1025}, {"pool_size": -1}):
+            server = Server(loop, replace(base, **bad))
+            with pytest.raises(ValueError, match="heartbeat must be more than 0 and at most 3600 seconds, pool_size 0..1024"):
+                server.start()
+            assert not sock.exists()
+        server = Server(loop, replace(base))
+        server.start()
+        try:
+            running = server.config
+            with pytest.raises(ValueError, match="heartbeat 7200"):
+                server.reload(replace(running, heartbeat=7200.0, whitelist=["10.0.0.0/8"]))
+            assert server.config is running and running.heartbeat == 5.0 and server.global_nets == []
+        finally:
+            server.close()
+    finally:
+        loop.close()
