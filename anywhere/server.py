@@ -57,7 +57,7 @@ from . import mux
 from .relay import Relay
 from .trunk import Stream, Trunk
 from .stats import Counters, Metrics, RecentErrors
-from .wire import MAX_HEARTBEAT, MAX_POOL, PROTO_VERSION, encode
+from .wire import MAX_HEARTBEAT, MAX_POOL, MAX_TRUNKS, PROTO_VERSION, encode
 
 log = logging.getLogger("anywhere.server")
 
@@ -876,7 +876,7 @@ class Server:
             conn.close("earlier session")
             return
         trunks = self.trunks.setdefault(agent_id, [])
-        if len(trunks) >= max(self.config.pool_size, 1) * 2:
+        if len(trunks) >= max(min(self.config.pool_size, MAX_TRUNKS), 1) * 2:  # an agent keeps MAX_TRUNKS at most
             conn.close("too many trunks")
             return
         peer = conn.peer
