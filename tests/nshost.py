@@ -126,6 +126,7 @@ class Hosts:
     agent: Proc | None = None
     sock: str = ""
     cred: Path | None = None
+    config: Path | None = None  # the server's --config, when the test gives one
 
     @property
     def api(self):
