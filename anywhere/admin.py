@@ -2,17 +2,41 @@
 
 Theory of operation
 -------------------
-`AdminServer` accepts on one or more listening sockets (the Unix socket, later optionally TCP).
-Each accepted connection is an `_AdminConn` that feeds bytes to an `h11.Connection` and reacts to
-its events.  A request's body is collected up to `MAX_BODY` bytes (a larger Content-Length gets
-413 at once), parsed as JSON and handed as a `Request` (method, path, body, and who asked: the
-peer's uid/gid/pid from SO_PEERCRED on the Unix socket, the address on TCP) to the ``handler``,
-which returns ``(status, object)`` or raises `ApiError`.  Responses are JSON (``{"error": "..."}``
-for failures), or a `RawBody` such as the Prometheus exposition.  On a TCP listener every
-request needs ``Authorization: Bearer <token>`` (compared in constant time), except the paths
-the listener declares public.  A request must arrive whole within `REQUEST_TIMEOUT` seconds (a slow or silent
-client is dropped), and garbage gets a 400 from h11's own protocol error, then a close.  Nothing
-one client does affects another or the daemon.
+`AdminServer` accepts on one or more listening sockets (the Unix socket, optionally the TCP REST
+port).  Each accepted connection is an `_AdminConn` that feeds bytes to an `h11.Connection` and
+reacts to its events.  A request's body is collected up to `MAX_BODY` bytes (a larger
+Content-Length gets 413 at once), parsed as JSON and handed as a `Request` (method, path, body,
+and who asked: the peer's uid/gid/pid from SO_PEERCRED on the Unix socket, the address on TCP)
+to the ``handler``, which returns ``(status, object)`` or raises `ApiError`.  Responses are JSON
+(``{"error": "..."}`` for failures), or a `RawBody` such as the Prometheus exposition.  On a TCP
+listener every request needs ``Authorization: Bearer <token>`` (compared in constant time),
+except the paths the listener declares public.  Garbage gets a 400 (or h11's own 4xx) from the
+protocol error, then a close.  Nothing one client does affects another or the daemon.
+
+Rules:
+
+* One answer at a time, in order, without recursion.  `_AdminConn._pump` is the only driver:
+  while no answer is unsent it takes the next event from h11 and acts on it; an answer stops the
+  loop until the socket has taken all of it.  So a pipelining client gets its answers in order,
+  and a client that sends requests without reading answers finds us not reading either: the
+  kernel's buffers fill and its sends block.  At most `EVENTS_PER_PASS` events are handled per
+  loop pass; the rest wait for the next pass, so one pipelining client cannot hold the loop.
+* Every buffer of a connection is bounded.  We read (at most `RECV_SIZE` bytes at a time) only
+  when h11 needs data to complete an event and no answer is pending, so h11 holds at most
+  `MAX_HEADERS` + `RECV_SIZE` bytes; a request head larger than `MAX_HEADERS` gets 431, whether
+  it arrived in pieces (h11 counts those) or in one read (counted here); a body is kept up to
+  the configured maximum; the output is one answer.
+* A request must arrive whole within the request timeout, and an answer must be taken by the
+  peer within it (the timer restarts with each answer): a slow, silent or non-reading client is
+  dropped.
+* Caps on connections, per listener kind: `MAX_UNIX_CONNS` on the Unix socket, `MAX_TCP_CONNS`
+  on the REST port(s), and `MAX_TCP_PER_SOURCE` per client address there (an IPv6 client by its
+  /64): clients of the REST port, which need no credential to connect, can never take the Unix
+  socket's room away from anywherectl, nor one address every TCP slot.  A connection over a cap
+  is closed at once; the first refusal of a run is logged, the rest are counted.
+* What a peer controls (method, target, the path and query decoded from it, h11's messages about
+  its bytes) reaches a log line or an error message only through `common.printable`; a target
+  whose decoded path or query holds a control character gets 400 before any handler sees it.
 """
 
 from __future__ import annotations
@@ -20,10 +44,12 @@ from __future__ import annotations
 import errno
 import grp
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import pwd
+import re
 import socket
 import stat
 import struct
@@ -33,15 +59,23 @@ from typing import Any, Callable
 
 import h11
 
+from .common import printable
 from .loop import READ, WRITE, Loop, Timer
-from .net import Acceptor
+from .net import Acceptor, client_ip, format_addr
 
 log = logging.getLogger("anywhere.admin")
 
 MAX_BODY = 64 * 1024
-MAX_HEADERS = 16 * 1024
+MAX_HEADERS = 16 * 1024  # request line and headers
+RECV_SIZE = 16 * 1024  # one read
 REQUEST_TIMEOUT = 10.0
-MAX_CONNS = 64
+EVENTS_PER_PASS = 64  # h11 events handled per connection per loop pass
+MAX_UNIX_CONNS = 64
+MAX_TCP_CONNS = 64
+MAX_TCP_PER_SOURCE = 16
+
+# what common.printable escapes: C0 and C1 controls, DEL, the Unicode line and paragraph separators
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ApiError(Exception):
@@ -149,6 +183,7 @@ class AdminServer:
         self.timeout = REQUEST_TIMEOUT
         self.max_body = MAX_BODY
         self.group: str | None = None  # besides root and our own uid, members of this group may connect
+        self.refused: dict[str, int] = {"unix": 0, "tcp": 0}  # refusals over a cap since the last accept
 
     def configure(self, timeout: float, max_body: int, group: str | None) -> None:
         self.timeout, self.max_body, self.group = timeout, max_body, group
@@ -190,15 +225,41 @@ class AdminServer:
         listener.acceptor = Acceptor(self.loop, sock, lambda c, a: self._on_accept(listener, c, a), what, budget=16)
 
     def _on_accept(self, listener: Listener, sock: socket.socket, addr: Any) -> None:
-        if len(self.conns) >= MAX_CONNS:
-            log.warning("admin connection refused: %d already open", MAX_CONNS)
+        kind = "unix" if sock.family == socket.AF_UNIX else "tcp"
+        source = None if kind == "unix" else _source(addr)
+        over = self._over_cap(kind, source)
+        if over:
+            self._refuse(kind, "on the admin socket" if kind == "unix" else f"from {format_addr(addr)}", over)
             sock.close()
             return
-        conn = _AdminConn(self, listener, sock, addr)
+        if self.refused[kind]:
+            log.warning("admin connections on %s accepted again after refusing %d",
+                        "the admin socket" if kind == "unix" else "the REST port", self.refused[kind])
+            self.refused[kind] = 0
+        conn = _AdminConn(self, listener, sock, addr, source)
         self.conns.add(conn)
         if conn.caller.transport == "unix" and not self.allowed(conn.caller):
             log.warning("admin connection from %s refused: not root and not in group %s", conn.caller, self.group)
             conn.refuse(403, f"permission denied: run as root or as a member of group {self.group}")
+
+    def _over_cap(self, kind: str, source: str | None) -> str:
+        """Why a new connection of `kind` from `source` would exceed a cap ("" if it would not)."""
+        if kind == "unix":
+            if sum(1 for c in self.conns if c.source is None) >= MAX_UNIX_CONNS:
+                return f"{MAX_UNIX_CONNS} connections already open on the admin socket"
+            return ""
+        tcp = [c for c in self.conns if c.source is not None]
+        if len(tcp) >= MAX_TCP_CONNS:
+            return f"{MAX_TCP_CONNS} connections already open on the REST port"
+        if sum(1 for c in tcp if c.source == source) >= MAX_TCP_PER_SOURCE:
+            return f"{MAX_TCP_PER_SOURCE} connections already open from {source}"
+        return ""
+
+    def _refuse(self, kind: str, where: str, why: str) -> None:
+        """One log line for the first refusal of a run; the others are counted until an accept."""
+        if not self.refused[kind]:
+            log.warning("admin connection %s refused: %s (further refusals counted, not logged)", where, why)
+        self.refused[kind] += 1
 
     def close(self) -> None:
         for listener in self.listeners:
@@ -216,11 +277,13 @@ class AdminServer:
 
 
 class _AdminConn:
-    def __init__(self, server: AdminServer, listener: Listener, sock: socket.socket, addr: Any) -> None:
+    def __init__(self, server: AdminServer, listener: Listener, sock: socket.socket, addr: Any,
+                 source: str | None) -> None:
         self.server = server
         self.listener = listener
         self.loop = server.loop
         self.sock = sock
+        self.source = source  # the client's address (IPv6: its /64) on TCP, for the caps; None on the Unix socket
         if sock.family == socket.AF_UNIX:
             try:
                 pid, uid, gid = peer_credentials(sock)
@@ -228,15 +291,16 @@ class _AdminConn:
                 pid = uid = gid = None
             self.caller = Caller("unix", uid=uid, gid=gid, pid=pid)
         else:
-            from .net import format_addr
             self.caller = Caller("tcp", address=format_addr(addr))
         self.peer = str(self.caller)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-        self.out = bytearray()
+        self.out = bytearray()  # the answer being sent: never more than one
         self.request: h11.Request | None = None
         self.body = bytearray()
-        self.closing = False
+        self.closing = False  # close once `out` is sent; nothing more is read
         self.closed = False
+        self.resuming = False  # a _pump is scheduled for the next pass (the event budget ran out)
+        self.buffered: int | None = None  # bytes h11 holds while we wait for a request head (None: not counted yet)
         self.mask = READ
         sock.setblocking(False)
         self.loop.register(sock, READ, self._on_event)
@@ -244,62 +308,122 @@ class _AdminConn:
 
     # -- I/O -------------------------------------------------------------------------------------
     def _on_event(self, mask: int) -> None:
-        if mask & WRITE:
-            self._flush()
-        if mask & READ and not self.closed and not self.closing:
+        if not mask:  # an error or hang-up while we wait for nothing: the scheduled _pump sees it
+            return
+        if mask & READ and not self.closing:
             self._read()
+        self._pump()
 
     def _read(self) -> None:
+        """Feed h11 one read (EOF included); only called when h11 needs data and no answer is pending."""
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
-        try:
-            self.h11.receive_data(data)
-        except h11.RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        self._process()
+        self.h11.receive_data(data)
+        if self.buffered is not None:
+            self.buffered += len(data)
 
-    def _process(self) -> None:
-        while not self.closed and not self.closing:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._protocol_error(exc)
-                return
-            if event is h11.NEED_DATA:
-                if self.h11.their_state is h11.DONE and self.h11.our_state is h11.DONE:
+    def _pump(self) -> None:
+        """The connection's only driver: send what is pending; while nothing is, handle h11's next
+        event.  Returns when the peer must take our answer (WRITE only: we read nothing meanwhile),
+        when h11 needs more bytes (READ), or when this pass's event budget is spent."""
+        budget = EVENTS_PER_PASS
+        while not self.closed:
+            if self.out:
+                try:
+                    sent = self.sock.send(self.out)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self.close()
                     return
-                return
-            if event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                self.request = event
-                self.body.clear()
-                length = _content_length(event)
-                if length is not None and length > self.server.max_body:
-                    self._respond(413, {"error": f"request body of {length} bytes exceeds {self.server.max_body}"},
-                                  close=True)
+                del self.out[:sent]
+                if self.out:
+                    self._watch(WRITE)
                     return
-            elif isinstance(event, h11.Data):
-                self.body += event.data
-                if len(self.body) > self.server.max_body:
-                    self._respond(413, {"error": f"request body exceeds {self.server.max_body} bytes"}, close=True)
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                self._dispatch()
-            elif isinstance(event, h11.ConnectionClosed):
+            if self.closing:
                 self.close()
                 return
+            if budget == 0:
+                self._watch(0)
+                if not self.resuming:
+                    self.resuming = True
+                    self.loop.call_soon(self._resume)
+                return
+            budget -= 1
+            if not self._step():
+                self._watch(READ)
+                return
+
+    def _resume(self) -> None:
+        self.resuming = False
+        self._pump()
+
+    def _watch(self, mask: int) -> None:
+        if mask != self.mask and not self.closed:
+            self.loop.modify(self.sock, mask, self._on_event)
+            self.mask = mask
+
+    def _step(self) -> bool:
+        """Handle h11's next event; False when it needs more bytes from the peer."""
+        try:
+            event, head_size = self._next_event()
+        except h11.RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return True
+        if event is h11.NEED_DATA:
+            return False
+        if event is h11.PAUSED:
+            # cannot happen while each request is answered at its end and the next cycle started
+            # at once; should it, nothing more would be answered here
+            self.closing = True
+        elif isinstance(event, h11.Request):
+            self.request = event
+            self.body.clear()
+            length = _content_length(event)
+            if head_size > MAX_HEADERS:
+                log.info("bad admin request from %s: request head of %d bytes exceeds %d", self.peer, head_size,
+                         MAX_HEADERS)
+                self._respond(431, {"error": f"request head of {head_size} bytes exceeds {MAX_HEADERS}"},
+                              close=True, head=False)
+            elif length is not None and length > self.server.max_body:
+                self._respond(413, {"error": f"request body of {length} bytes exceeds {self.server.max_body}"},
+                              close=True)
+        elif isinstance(event, h11.Data):
+            self.body += event.data
+            if len(self.body) > self.server.max_body:
+                self._respond(413, {"error": f"request body exceeds {self.server.max_body} bytes"}, close=True)
+        elif isinstance(event, h11.EndOfMessage):
+            self._dispatch()
+        elif isinstance(event, h11.ConnectionClosed):
+            self.close()
+        return True
+
+    def _next_event(self) -> tuple[Any, int]:
+        """h11's next event, and for a Request the bytes its line and headers took.  h11 limits an
+        incomplete head to MAX_HEADERS but parses a complete one of any size that one read brought:
+        the caller enforces the limit with the size measured here.  What h11 holds is measured
+        (a copy) once when a head is awaited and once when it is parsed, and counted in between
+        (reads add to it, NEED_DATA takes nothing), so a peer sending byte by byte costs no copies."""
+        if self.h11.their_state is not h11.IDLE:
+            return self.h11.next_event(), 0
+        if self.buffered is None:
+            self.buffered = len(self.h11.trailing_data[0])
+        event = self.h11.next_event()
+        if not isinstance(event, h11.Request):
+            return event, 0
+        size = self.buffered - len(self.h11.trailing_data[0])
+        self.buffered = None  # the body's events take what they take: measured again at the next head
+        return event, size
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        log.info("bad admin request from %s: %s", self.peer, exc)
+        log.info("bad admin request from %s: %s", self.peer, printable(exc))
         status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
-        self._respond(status, {"error": f"bad request: {exc}"}, close=True, head=False)
+        self._respond(status, {"error": f"bad request: {printable(exc)}"}, close=True, head=False)
 
     def _dispatch(self) -> None:
         request = self.request
@@ -314,7 +438,12 @@ class _AdminConn:
         try:
             request = Request(method, target, body, self.caller)
         except ValueError as exc:
-            self._respond(400, {"error": f"request target is not a valid path: {exc}"})
+            self._respond(400, {"error": f"request target is not a valid path: {printable(exc)}"})
+            return
+        if any(_CONTROL_RE.search(text) for text in (request.path, *request.query, *request.query.values())):
+            log.info("bad admin request from %s: %s %s has control characters", self.peer, printable(method),
+                     printable(request.path))
+            self._respond(400, {"error": f"request target has control characters: {printable(request.path)}"})
             return
         try:
             self._authorize(request)
@@ -322,13 +451,14 @@ class _AdminConn:
         except ApiError as exc:
             status, obj = exc.status, {"error": exc.message}
         except Exception:
-            log.exception("admin handler failed for %s %s", method, target)
+            log.exception("admin handler failed for %s %s", printable(method), printable(target))
             status, obj = 500, {"error": "internal error; see the daemon's log"}
         self._respond(status, obj)
 
     def refuse(self, status: int, message: str) -> None:
         """Answer at once, whatever the peer sends, and close."""
         self._respond(status, {"error": message}, close=True, head=False)
+        self._pump()
 
     def _authorize(self, request: Request) -> None:
         token_of = self.listener.token
@@ -342,12 +472,13 @@ class _AdminConn:
                 scheme, _, credential = value.decode("latin-1").partition(" ")
                 given = credential.strip() if scheme.lower() == "bearer" else ""
         if not expected or not given or not hmac.compare_digest(given.encode(), expected.encode()):
-            log.warning("REST request %s %s from %s refused: %s", request.method, request.path, self.caller.address,
-                        "no bearer token" if not given else "wrong token")
+            log.warning("REST request %s %s from %s refused: %s", printable(request.method), printable(request.path),
+                        self.caller.address, "no bearer token" if not given else "wrong token")
             raise ApiError(401, "a valid bearer token is required (Authorization: Bearer TOKEN)")
 
     def _respond(self, status: int, obj: Any, close: bool = False, head: bool | None = None) -> None:
-        """Send one response; to a HEAD request (`head` None: as the request says) the headers only."""
+        """Queue one response (the caller's `_pump` sends it); to a HEAD request (`head` None: as
+        the request says) the headers only."""
         if head is None:
             head = self.request is not None and self.request.method == b"HEAD"
         if isinstance(obj, RawBody):
@@ -380,29 +511,6 @@ class _AdminConn:
                 self.timer = self.loop.call_later(self.server.timeout, self._on_timeout)
             except h11.LocalProtocolError:
                 self.closing = True  # the client has not finished its request: close after replying
-        self._flush()
-
-    def _flush(self) -> None:
-        if self.closed:
-            return
-        if self.out:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            del self.out[:sent]
-        if not self.out and self.closing:
-            self.close()
-            return
-        mask = (WRITE if self.out else 0) | (0 if self.closing else READ)
-        if mask != self.mask:
-            self.loop.modify(self.sock, mask, self._on_event)
-            self.mask = mask
-        if not self.out and not self.closing:
-            self._process()  # a pipelined request may be waiting in h11's buffer
 
     def _on_timeout(self) -> None:
         if not self.closed:
@@ -420,6 +528,14 @@ class _AdminConn:
         except OSError:
             pass
         self.server.conns.discard(self)
+
+
+def _source(addr: Any) -> str:
+    """The key of a TCP client for the per-source cap: its address, an IPv6 one by its /64."""
+    ip = client_ip(addr)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def _content_length(request: h11.Request) -> int | None:
