@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import pwd
-import re
 import socket
 import stat
 import struct
@@ -59,7 +58,7 @@ from typing import Any, Callable
 
 import h11
 
-from .common import printable
+from .common import has_control, printable
 from .loop import READ, WRITE, Loop, Timer
 from .net import Acceptor, client_ip, format_addr
 
@@ -69,13 +68,12 @@ MAX_BODY = 64 * 1024
 MAX_HEADERS = 16 * 1024  # request line and headers
 RECV_SIZE = 16 * 1024  # one read
 REQUEST_TIMEOUT = 10.0
+REFUSAL_LOG_EVERY = 10.0  # seconds: 401s are logged once per source address this often
 EVENTS_PER_PASS = 64  # h11 events handled per connection per loop pass
 MAX_UNIX_CONNS = 64
 MAX_TCP_CONNS = 64
 MAX_TCP_PER_SOURCE = 16
 
-# what common.printable escapes: C0 and C1 controls, DEL, the Unicode line and paragraph separators
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class ApiError(Exception):
@@ -183,7 +181,24 @@ class AdminServer:
         self.timeout = REQUEST_TIMEOUT
         self.max_body = MAX_BODY
         self.group: str | None = None  # besides root and our own uid, members of this group may connect
+        self._token_refusals: dict[str, tuple[float, int]] = {}  # source → (last logged, left out since)
         self.refused: dict[str, int] = {"unix": 0, "tcp": 0}  # refusals over a cap since the last accept
+
+    def refused_token(self, request: "Request", address: str, why: str) -> None:
+        """Log a 401 at most once per source address every REFUSAL_LOG_EVERY seconds, then how many
+        were left out: a client pipelining thousands of requests without a token writes a few lines."""
+        source = address.rsplit(":", 1)[0]
+        now = self.loop.time()
+        last, left_out = self._token_refusals.get(source, (-REFUSAL_LOG_EVERY, 0))
+        if now - last < REFUSAL_LOG_EVERY:
+            self._token_refusals[source] = (last, left_out + 1)
+            return
+        if len(self._token_refusals) >= 10000:
+            self._token_refusals.clear()
+        self._token_refusals[source] = (now, 0)
+        more = f" ({left_out} more from {source} in the last {REFUSAL_LOG_EVERY:g} s not logged)" if left_out else ""
+        log.warning("REST request %s %s from %s refused: %s%s", printable(request.method), printable(request.path),
+                    address, why, more)
 
     def configure(self, timeout: float, max_body: int, group: str | None) -> None:
         self.timeout, self.max_body, self.group = timeout, max_body, group
@@ -440,7 +455,7 @@ class _AdminConn:
         except ValueError as exc:
             self._respond(400, {"error": f"request target is not a valid path: {printable(exc)}"})
             return
-        if any(_CONTROL_RE.search(text) for text in (request.path, *request.query, *request.query.values())):
+        if any(has_control(text) for text in (request.path, *request.query, *request.query.values())):
             log.info("bad admin request from %s: %s %s has control characters", self.peer, printable(method),
                      printable(request.path))
             self._respond(400, {"error": f"request target has control characters: {printable(request.path)}"})
@@ -472,8 +487,7 @@ class _AdminConn:
                 scheme, _, credential = value.decode("latin-1").partition(" ")
                 given = credential.strip() if scheme.lower() == "bearer" else ""
         if not expected or not given or not hmac.compare_digest(given.encode(), expected.encode()):
-            log.warning("REST request %s %s from %s refused: %s", printable(request.method), printable(request.path),
-                        self.caller.address, "no bearer token" if not given else "wrong token")
+            self.server.refused_token(request, self.caller.address, "no bearer token" if not given else "wrong token")
             raise ApiError(401, "a valid bearer token is required (Authorization: Bearer TOKEN)")
 
     def _respond(self, status: int, obj: Any, close: bool = False, head: bool | None = None) -> None:

@@ -25,7 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from .admin import ApiError, RawBody, Request
-from .common import __version__
+from .common import __version__, printable
 
 if TYPE_CHECKING:
     from .server import Server
@@ -49,23 +49,25 @@ class Api:
         return status, body
 
     def _audit(self, request: Request, status: int, error: str | None) -> None:
-        self.server.audit.write("admin", who=str(request.caller), method=request.method, path=request.path,
-                                query=request.query or None, status=status, error=error)
+        path = printable(request.path)
+        query = {printable(k, 64): printable(v) for k, v in request.query.items()} or None
+        self.server.audit.write("admin", who=str(request.caller), method=printable(request.method, 16), path=path,
+                                query=query, status=status, error=error)
         if request.method != "GET":
-            log.info("admin: %s %s%s by %s → %d%s", request.method, request.path,
-                     f"?{'&'.join(f'{k}={v}' for k, v in request.query.items())}" if request.query else "",
+            log.info("admin: %s %s%s by %s → %d%s", printable(request.method, 16), path,
+                     f"?{'&'.join(f'{k}={v}' for k, v in query.items())}" if query else "",
                      request.caller, status, f" ({error.splitlines()[0]})" if error else "")
 
     def _route(self, request: Request) -> tuple[int, Any]:
         path, method = request.path, request.method
         if path == "/metrics":
             if method != "GET":
-                raise ApiError(405, f"method {method} not allowed on {path}")
+                raise ApiError(405, f"method {printable(method, 16)} not allowed on {printable(path)}")
             content_type, data = self.server.metrics.exposition()
             return 200, RawBody(content_type, data)
         parts = path.strip("/").split("/")
         if parts[:1] != ["v1"] or len(parts) < 2:
-            raise ApiError(404, f"no such endpoint {path}; try /v1/status")
+            raise ApiError(404, f"no such endpoint {printable(path)}; try /v1/status")
         resource, rest = parts[1], parts[2:]
         routes: dict[tuple[str, str, int, str], Callable[[], tuple[int, Any]]] = {
             ("GET", "status", 0, ""): self.status,
@@ -85,8 +87,8 @@ class Api:
         route = routes.get((method, resource, len(rest), verb))
         if route is None:
             if any(key[1] == resource and key[2] == len(rest) and key[3] == verb for key in routes):
-                raise ApiError(405, f"method {method} not allowed on {path}")
-            raise ApiError(404, f"no such endpoint {path}")
+                raise ApiError(405, f"method {printable(method, 16)} not allowed on {printable(path)}")
+            raise ApiError(404, f"no such endpoint {printable(path)}")
         return route()
 
     # -- reading ---------------------------------------------------------------------------------------

@@ -123,6 +123,11 @@ def printable(text: object, limit: int = PEER_TEXT_MAX) -> str:
     return text + cut
 
 
+def has_control(text: str) -> bool:
+    """Whether `text` holds a character `printable` would escape (a control character)."""
+    return _UNPRINTABLE_RE.search(text) is not None
+
+
 def _escape_char(match: "re.Match[str]") -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
