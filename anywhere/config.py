@@ -17,6 +17,7 @@ file stops the process before it binds anything, and a reload that fails changes
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 from dataclasses import fields, replace
@@ -60,6 +61,7 @@ rate_limit = count(0, 1000000, default=1000)
 max_agents = count(1, 100000, default=1000)
 max_pending_per_agent = count(1, 100000, default=512)
 max_unauthenticated = count(1, 100000, default=1000)
+buffer_budget = size(1M, 1T, default=256M)
 idle_timeout = seconds_or_off(default=0)
 admin_timeout = seconds(default=10)
 admin_max_request = count(1024, 16777216, default=65536)
@@ -84,6 +86,7 @@ key = path(default=None)
 dial_timeout = seconds(default=5)
 handshake_timeout = seconds(default=10)
 allow = allowlist(default=list())
+buffer_budget = size(1M, 1T, default=256M)
 log_level = loglevel(default=info)
 """.strip().splitlines()
 
@@ -125,6 +128,38 @@ def check_count(value: Any, low: Any = 0, high: Any = 2**31) -> int:
     if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise _Bad(f"must be a whole number {low}..{high}")
     return int(text)
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from "268435456", "256M", "256MiB", "1g" (K, M, G, T: powers of 1024); None if not a size."""
+    text = text.strip().upper().replace(" ", "")
+    if text.endswith("IB"):
+        text = text[:-2]
+    elif text.endswith("B") and len(text) > 1 and not text[-2].isdigit():
+        text = text[:-1]  # "KB", "MB": taken as KiB, MiB
+    number, unit = (text[:-1], text[-1]) if text[-1:] in ("K", "M", "G", "T") else (text, "")
+    if not (number.isascii() and number.isdigit()):
+        return None
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def check_size(value: Any, low: Any = "0", high: Any = "1T") -> int:
+    text = _text(value)
+    size = parse_size(text)
+    if size is None or not (parse_size(str(low)) or 0) <= size <= (parse_size(str(high)) or 0):
+        raise _Bad(f"must be a size in bytes, optionally with K, M or G (powers of 1024, e.g. 256M), {low}..{high}")
+    return size
+
+
+def budget_arg(text: str) -> int:
+    """argparse type of --buffer-budget: the range of buffer_budget in the specs."""
+    try:
+        return check_size(text, "1M", "1T")
+    except ValidateError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def check_seconds(value: Any, default: Any = None) -> float:
@@ -253,7 +288,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,
-    "allowlist": check_allowlist,
+    "allowlist": check_allowlist, "size": check_size,
 }
 
 

@@ -49,7 +49,7 @@ from .loop import Loop, Timer
 from .net import HOSTNAME_RE, Acceptor, accepted, client_ip, format_addr, is_ip, listen
 from . import mux
 from .relay import Relay
-from .trunk import Stream, Trunk
+from .trunk import BUFFER_BUDGET, Stream, Trunk, set_buffer_budget
 from .stats import Counters, Metrics, RecentErrors
 from .wire import PROTO_VERSION
 
@@ -95,6 +95,7 @@ class ServerConfig:
     max_agents: int = 1000
     max_pending_per_agent: int = 512  # clients waiting for their agent's data connection
     max_unauthenticated: int = 1000  # agent-port connections still in their handshake or hello
+    buffer_budget: int = BUFFER_BUDGET  # bytes held for clients that read slower than their target sends
     idle_timeout: float = 0.0  # close tunneled connections idle this long (0: never); a proxy may set its own
     admin_timeout: float = 10.0
     admin_max_request: int = 65536
@@ -343,6 +344,7 @@ class Server:
         """Bind everything or raise (OSError, tls.CredentialError, state.StateError); nothing stays half-open."""
         try:
             self.ctx = tls.server_context(self.config.ca, self.config.cert, self.config.key)
+            set_buffer_budget(self.config.buffer_budget)
             self.audit.open(self.config.audit_log)
             self.api_token = read_token(self.config.api_token_file) if self.config.api_listen else None
             stored, stats = state.load_all(self.config.state_dir)
@@ -405,7 +407,8 @@ class Server:
         """Apply a new configuration to what can change at run time; all or nothing.
 
         The whitelist, timeouts, heartbeat, server id and credentials apply to new connections;
-        agent sessions and live connections are kept.  Listening addresses need a restart and
+        agent sessions and live connections are kept; the buffer budget applies to the credit
+        returned from now on, live streams' too.  Listening addresses need a restart and
         are reported as such.  Raises tls.CredentialError or ValueError, and then changes nothing.
         """
         nets = parse_whitelist(new.whitelist, "whitelist")
@@ -417,7 +420,8 @@ class Server:
                                      "handshake_timeout", "pool_size", "pool_max", "pool_idle_timeout", "audit_log",
                                      "api_token_file", "metrics_public", "max_connections", "max_connections_per_proxy",
                                      "rate_limit", "max_agents", "max_pending_per_agent", "max_unauthenticated",
-                                     "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group")
+                                     "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group",
+                                     "buffer_budget")
                    if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         for name in restart:
@@ -429,6 +433,7 @@ class Server:
         self.audit.close()
         self.audit = audit
         self.admin.configure(new.admin_timeout, new.admin_max_request, new.admin_group)
+        set_buffer_budget(new.buffer_budget)
         self._drop_denied()
         for name in restart:
             log.warning("reload: %s changed in the configuration; it takes effect at the next restart", name)
