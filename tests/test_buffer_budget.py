@@ -83,13 +83,14 @@ def _scrape(world) -> dict[str, float]:
             for sample in family.samples if not sample.labels}
 
 
-def _settled(world, what: str, timeout: float = 60.0) -> int:
-    """Wait until the bytes the server got from the agent for its connections stop growing (the
-    stalled clients' sockets are full and the agent has stopped sending); returns that total."""
+def _settled(world, what: str, timeout: float = 60.0, key: str = "bytes_out") -> int:
+    """Wait until the bytes the server moved for its connections (`key`: bytes_out, from the
+    agent to the clients; bytes_in, the other way) stop growing for a second (the stalled side's
+    sockets are full and the sending side has stopped); returns that total."""
     seen = {"total": -1, "since": time.monotonic()}
 
     def still() -> int | None:
-        total = sum(c["bytes_out"] for c in world.api("GET", "/v1/connections")["connections"])
+        total = sum(c[key] for c in world.api("GET", "/v1/connections")["connections"])
         now = time.monotonic()
         if total != seen["total"]:
             seen["total"], seen["since"] = total, now
@@ -150,11 +151,72 @@ def test_clients_that_do_not_read_are_held_to_the_budget_and_lose_nothing(world)
         echo.stop()
 
 
+def test_targets_that_do_not_read_are_held_to_the_agents_budget(world):
+    """The same on the agent: clients upload 4 MiB each to a target that reads nothing until told;
+    the agent's own budget bounds what it holds, an echo is served meanwhile, nothing is lost."""
+    go = threading.Event()
+    received: dict[int, bool] = {}
+
+    def sink(conn: socket.socket) -> None:
+        head = b""
+        while len(head) < 8:
+            data = conn.recv(8 - len(head))
+            if not data:
+                return
+            head += data
+        go.wait(60)
+        got = recv_all(conn, 30)
+        received[int(head)] = got == _blob(int(head), PUSH)
+        conn.sendall(b"ok")
+    target, echo = TargetServer(sink), TargetServer(echo_handler)
+    target.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited by what it accepts
+    clients: list[socket.socket] = []
+    senders: list[threading.Thread] = []
+    try:
+        world.start_server("--pool-size", "2")
+        agent = world.start_agent("agent-1", "--buffer-budget", f"{BUDGET // MiB}M")
+        sink_port, echo_port = world.add_proxy(target.port), world.add_proxy(echo.port)
+        wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")
+        _echo_10mb(echo_port)
+        base = rss_kb(agent.pid)
+
+        def upload(c: socket.socket, i: int) -> None:
+            try:
+                c.sendall(b"%08d" % i + _blob(i, PUSH))
+                c.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the check below reports what did not arrive
+        for i in range(CLIENTS):
+            c = socket.create_connection(("127.0.0.1", sink_port), timeout=60)
+            clients.append(c)
+            senders.append(threading.Thread(target=upload, args=(c, i), daemon=True))
+            senders[-1].start()
+        _settled(world, "the uploads to stop moving", key="bytes_in")
+        grown = rss_kb(agent.pid) - base
+        assert grown < (BUDGET + 4 * MiB) // 1024, f"the agent grew by {grown} KiB for {CLIENTS} targets that do not read"
+        took = _echo_10mb(echo_port)
+        assert took < 20, f"10 MB echo took {took:.1f} s beside the stalled uploads"
+        go.set()
+        for i, c in enumerate(clients):
+            assert recv_all(c, 60) == b"ok", f"client {i}"
+        for t in senders:
+            t.join(30)
+        assert received == {i: True for i in range(CLIENTS)}, "uploads lost or out of order"
+        assert not target.errors and not echo.errors
+    finally:
+        go.set()
+        for c in clients:
+            c.close()
+        target.stop()
+        echo.stop()
+
+
 def test_buffer_budget_is_changed_by_reload(world):
     conf = world.tmp / "anywhered.conf"
     conf.write_text("[server]\nbuffer_budget = 8M\n")
     world.start_server("--config", str(conf))
     assert world.api("GET", "/v1/status")["buffer_budget"] == 8 * MiB
+    assert "of a 8 MiB budget" in world.ctl("status", "--admin-socket", world.sock).stdout
     conf.write_text("[server]\nbuffer_budget = 1G\n")
     assert "buffer_budget" in world.ctl("reload", "--admin-socket", world.sock).stdout
     assert world.api("GET", "/v1/status")["buffer_budget"] == 1024 * MiB
