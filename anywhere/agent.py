@@ -33,7 +33,7 @@ from .loop import Loop, Timer
 from .net import Dialer, format_addr, is_ip
 from . import mux
 from .relay import Relay
-from .trunk import Stream, Trunk
+from .trunk import BUFFER_BUDGET, Stream, Trunk, set_buffer_budget
 from .wire import MAX_TRUNKS, PROTO_VERSION, encode
 
 log = logging.getLogger("anywhere.agent")
@@ -54,6 +54,7 @@ class AgentConfig:
     backoff_min: float = 1.0
     backoff_max: float = 30.0
     allow: list[str] = field(default_factory=lambda: ["*"])  # targets the server may ask for (see allow.py)
+    buffer_budget: int = BUFFER_BUDGET  # bytes held for targets that read slower than their clients send
 
 
 class Agent:
@@ -91,6 +92,7 @@ class Agent:
 
     def start(self) -> None:
         self.ctx = tls.client_context(self.config.ca, self.config.cert, self.config.key)
+        set_buffer_budget(self.config.buffer_budget)
         self._connect()
         self._liveness = self.loop.call_later(self.heartbeat, self._check_trunks)
 
@@ -213,6 +215,7 @@ class Agent:
         changed = [f for f in vars(old) if getattr(old, f) != getattr(new, f)]
         self.ctx = ctx
         self.config = new
+        set_buffer_budget(new.buffer_budget)
         reconnect = {"agent_id", "server_host", "server_port", "server_name", "ca", "cert", "key"} & set(changed)
         if reconnect and not self.closed:
             log.info("reload: %s changed; reconnecting to the server", ", ".join(sorted(reconnect)))

@@ -23,6 +23,7 @@ from .common import __version__, default_credential, setup_logging, valid_agent_
 from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
+from .trunk import BUFFER_BUDGET
 
 log = logging.getLogger("anywhere.agent")
 
@@ -54,6 +55,9 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
                         help=f"seconds to reach a target ({_range('dial_timeout')})")
     parser.add_argument("--allow", metavar="LIST", help="targets the server may ask for: comma-separated IP, CIDR or "
                         "host, each with an optional :PORT; * for any (default with no --config: *)")
+    parser.add_argument("--buffer-budget", type=_checked("buffer_budget"), metavar="SIZE",
+                        help="memory for data that targets are slow to read, over all connections "
+                             f"({_range('buffer_budget')}); beyond it the server is asked to wait (nothing is lost)")
     parser.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     parser.add_argument("--log-file", help="append logs to this file instead of stderr")
     if not check:
@@ -75,7 +79,7 @@ def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
     """Effective settings (defaults < file < flags) and the log level.  Raises ConfigError."""
     overrides = {"agent_id": args.agent_id, "server": args.server_ip, "server_port": args.server_port,
                  "server_name": args.server_name, "ca": args.ca, "cert": args.cert, "key": args.key,
-                 "dial_timeout": args.dial_timeout, "log_level": args.log_level,
+                 "dial_timeout": args.dial_timeout, "log_level": args.log_level, "buffer_budget": args.buffer_budget,
                  "allow": None if args.allow is None else [e.strip() for e in args.allow.split(",") if e.strip()]}
     if overrides["allow"] is not None:
         try:
@@ -92,6 +96,7 @@ def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
         values.setdefault("dial_timeout", 5.0)
         values.setdefault("handshake_timeout", 10.0)
         values.setdefault("log_level", "info")
+        values.setdefault("buffer_budget", BUFFER_BUDGET)
         values.setdefault("allow", ["*"])  # the original's behaviour on the command line; warned about at start
     where = args.config or "the command line"
     if not values.get("server"):
@@ -116,7 +121,8 @@ def load(args: argparse.Namespace) -> tuple[AgentConfig, str]:
     config = AgentConfig(agent_id=agent_id, server_host=values["server"], server_port=int(values["server_port"]),
                          server_name=values.get("server_name"), ca=os.path.abspath(ca), cert=os.path.abspath(cert),
                          key=os.path.abspath(key), dial_timeout=float(values["dial_timeout"]),
-                         handshake_timeout=float(values.get("handshake_timeout") or 10.0), allow=list(values["allow"]))
+                         handshake_timeout=float(values.get("handshake_timeout") or 10.0), allow=list(values["allow"]),
+                         buffer_budget=int(values["buffer_budget"]))
     return config, values["log_level"]
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .admin import ApiError, RawBody, Request
 from .common import __version__, printable
+from .trunk import buffer_usage
 
 if TYPE_CHECKING:
     from .server import Server
@@ -95,6 +96,7 @@ class Api:
     def status(self) -> tuple[int, Any]:
         s = self.server
         totals = s.totals()
+        usage = buffer_usage()
         return 200, {"server_id": s.config.server_id, "version": __version__,
                      "uptime": round(s.loop.time() - s.started, 3), "started": s.started_wall,
                      "agents": len(s.sessions), "proxies": len(s.proxies),
@@ -104,6 +106,8 @@ class Api:
                      "connections_total": totals.connections, "rejected": totals.rejected,
                      "warm_data_connections": sum(len(c) for c in s.warm.values()), "tls_handshakes": s.handshakes,
                      "trunks": sum(len(t) for t in s.trunks.values()), "retired_trunks": len(s.retired_trunks),
+                     "buffered_bytes": usage["held"], "buffer_committed_bytes": usage["committed"],
+                     "buffer_budget": usage["budget"],
                      "draining": s.draining, "last_errors": list(s.recent_errors.records)}
 
     def agents(self) -> tuple[int, Any]:

@@ -72,6 +72,7 @@ max_agents = count(1, 100000, default=1000)
 max_pending_per_agent = count(1, 100000, default=512)
 max_unauthenticated = count(1, 100000, default=1000)
 max_unauthenticated_per_source = count(1, 100000, default=500)
+buffer_budget = size(1M, 1T, default=256M)
 idle_timeout = seconds_or_off(default=0)
 admin_timeout = seconds(default=10)
 admin_max_request = count(1024, 16777216, default=65536)
@@ -96,6 +97,7 @@ key = path(default=None)
 dial_timeout = seconds(default=5)
 handshake_timeout = seconds(default=10)
 allow = allowlist(default=list())
+buffer_budget = size(1M, 1T, default=256M)
 log_level = loglevel(default=info)
 """.strip().splitlines()
 
@@ -137,6 +139,30 @@ def check_count(value: Any, low: Any = 0, high: Any = 2**31) -> int:
     if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise _Bad(f"must be a whole number {low}..{high}")
     return int(text)
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes from "268435456", "256M", "256MiB", "1g" (K, M, G, T: powers of 1024); None if not a size."""
+    text = text.strip().upper().replace(" ", "")
+    if text.endswith("IB"):
+        text = text[:-2]
+    elif text.endswith("B") and len(text) > 1 and not text[-2].isdigit():
+        text = text[:-1]  # "KB", "MB": taken as KiB, MiB
+    number, unit = (text[:-1], text[-1]) if text[-1:] in ("K", "M", "G", "T") else (text, "")
+    if not (number.isascii() and number.isdigit()):
+        return None
+    return int(number) * _SIZE_UNITS[unit]
+
+
+def check_size(value: Any, low: Any = "0", high: Any = "1T") -> int:
+    text = _text(value)
+    size = parse_size(text)
+    if size is None or not (parse_size(str(low)) or 0) <= size <= (parse_size(str(high)) or 0):
+        raise _Bad(f"must be a size in bytes, optionally with K, M or G (powers of 1024, e.g. 256M), {low}..{high}")
+    return size
 
 
 def check_seconds(value: Any, at_most: Any = MAX_SECONDS) -> float:
@@ -266,7 +292,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,
-    "allowlist": check_allowlist,
+    "allowlist": check_allowlist, "size": check_size,
 }
 
 
@@ -277,6 +303,7 @@ RANGES: dict[str, Callable[..., str]] = {
     "seconds": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}",
     "seconds_or_off": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}, or 0: off",
     "name": lambda: "1-64 printable characters",
+    "size": lambda low="0", high="1T": f"{low}..{high}, in bytes or with K, M, G",
 }
 
 

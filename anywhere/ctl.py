@@ -145,6 +145,10 @@ def render_status(d: dict) -> str:
         f"rejected:    {rejected}",
         "last errors:" + ("" if d["last_errors"] else " none"),
     ]
+    if "buffered_bytes" in d:  # not from a server older than the buffer budget
+        mib = [d[k] / 2**20 for k in ("buffered_bytes", "buffer_committed_bytes", "buffer_budget")]
+        lines.insert(-2, f"buffered:    {mib[0]:.1f} MiB for clients slow to read, {mib[1]:.1f} MiB committed "
+                         f"of a {mib[2]:.0f} MiB budget")
     for e in d["last_errors"]:
         lines.append(f"  {_since(e['time'])} {e['level']}: {e['message']}")
     return "\n".join(lines)

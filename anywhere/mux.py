@@ -24,7 +24,10 @@ what the processes can carry.  So a receiver grows a stream's window (doubling, 
 `MAX_WINDOW`) when it delivered a whole window within a short time (trunk.GROW_WITHIN) while its
 own reader kept up: the window, not a slow reader, was the limit.  Growth comes out of a
 per-trunk budget, so the memory a trunk may be made to hold stays bounded however many streams
-grow.
+grow.  Across all trunks of a process, the credit a receiver returns comes out of one buffer
+budget (trunk.py, "The budget"), so clients that stop reading cannot make it hold more than that
+budget, however many they are.  Only each stream's first window (`WINDOW_SIZE`) is beyond it: a
+sender may use it before the receiver has said anything.
 
 Opening costs no round trip: the server sends OPEN and goes on reading its client at once, so
 the first bytes travel right behind OPEN while the agent dials the target, which holds them

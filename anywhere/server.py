@@ -55,7 +55,7 @@ from .loop import Loop, Timer
 from .net import HOSTNAME_RE, Acceptor, accepted, client_ip, format_addr, is_ip, listen
 from . import mux
 from .relay import Relay
-from .trunk import Stream, Trunk
+from .trunk import BUFFER_BUDGET, Stream, Trunk, set_buffer_budget
 from .stats import Counters, Metrics, RecentErrors
 from .wire import MAX_HEARTBEAT, MAX_POOL, MAX_TRUNKS, PROTO_VERSION, encode
 
@@ -103,6 +103,7 @@ class ServerConfig:
     max_pending_per_agent: int = 512  # clients waiting for their agent's data connection
     max_unauthenticated: int = 1000  # agent-port connections still in their handshake or hello
     max_unauthenticated_per_source: int = 500  # of those, from one address (never more than half of the above)
+    buffer_budget: int = BUFFER_BUDGET  # bytes held for clients that read slower than their target sends
     idle_timeout: float = 0.0  # close tunneled connections idle this long (0: never); a proxy may set its own
     admin_timeout: float = 10.0
     admin_max_request: int = 65536
@@ -382,6 +383,7 @@ class Server:
         try:
             check_welcome(self.config)
             self.ctx = tls.server_context(self.config.ca, self.config.cert, self.config.key)
+            set_buffer_budget(self.config.buffer_budget)
             self.audit.open(self.config.audit_log)
             self.api_token = read_token(self.config.api_token_file) if self.config.api_listen else None
             stored, stats = self.store.load()
@@ -480,7 +482,8 @@ class Server:
         """Apply a new configuration to what can change at run time; all or nothing.
 
         The whitelist, timeouts, heartbeat, server id and credentials apply to new connections;
-        agent sessions and live connections are kept.  Listening addresses need a restart and
+        agent sessions and live connections are kept; the buffer budget applies to the credit
+        returned from now on, live streams' too.  Listening addresses need a restart and
         are reported as such.  Raises tls.CredentialError or ValueError, and then changes nothing.
         """
         check_welcome(new)
@@ -495,7 +498,7 @@ class Server:
                                      "rate_limit", "rate_burst", "max_agents", "max_pending_per_agent",
                                      "max_unauthenticated", "max_unauthenticated_per_source",
                                      "idle_timeout", "admin_timeout", "admin_max_request", "deny", "admin_group",
-                                     "stats_save_interval")
+                                     "stats_save_interval", "buffer_budget")
                    if getattr(old, name) != getattr(new, name)]
         restart = [name for name in self.RESTART_ONLY if getattr(old, name) != getattr(new, name)]
         for name in restart:
@@ -508,6 +511,7 @@ class Server:
         self.audit.close()
         self.audit = audit
         self.admin.configure(new.admin_timeout, new.admin_max_request, new.admin_group)
+        set_buffer_budget(new.buffer_budget)
         self._drop_denied()
         for name in restart:
             log.warning("reload: %s changed in the configuration; it takes effect at the next restart", name)

@@ -76,6 +76,9 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-size", type=_checked("pool_size"), metavar="N",
                    help=f"trunks (multiplexed data connections) each agent is asked to keep ({_range('pool_size')}; "
                         f"an agent keeps at most {MAX_TRUNKS}; 0: a data connection of its own per client)")
+    p.add_argument("--buffer-budget", type=_checked("buffer_budget"), metavar="SIZE",
+                   help="memory for data that clients are slow to read, over all connections "
+                        f"({_range('buffer_budget')}); beyond it the agent is asked to wait (nothing is lost)")
     p.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     p.add_argument("--log-file", help="append logs to this file instead of stderr")
 
@@ -107,6 +110,7 @@ def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
         "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout, "pool_size": args.pool_size,
         "log_level": args.log_level, "api_token_file": args.api_token_file, "audit_log": args.audit_log,
         "api_listen": None if args.api_port is None else [f":{args.api_port}"],
+        "buffer_budget": args.buffer_budget,
     }
     if args.wl is not None:
         try:

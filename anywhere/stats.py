@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .common import __version__
+from .trunk import buffer_usage
 
 if TYPE_CHECKING:
     from .server import Server
@@ -96,6 +97,12 @@ class _Collector:
         yield info
         yield GaugeMetricFamily("anywhere_uptime_seconds", "Seconds since anywhered started",
                                 value=time.monotonic() - server.started)
+        usage = buffer_usage()
+        yield GaugeMetricFamily("anywhere_buffered_bytes", "Bytes held for clients that read slower than their "
+                                "target sends, all connections together", value=usage["held"])
+        yield GaugeMetricFamily("anywhere_buffer_committed_bytes", "Bytes held, or in flight or allowed under "
+                                "credit returned to agents: what buffer_budget bounds", value=usage["committed"])
+        yield GaugeMetricFamily("anywhere_buffer_budget_bytes", "The configured buffer_budget", value=usage["budget"])
         p_in = CounterMetricFamily("anywhere_proxy_bytes_in", "Bytes from clients to the target", labels=["proxy", "agent"])
         p_out = CounterMetricFamily("anywhere_proxy_bytes_out", "Bytes from the target to clients", labels=["proxy", "agent"])
         p_conns = CounterMetricFamily("anywhere_proxy_connections", "Tunneled connections established", labels=["proxy", "agent"])

@@ -28,6 +28,29 @@ and doubles (up to `MAX_WINDOW`) when a whole window was delivered within `GROW_
 slower link, and its plain socket keeps up, so the window is what limits it.  What the streams of
 a trunk grew by comes out of `WINDOW_BUDGET` and goes back when they close.
 
+The budget: a window bounds one stream, not the process: N clients that stop reading would hold
+N windows.  So every stream of the process (all trunks of the loop) draws on one buffer budget
+(`set_buffer_budget`: anywhered's and the agent's `buffer_budget`, default `BUFFER_BUDGET`).
+Withholding credit from a stream whose `outbuf` already holds data is not enough: a client that
+stops reading holds what its peer was *allowed* to send when it stopped, i.e. the credit it got
+while it still read.  So what is counted is a stream's commitment (`Stream.committed`): what it
+holds plus what its peer may have in flight or still send under credit returned here, i.e.
+recv_window - credit not yet returned, less what is left of the peer's first window (every
+stream starts with it, and no receiver can refuse it).  Rules, all applied where credit is
+returned (`_credit`: once per quarter window, not per chunk):
+  1. a stream gets all its credit back while the commitments of all streams stay within the
+     budget (the common case: nothing changes);
+  2. beyond it, a stream gets back only what fits in the budget; one that holds data may get
+     nothing (it is asked again each time its socket takes bytes: no lost wake-up);
+  3. a stream that holds nothing always gets enough back that its peer may send
+     `FLOOR_WINDOW`: readers are never starved by non-readers, whatever the budget;
+  4. a window doubles only if the doubled window fits in the budget.
+So what the process holds is at most the budget plus `FLOOR_WINDOW` per stream (plus, per
+stream, what is left of its first window: a protocol limit, see mux.py).  The accounts (`_held`:
+the bytes in outbufs; `_committed`) are module globals, changed exactly where bytes enter or
+leave an outbuf, where credit is returned, and when a stream closes; the path of a chunk that
+goes straight to its socket does not touch them.
+
 END after the last DATA is a half-close, passed on as shutdown(SHUT_WR) once `outbuf` is empty;
 a stream is done when both directions have ended.  ABORT, or the trunk going away, closes the
 plain socket at once.  `Stream` offers what the server's connection table reads from a relay:
@@ -85,6 +108,8 @@ READ_SIZE = 512 * 1024
 SHORT_READ = tls.READ_AHEAD  # less than OpenSSL's read-ahead buffer read: the kernel had no more
 WINDOW_BUDGET = 12 * 1024 * 1024  # per trunk: what its streams' receive windows may grow by in all
 GROW_WITHIN = 0.05  # seconds: a stream that delivers its whole window faster gets a bigger one
+BUFFER_BUDGET = 256 * 1024 * 1024  # per process, by default: see "The budget" in the module's docstring
+FLOOR_WINDOW = 64 * 1024  # beyond the budget, what a stream that holds nothing may still be owed
 _FOREIGN = -1  # Stream.mask of a socket registered by another owner: the next _update re-points it
 COALESCE = 16384  # frames under one TLS record's worth wait for the end of the loop pass
 COALESCE_MAX = 65536  # at most this much joined into one write
@@ -97,6 +122,26 @@ _MAX_PAYLOAD = mux.MAX_PAYLOAD
 _DATA = mux.DATA
 _DATA_WORD = _DATA << 24
 _pack_header_into = mux.HEADER.pack_into
+_WINDOW_SIZE = mux.WINDOW_SIZE
+# The budget's accounts, one set per process (every trunk of the loop shares them); changed only
+# where bytes enter or leave an outbuf and where credit is returned, never per chunk delivered.
+_budget = BUFFER_BUDGET
+_held = 0  # bytes in the outbufs of every stream
+_committed = 0  # the sum of Stream.committed: what may come to be held, beyond first windows
+
+
+def set_buffer_budget(size: int) -> None:
+    """Set the process's buffer budget (bytes); applies to the credit returned from now on."""
+    global _budget
+    if size < 0:
+        raise ValueError(f"buffer budget {size} is negative")
+    _budget = size
+
+
+def buffer_usage() -> dict[str, int]:
+    """The budget's accounts: bytes held in outbufs, bytes committed (held, or in flight or
+    allowed under credit this process returned) and the budget."""
+    return {"held": _held, "committed": _committed, "budget": _budget}
 
 
 class Trunk:
@@ -412,6 +457,7 @@ class Stream:
         self.window_delivered = 0  # delivered since window_start (for growing the window)
         self.window_start = trunk.loop.time()
         self.outbuf = bytearray()
+        self.committed = 0  # this stream's share of _committed, see _recount
         self.eof_read = False
         self.peer_ended = False
         self.shut = False
@@ -550,6 +596,7 @@ class Stream:
             self._first_byte()
         if self.sock is None or outbuf:
             outbuf += payload
+            self._hold(n)
             self._update()
             return
         try:
@@ -562,6 +609,7 @@ class Stream:
         if sent < n:
             outbuf += payload[sent:]  # before _credit, which grows the window only for a reader that keeps up
             self._credit(sent)
+            self._hold(n - sent)
             self._update()  # now it waits to write
             return
         credit = self.credit + n
@@ -571,6 +619,7 @@ class Stream:
             self._credit(n)
 
     def _drain(self) -> None:
+        global _held
         if not self.outbuf or self.sock is None:
             return
         try:
@@ -581,7 +630,9 @@ class Stream:
             self.close(f"{self.name} write failed: {exc.strerror or exc}")
             return
         del self.outbuf[:sent]
+        _held -= sent
         self._credit(sent)
+        self._recount()
         if not self.outbuf and self.peer_ended:
             self._shutdown()
         self._update()
@@ -592,20 +643,59 @@ class Stream:
         if credit < window >> 2:
             self.credit = credit
             return
+        global _committed
         trunk = self.trunk
+        others = _committed - self.committed  # what the budget has committed to the other streams
         moved = self.window_delivered + credit
         if moved >= window:
             now = trunk.loop.time()
             if now - self.window_start < GROW_WITHIN and window < mux.MAX_WINDOW and not self.outbuf \
-                    and trunk.window_budget >= window:
+                    and trunk.window_budget >= window and others + 2 * window <= _budget:
                 trunk.window_budget -= window  # a whole window in no time, and our reader keeps up: double it
                 self.recv_window = window * 2
                 credit += window
+                window *= 2
             self.window_start = now
             moved = 0
-        self.window_delivered = moved
-        self.credit = 0
-        trunk.write(mux.window_frame(self.sid, credit))
+        first = _WINDOW_SIZE - self.nbytes_out  # what is left of the first window (not the budget's)
+        if first < 0:
+            first = 0
+        keep = 0  # credit kept back
+        committed = window - first  # this stream's commitment if it gets everything back
+        if others + committed > _budget:  # it does not fit: return less (see "The budget")
+            cap = _budget - others  # one that holds data gets what fits, perhaps nothing
+            if cap < FLOOR_WINDOW and not self.outbuf:
+                cap = FLOOR_WINDOW  # one that holds nothing always gets some: readers never starve
+            keep = committed - cap if committed > cap else 0
+            if keep > credit - (FLOOR_WINDOW >> 2):
+                keep = credit  # nothing, or too little for a frame (the peer still has 3/4 of the floor)
+            committed -= keep
+        if committed < len(self.outbuf):
+            committed = len(self.outbuf)  # only a peer that broke its window gets here; what is held counts
+        self.window_delivered = moved - keep
+        self.credit = keep
+        _committed = others + committed
+        self.committed = committed
+        if credit > keep:
+            trunk.write(mux.window_frame(self.sid, credit - keep))
+
+    def _hold(self, n: int) -> None:
+        """`n` bytes went into outbuf (the rare path: the plain socket did not take them)."""
+        global _held
+        _held += n
+        self._recount()
+
+    def _recount(self) -> None:
+        """Record this stream's commitment as it is now (see "The budget"); between recounts it
+        can only fall (bytes delivered straight to the socket), so the recorded one is an upper
+        bound."""
+        global _committed
+        first = _WINDOW_SIZE - self.nbytes_out
+        committed = self.recv_window - self.credit - (first if first > 0 else 0)
+        if committed < len(self.outbuf):
+            committed = len(self.outbuf)  # as in _credit
+        _committed += committed - self.committed
+        self.committed = committed
 
     def on_peer_end(self) -> None:
         self.peer_ended = True
@@ -634,6 +724,7 @@ class Stream:
     # -- ending -------------------------------------------------------------------------------------------
     def close(self, reason: str = "closed", notify: bool = True) -> None:
         """Close the stream (and tell the peer with ABORT unless `notify` is false); idempotent."""
+        global _held, _committed
         if self.closed:
             return
         self.closed = True
@@ -644,6 +735,9 @@ class Stream:
         trunk.streams.pop(self.sid, None)
         trunk.blocked.pop(self, None)
         trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
+        _held -= len(self.outbuf)
+        _committed -= self.committed
+        self.committed = 0
         if self.dialer is not None:
             dialer, self.dialer = self.dialer, None
             dialer.cancel()

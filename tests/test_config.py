@@ -44,6 +44,7 @@ SERVER_BAD = [
     ("max_pending_per_agent", "1.5", "must be a whole number 1..100000"),
     ("max_unauthenticated", "0", "must be a whole number 1..100000"),
     ("max_unauthenticated_per_source", "x", "must be a whole number 1..100000"),
+    ("buffer_budget", "12X", "must be a size in bytes, optionally with K, M or G"),
     ("idle_timeout", "-1", "must be a number of seconds greater than 0"),
     ("admin_timeout", "0", "must be a number of seconds greater than 0"),
     ("admin_max_request", "10", "must be a whole number 1024..16777216"),
@@ -63,6 +64,7 @@ AGENT_BAD = [
     ("dial_timeout", "x", "must be a number of seconds greater than 0"),
     ("handshake_timeout", "0", "must be a number of seconds greater than 0"),
     ("allow", "10.0.0.0/33:80", "is not an IP address, CIDR or host name"),
+    ("buffer_budget", "2T", "must be a size in bytes, optionally with K, M or G (powers of 1024, e.g. 256M), 1M..1T"),
     ("log_level", "verbose", "must be one of debug, info, warning, error"),
 ]
 
@@ -118,6 +120,30 @@ def test_all_problems_reported_at_once_with_unknown_keys_and_sections(tmp_path):
     assert f"{path} [extra]: unknown section" in problems
     assert any("heartbeat = 0" in p for p in problems)
     assert len(problems) == 4
+
+
+@pytest.mark.parametrize("text,size", [("268435456", 256 * 2**20), ("256M", 256 * 2**20), ("256MiB", 256 * 2**20),
+                                       ("8m", 8 * 2**20), ("1G", 2**30), ("1gb", 2**30), ("4096K", 4 * 2**20),
+                                       ("1T", 2**40), ("12X", None), ("1.5G", None), ("-1M", None), ("", None),
+                                       ("M", None)])
+def test_sizes(text, size):
+    assert config.parse_size(text) == size
+
+
+def test_buffer_budget_default_range_and_flag(tmp_path):
+    cfg, _ = config.server_config(str(tmp_path / "absent.conf"), {})
+    assert cfg.buffer_budget == 256 * 2**20
+    path = tmp_path / "anywhered.conf"
+    path.write_text("[server]\nbuffer_budget = 512K\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.server_config(str(path), {})
+    assert "buffer_budget = 512K: must be a size in bytes" in str(err.value) and "1M..1T" in str(err.value)
+    path.write_text("[server]\nbuffer_budget = 1G\n")
+    res = _run("anywhere.server_cli", "check-config", "--config", str(path), "--buffer-budget", "8M")
+    assert res.returncode == 0, res.stderr
+    assert "buffer_budget = 8388608" in res.stdout.splitlines()
+    res = _run("anywhere.server_cli", "check-config", "--buffer-budget", "lots")
+    assert res.returncode == 2 and "--buffer-budget: lots: must be a size in bytes" in res.stderr
 
 
 def test_syntax_error_names_file_and_line(tmp_path):
