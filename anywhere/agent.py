@@ -311,7 +311,7 @@ class Agent:
             trunk.check_alive(now, self.heartbeat)
         self._liveness = self.loop.call_later(self.heartbeat, self._check_trunks)
 
-    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int) -> None:
+    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None) -> None:
         target = f"[{printable(host, 255)}]:{port}" if ":" in host else f"{printable(host, 255)}:{port}"
 
         def ended(st: Stream, reason: str) -> None:
@@ -320,6 +320,8 @@ class Agent:
                     st.nbytes_out, st.nbytes_in)
         # the stream exists while its target is dialled, so an ABORT meanwhile cancels the dial
         stream = Stream(trunk, sid, name=f"target {target}", on_close=ended)
+        if window is not None:
+            stream.send_window = window  # the first window the server's budget granted
 
         def dialled(sock: socket.socket | None, error: str | None) -> None:
             stream.dialer = None
@@ -418,7 +420,7 @@ class _TrunkSetup:
         trunk = Trunk(agent.loop, sock, leftover, name=f"to {peer}", on_open=agent._on_stream_open,
                       on_close=agent._on_trunk_close)
         fields = {"session": agent.session_token} if agent.session_token is not None else {}
-        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=agent.config.agent_id, ping=1, **fields))
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=agent.config.agent_id, ping=1, window=1, **fields))
         agent._on_trunk(trunk)
 
 

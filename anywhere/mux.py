@@ -33,7 +33,11 @@ Opening costs no round trip: the server sends OPEN and goes on reading its clien
 the first bytes travel right behind OPEN while the agent dials the target, which holds them
 until the target answers.  Until READY the server keeps to a smaller window (`EARLY_WINDOW`),
 so a target that is slow to answer costs the agent at most that much per waiting client; READY
-opens the rest.  FAIL or ABORT before READY discards what was held.
+opens the rest.
+
+The other direction's first window is the opener's to grant: an agent that announces it (``window``
+in its ``trunk`` message) takes the first window the server names in OPEN (``"window"``: what the
+server's buffer budget lets it commit, see trunk.py); any other starts with `WINDOW_SIZE`.  FAIL or ABORT before READY discards what was held.
 
 Frames
 ------
@@ -80,13 +84,17 @@ def ping_frame(kind: int, payload: bytes) -> bytes:
     return frame(kind, 0, payload)
 
 
-def open_frame(stream: int, host: str, port: int) -> bytes:
-    return frame(OPEN, stream, _open_payload(host, port))
+def open_frame(stream: int, host: str, port: int, window: int | None = None) -> bytes:
+    """OPEN; `window`: the first window the opener grants (only to a peer that said it takes one)."""
+    return frame(OPEN, stream, _open_payload(host, port, window))
 
 
 @functools.lru_cache(maxsize=1024)
-def _open_payload(host: str, port: int) -> bytes:  # the same few targets, over and over
-    return json.dumps({"host": host, "port": port}, separators=(",", ":")).encode()
+def _open_payload(host: str, port: int, window: int | None) -> bytes:  # the same few targets, over and over
+    fields: dict = {"host": host, "port": port}
+    if window is not None:
+        fields["window"] = window
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def window_frame(stream: int, credit: int) -> bytes:
@@ -94,6 +102,12 @@ def window_frame(stream: int, credit: int) -> bytes:
 
 
 def parse_open(payload: bytes) -> tuple[str, int]:
+    host, port, _window = parse_open_window(payload)
+    return host, port
+
+
+def parse_open_window(payload: bytes) -> tuple[str, int, int | None]:
+    """(host, port, first window granted or None: WINDOW_SIZE) of an OPEN payload."""
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -102,7 +116,11 @@ def parse_open(payload: bytes) -> tuple[str, int]:
     if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) \
             or not 1 <= port <= 65535:
         raise ProtocolError("OPEN payload needs a host and a port 1..65535")
-    return host, port
+    window = data.get("window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or not 0 < window <= WINDOW_SIZE):
+        raise ProtocolError(f"OPEN window must be 1..{WINDOW_SIZE}")
+    return host, port, window
 
 
 def parse_window(payload: bytes) -> int:

@@ -854,7 +854,8 @@ class Server:
             stream.on_fail = lambda reason, cid=pending.conn_id: self.on_agent_fail(proxy.agent_id, cid, reason)
             stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
             pending.stream = stream
-            trunk.write(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port))
+            window = stream.grant_first_window() if trunk.takes_window else None  # under the buffer budget
+            trunk.write(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window))
             stream.attach(pending.sock, read_now=False)  # no round trip: the client's first bytes follow OPEN
         elif warm:
             conn = warm.pop()
@@ -888,6 +889,7 @@ class Server:
         trunk = Trunk(self.loop, sock, leftover, name=f"{agent_id}@{peer}", on_close=self._on_trunk_close)
         trunk.owner = session
         trunk.can_ping = msg.get("ping") == 1
+        trunk.takes_window = msg.get("window") == 1
         trunks.append(trunk)
         log.debug("trunk from agent %s (%s) up; %d now", agent_id, peer, len(trunks))
         self._serve_waiting(agent_id)

@@ -45,8 +45,12 @@ returned (`_credit`: once per quarter window, not per chunk):
   3. a stream that holds nothing always gets enough back that its peer may send
      `FLOOR_WINDOW`: readers are never starved by non-readers, whatever the budget;
   4. a window doubles only if the doubled window fits in the budget.
+  5. the first window is the budget's too where the peer takes it from OPEN (mux.py): the
+     server grants each new stream `WINDOW_SIZE` while that fits in the budget, else what is left,
+     at least `FLOOR_WINDOW` (`grant_first_window`); the rest comes as credit when it fits.
 So what the process holds is at most the budget plus `FLOOR_WINDOW` per stream (plus, per
-stream, what is left of its first window: a protocol limit, see mux.py).  The accounts (`_held`:
+stream from a peer that takes no first window from OPEN, what is left of its whole first
+window).  The accounts (`_held`:
 the bytes in outbufs; `_committed`) are module globals, changed exactly where bytes enter or
 leave an outbuf, where credit is returned, and when a stream closes; the path of a chunk that
 goes straight to its socket does not touch them.
@@ -146,7 +150,7 @@ def buffer_usage() -> dict[str, int]:
 
 class Trunk:
     def __init__(self, loop: Loop, sock: ssl.SSLSocket, leftover: bytes, *, name: str,
-                 on_open: Callable[["Trunk", int, str, int], None] | None = None,
+                 on_open: Callable[["Trunk", int, str, int, int | None], None] | None = None,
                  on_close: Callable[["Trunk", str], None] | None = None) -> None:
         self.loop = loop
         self.sock = sock
@@ -165,6 +169,7 @@ class Trunk:
         self.owner: Any = None  # the session this trunk belongs to (see Ownership)
         self.retired = False
         self.can_ping = False  # the peer understands PING (see Liveness)
+        self.takes_window = False  # the peer takes the first window OPEN grants (see mux.py)
         self.last_rx = loop.time()
         self.rtt: float | None = None
         self._ping_sent: float | None = None
@@ -353,8 +358,8 @@ class Trunk:
         if kind == mux.OPEN:
             if self.on_open is None or sid in self.streams:
                 raise ProtocolError(f"unexpected OPEN for stream {sid}")
-            host, port = mux.parse_open(bytes(payload))
-            self.on_open(self, sid, host, port)
+            host, port, window = mux.parse_open_window(bytes(payload))
+            self.on_open(self, sid, host, port, window)
             return
         stream = self.streams.get(sid)
         if stream is None:
@@ -458,6 +463,7 @@ class Stream:
         self.window_start = trunk.loop.time()
         self.outbuf = bytearray()
         self.committed = 0  # this stream's share of _committed, see _recount
+        self.free_first = _WINDOW_SIZE  # the peer's first window, outside the budget unless granted (grant_first_window)
         self.eof_read = False
         self.peer_ended = False
         self.shut = False
@@ -657,7 +663,7 @@ class Stream:
                 window *= 2
             self.window_start = now
             moved = 0
-        first = _WINDOW_SIZE - self.nbytes_out  # what is left of the first window (not the budget's)
+        first = self.free_first - self.nbytes_out  # what is left of a first window not the budget's
         if first < 0:
             first = 0
         keep = 0  # credit kept back
@@ -679,6 +685,22 @@ class Stream:
         if credit > keep:
             trunk.write(mux.window_frame(self.sid, credit - keep))
 
+    def grant_first_window(self) -> int:
+        """For a peer that takes its first window from us (see mux.py): what the budget lets it send
+        before any credit, the whole WINDOW_SIZE while it fits, else what is left (at least
+        FLOOR_WINDOW); counted in the budget like any credit.  The rest of recv_window is credit kept
+        back, returned by `_credit` when the budget allows."""
+        global _committed
+        room = _budget - _committed
+        window = _WINDOW_SIZE if room >= _WINDOW_SIZE else max(FLOOR_WINDOW, room - room % FLOOR_WINDOW)
+        kept = self.recv_window - window
+        self.free_first = 0
+        self.credit = kept
+        self.window_delivered = -kept  # not delivered: never sent
+        _committed += window - self.committed
+        self.committed = window
+        return window
+
     def _hold(self, n: int) -> None:
         """`n` bytes went into outbuf (the rare path: the plain socket did not take them)."""
         global _held
@@ -690,7 +712,7 @@ class Stream:
         can only fall (bytes delivered straight to the socket), so the recorded one is an upper
         bound."""
         global _committed
-        first = _WINDOW_SIZE - self.nbytes_out
+        first = self.free_first - self.nbytes_out
         committed = self.recv_window - self.credit - (first if first > 0 else 0)
         if committed < len(self.outbuf):
             committed = len(self.outbuf)  # as in _credit

@@ -151,6 +151,40 @@ def test_clients_that_do_not_read_are_held_to_the_budget_and_lose_nothing(world)
         echo.stop()
 
 
+def test_first_windows_are_granted_within_the_budget(world):
+    """A client that never reads from its first byte on, with a receive buffer as small as the
+    kernel allows: what its stream holds is the first window the agent was allowed to send
+    before any credit.  Granted from the budget (OPEN's window), forty such clients make the
+    server hold the budget and a floor each, not forty whole windows."""
+    pusher = TargetServer(_pusher)
+    clients: list[socket.socket] = []
+    try:
+        world.start_server("--pool-size", "2", "--buffer-budget", f"{BUDGET // MiB}M")
+        world.start_agent()
+        push_port = world.add_proxy(pusher.port)
+        wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")
+        for i in range(CLIENTS):
+            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            clients.append(c)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            c.settimeout(30)
+            c.connect(("127.0.0.1", push_port))
+            c.sendall(b"%08d" % i)
+        _settled(world, "the stalled clients' data to stop moving")
+        held = world.api("GET", "/v1/status")
+        # whole first windows: about 40 MiB held here; granted from the budget: at most this
+        assert held["buffered_bytes"] <= BUDGET + CLIENTS * FLOOR_WINDOW, held
+        assert held["buffer_committed_bytes"] <= BUDGET + CLIENTS * FLOOR_WINDOW, held
+        for i, c in enumerate(clients):  # nothing lost
+            got = recv_all(c, 60)
+            assert len(got) == PUSH and got == _blob(i, PUSH), f"client {i}: {len(got)} bytes, or not the ones sent"
+        assert not pusher.errors
+    finally:
+        for c in clients:
+            c.close()
+        pusher.stop()
+
+
 def test_targets_that_do_not_read_are_held_to_the_agents_budget(world):
     """The same on the agent: clients upload 4 MiB each to a target that reads nothing until told;
     the agent's own budget bounds what it holds, an echo is served meanwhile, nothing is lost."""
@@ -227,7 +261,7 @@ class _Pair:
     """A stream end to end: `target` (the far end of the sending side's plain socket) and
     `client` (the far end of the receiving side's), both non-blocking."""
 
-    def __init__(self, sender: Trunk, receiver: Trunk, sid: int, size: int) -> None:
+    def __init__(self, sender: Trunk, receiver: Trunk, sid: int, size: int, grant: bool = False) -> None:
         self.target, near_t = socket.socketpair()
         self.client, near_c = socket.socketpair()
         near_c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
@@ -235,6 +269,8 @@ class _Pair:
             s.setblocking(False)
         self.sending = Stream(sender, sid, name=f"target {sid}")
         self.receiving = Stream(receiver, sid, name=f"client {sid}")
+        if grant:  # the receiver names the first window in OPEN, from its budget (mux.py)
+            self.sending.send_window = self.receiving.grant_first_window()
         self.sending.attach(near_t, read_now=False)
         self.receiving.attach(near_c, read_now=False)
         self.data = _blob(sid, size)
@@ -362,6 +398,31 @@ def test_without_the_budget_the_same_streams_hold_their_windows(trunks):
     assert held == sum(len(p.receiving.outbuf) for p in stalled)
     assert held > 8 * mux.WINDOW_SIZE // 2, held
     for p in stalled:
+        p.receiving.close()
+        p.sending.close()
+        p.close()
+    assert trunk.buffer_usage()["held"] == trunk.buffer_usage()["committed"] == 0
+
+
+@pytest.mark.parametrize("grant", [True, False], ids=["granted", "whole-first-windows"])
+def test_streams_that_never_read_hold_the_budget_when_first_windows_are_granted(trunks, grant):
+    """Sixteen streams whose clients never read a byte: what the receiving side holds is what the
+    senders' first windows allowed.  Granted from the budget (2 MiB): the budget and a floor each;
+    whole first windows (a peer that takes none from OPEN): about a window each."""
+    loop, sender, receiver = trunks
+    budget = 2 * MiB
+    trunk.set_buffer_budget(budget)
+    stalled = [_Pair(sender, receiver, sid, 4 * MiB, grant=grant) for sid in range(1, 17)]
+    _run(loop, stalled, {}, _quiet(stalled), "the stalled streams to settle")
+    usage = trunk.buffer_usage()
+    if grant:
+        assert usage["held"] <= usage["committed"] <= budget + len(stalled) * FLOOR_WINDOW, usage
+    else:
+        assert usage["held"] > len(stalled) * mux.WINDOW_SIZE // 2, usage
+    _run(loop, stalled, {p: len(p.data) for p in stalled}, lambda: all(len(p.got) == len(p.data) for p in stalled),
+         "every byte to arrive")
+    for p in stalled:
+        assert p.got == p.data, f"stream {p.receiving.sid}: bytes lost or out of order"
         p.receiving.close()
         p.sending.close()
         p.close()

@@ -73,6 +73,24 @@ def hdr(kind: int, length: int, stream: int) -> bytes:
     return struct.pack("!II", kind << 24 | length, stream)
 
 
+def test_open_names_the_first_window_only_when_granted():
+    plain = mux.MuxDecoder().feed(memoryview(mux.open_frame(3, "10.0.0.2", 80)))[0][2]
+    granted = mux.MuxDecoder().feed(memoryview(mux.open_frame(3, "10.0.0.2", 80, 65536)))[0][2]
+    assert mux.parse_open_window(plain) == ("10.0.0.2", 80, None)
+    assert mux.parse_open_window(granted) == ("10.0.0.2", 80, 65536)
+    assert mux.parse_open(granted) == ("10.0.0.2", 80)
+
+
+def test_ping_and_pong_live_on_stream_0_only():
+    ping = mux.ping_frame(mux.PING, b"12345678")
+    assert mux.MuxDecoder().feed(memoryview(ping)) == [(mux.PING, 0, b"12345678")]
+    for bad in (hdr(mux.PING, 8, 1) + b"12345678", hdr(mux.PONG, 4, 0) + b"1234", hdr(mux.DATA, 1, 0) + b"x"):
+        with pytest.raises(ProtocolError):
+            mux.MuxDecoder().feed(memoryview(bad))
+    with pytest.raises(ValueError):
+        mux.frame(mux.PING, 1, b"12345678")
+
+
 @pytest.mark.parametrize("bad", [
     hdr(9, 0, 1),  # unknown type
     hdr(0, 0, 1),  # type 0
@@ -88,7 +106,10 @@ def test_malformed_frames(bad):
 
 
 @pytest.mark.parametrize("payload", [b"not json", b"[]", b'{"host": "", "port": 1}', b'{"host": "h", "port": 0}',
-                                     b'{"host": "h", "port": true}', b"[" * 5000])
+                                     b'{"host": "h", "port": true}', b"[" * 5000,
+                                     b'{"host": "h", "port": 1, "window": 0}', b'{"host": "h", "port": 1, "window": true}',
+                                     b'{"host": "h", "port": 1, "window": 1048577}',
+                                     b'{"host": "h", "port": 1, "window": "65536"}'])
 def test_bad_open_payloads(payload):
     with pytest.raises(ProtocolError):
         mux.parse_open(payload)
