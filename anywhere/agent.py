@@ -332,11 +332,11 @@ class Agent:
                 return
             if sock is None:
                 log.warning("stream %d: cannot reach %s: %s", sid, target, error)
-                trunk.write(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
+                trunk.control(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
                 stream.on_close = None
                 stream.close("target unreachable", notify=False)
                 return
-            trunk.write(mux.frame(mux.READY, sid))
+            trunk.control(mux.frame(mux.READY, sid))
             stream.attach(sock, read_now=False, registered=True)
         stream.dialer = self.dial_target(host, port, dialled, keep_registered=True)
 

@@ -847,7 +847,10 @@ class Server:
             if not live:  # never on a trunk known to be stale: held for a live one (or data_timeout)
                 self.waiting_for_trunk.setdefault(proxy.agent_id, []).append(pending.conn_id)
                 return
-            trunk = min(live, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
+            if live[0].slow:  # a slow link: one trunk carries all, the others stand by (trunk.py, Scheduling)
+                trunk = live[0]
+            else:  # the least busy trunk
+                trunk = min(live, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
             stream = Stream(trunk, trunk.new_stream_id(), name=f"client {pending.peer}",
                             on_close=lambda st, reason, cid=pending.conn_id: self._on_stream_close(cid, st, reason))
             stream.on_ready = lambda cid=pending.conn_id, st=stream: self._on_stream_ready(cid, st)
@@ -855,7 +858,7 @@ class Server:
             stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
             pending.stream = stream
             window = stream.grant_first_window() if trunk.takes_window else None  # under the buffer budget
-            trunk.write(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window))
+            trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window))
             stream.attach(pending.sock, read_now=False)  # no round trip: the client's first bytes follow OPEN
         elif warm:
             conn = warm.pop()
