@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"{','.join(interactive.H_PATHS)})")
     p.add_argument("--h-seconds", type=float, help="metric h: seconds measured per cell (default 12; 6 with --quick), "
                    "after a warm-up of 3 s (2 s)")
-    p.add_argument("--h-congestion", help="metric h: TCP congestion control in its namespaces, e.g. cubic "
-                   "(default: the host's, which a new namespace inherits)")
+    p.add_argument("--h-congestion", help="metric h: TCP congestion control in its namespaces, one the host allows "
+                   "them (net.ipv4.tcp_allowed_congestion_control; default: the host's, which a new namespace inherits)")
     p.add_argument("--json", default=str(HERE / "results" / "latest.json"), help="raw results (default bench/results/latest.json)")
     p.add_argument("--anywhere-defaults", action="store_true",
                    help="run anywhered with its default admission limits (per-source rate, per-proxy connections, ...)")
@@ -91,6 +91,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"metric h runs on {', '.join(interactive.H_PATHS)}: none of them is in --paths")
     if args.h_seconds is not None and args.h_seconds < 2:
         p.error("--h-seconds must be at least 2")
+    if args.h_congestion:
+        try:
+            allowed = open("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read().split()
+        except OSError:
+            allowed = []
+        if args.h_congestion not in allowed:
+            p.error(f"--h-congestion {args.h_congestion}: a network namespace may only use what the host allows "
+                    f"(net.ipv4.tcp_allowed_congestion_control: {' '.join(allowed) or '?'})")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
@@ -299,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
     loads: list[list[str]] = []
     labels: dict[str, str] = {}
     h: dict | None = None
+    h_failed = h_note = ""  # h_note: why there is no h table (h_failed: and the run failed)
     ok = False
     try:
         if tests:
@@ -307,12 +316,14 @@ def run(args: argparse.Namespace) -> int:
             if h_skip:
                 progress(f"metric h skipped: {h_skip}")
                 errors.append({"test": "h", "error": f"skipped: {h_skip}"})
+                h_note = f"metric h skipped: {h_skip}"
             else:
                 try:
                     h = run_h(args, workdir, anywhere_env)
                 except Exception as exc:  # the loopback results still get reported
                     errors.append({"test": "h", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
                     progress(f"metric h FAILED: {exc}")
+                    h_failed = h_note = f"metric h FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 else:
                     errors.extend({"test": "h", **e} for e in h["errors"])
         ok = True
@@ -325,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     meta["code_tree_at_end"] = code_state()  # the tree may have moved on; the run used the copy
     meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     if not rounds and h is None:
-        progress(f"no complete round; logs kept in {workdir}")
+        progress(f"{h_failed or 'no complete round'}; logs kept in {workdir}")
         return 1
     meta["loadavg_rounds"] = loads
     out = [header_text(meta, bool(tests)), ""]
@@ -336,6 +347,8 @@ def run(args: argparse.Namespace) -> int:
         out += [text, ""]
     if h is not None:
         out += [h["table"], ""]
+    elif h_note:
+        out += [h_note, ""]
     out.append(f"run took {elapsed / 60:.1f} min; load avg (1 min) at each loopback round's start: "
                f"{', '.join(l[0] for l in loads) or '-'}; at the end: {meta['loadavg_end'][0]} ({meta['machine']['nproc']} CPUs)")
     loopback_errors = [e for e in errors if e.get("test") != "h"]
@@ -354,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"temp dir with configs and logs kept: {workdir}", flush=True)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if ok else 1
+    return 0 if ok and not h_failed else 1
 
 
 def run_loopback(args: argparse.Namespace, tests, settings: Settings, procs: Procs, workdir: Path, anywhere_env: dict,
