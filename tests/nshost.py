@@ -4,9 +4,10 @@
 host joined by one veth pair (`DEV_SRV` / `DEV_AGT`), anywhered on the server host, an agent on
 the agent host, and an echo target on the agent host's loopback (so it survives the agent host
 changing its address).  `Hosts` can take the link down and up, give the agent host a new address,
-and run code (a client socket) inside either namespace.  Every address lives only inside the
-namespaces made here; every process is ended by pid and every namespace deleted on exit, also
-when the test fails.  Without root or `ip netns`, the caller's test is skipped with the reason.
+shape the link with tbf (`shape`), and run code (a client socket) inside either namespace.  Every
+address lives only inside the namespaces made here; every process is ended by pid and every
+namespace deleted on exit, also when the test fails.  Without root or `ip netns`, the caller's
+test is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -145,6 +146,18 @@ class Hosts:
     def link(self, up: bool) -> None:
         """The agent host's end of the link down (nothing passes, nothing is reset) or up again."""
         run("ip", "-n", self.ns_agt, "link", "set", self.dev_agt, "up" if up else "down")
+
+    def shape(self, rate: str = "40mbit", burst: str = "16kb", latency: str = "20ms") -> None:
+        """The same tbf on both ends' egress: a link of `rate` each way whose bottleneck queue holds
+        `latency` worth of bytes (this kernel has no netem; tbf is built in).  Skips the caller's
+        test with the reason if tc or tbf is not there."""
+        if shutil.which("tc") is None:
+            pytest.skip("shaped-link tests need the `tc` command (iproute2)")
+        for ns, dev in ((self.ns_srv, self.dev_srv), (self.ns_agt, self.dev_agt)):
+            res = run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", burst,
+                      "latency", latency, check=False)
+            if res.returncode != 0:
+                pytest.skip(f"tbf does not work here: {res.stderr.strip()}")
 
     def readdress_agent(self, new_ip: str) -> None:
         """The agent host comes back with another address (NAT gateway reboot, new lease): old

@@ -1,6 +1,6 @@
 """A small, fast echo server for the benchmark (metrics d and f): one epoll loop, level-triggered.
 
-Usage: python echo_server.py PORT   (listens on 127.0.0.1:PORT; SIGTERM ends it)
+Usage: python echo_server.py PORT [HOST]   (listens on HOST:PORT, default 127.0.0.1; SIGTERM ends it)
 
 It raises its own RLIMIT_NOFILE to the hard limit so it can hold every connection of metric f.
 Each connection: whatever arrives is sent back; when the peer closes, the connection is closed.
@@ -18,11 +18,12 @@ import sys
 
 def main() -> int:
     port = int(sys.argv[1])
+    host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind(("127.0.0.1", port))
+    ls.bind((host, port))
     ls.listen(4096)
     ls.setblocking(False)
     lfd = ls.fileno()

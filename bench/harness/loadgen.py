@@ -10,7 +10,14 @@
         16-byte echo on SAMPLE of the open connections, one after another; prints
         {"phase": "rtt", ...}; waits for a line on stdin; closes everything and exits.
 
-Both use one non-blocking epoll loop on 127.0.0.1.  Every wait is bounded.
+    python loadgen.py interactive PORT --host H --rate 20 --size 64 --seconds 15 --skip 3
+        h: one connection; a SIZE-byte message every 1/RATE s on a fixed schedule (sent whether
+        or not the earlier echoes are back: a slow echo does not slow the probe down), for SKIP +
+        SECONDS s; the round trip of each message sent after SKIP s is recorded; after the last
+        send it waits up to --drain s for the echoes still out.  Prints one JSON object: sent,
+        answered, lost (not back in time), rtt p50/p99/max/mean in ms and every rtt.
+
+conns and hold use one non-blocking epoll loop on 127.0.0.1.  Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -177,6 +184,71 @@ def rtt_sample(socks: list[socket.socket], n: int, timeout: float) -> dict:
             "rtt_max_ms": max(rtts, default=0) * 1e3}
 
 
+def cmd_interactive(args: argparse.Namespace) -> dict:
+    """The interactive probe of metric h (see the module's docstring)."""
+    interval = 1.0 / args.rate
+    count = int((args.skip + args.seconds) * args.rate)
+    skip = int(args.skip * args.rate)
+    sock = socket.create_connection((args.host, args.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ)
+    sent_at: list[float] = []  # by sequence number
+    rtts: list[float] = []  # by sequence number, in the order the echoes come back
+    outbuf = b""
+    got = bytearray()
+    pad = bytes(args.size - 8)
+    t0 = time.monotonic()
+    end = t0 + count * interval + args.drain
+    error = None
+    while len(rtts) < count and time.monotonic() < end:
+        now = time.monotonic()
+        while len(sent_at) < count and t0 + len(sent_at) * interval <= now:
+            outbuf += len(sent_at).to_bytes(8, "big") + pad
+            sent_at.append(now)
+        if outbuf:
+            try:
+                outbuf = outbuf[sock.send(outbuf):]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                error = f"send: {exc}"
+                break
+        next_send = t0 + len(sent_at) * interval if len(sent_at) < count else end
+        wait = max(0.0, min(next_send, end) - time.monotonic())
+        sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if outbuf else 0))
+        for _key, _ev in sel.select(wait):
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                error = f"recv: {exc}"
+                break
+            if not data:
+                error = "the echo connection closed"
+                break
+            now = time.monotonic()
+            got += data
+            while len(got) >= args.size:
+                seq = int.from_bytes(got[:8], "big")
+                if seq != len(rtts) or seq >= len(sent_at):
+                    error = f"echo {len(rtts)} came back as {seq}"
+                    break
+                rtts.append(now - sent_at[seq])
+                del got[:args.size]
+        if error:
+            break
+    sock.close()
+    kept = [r * 1e3 for r in rtts[skip:]]
+    measured = count - skip
+    return {"sent": len(sent_at), "answered": len(rtts), "measured": measured, "lost": measured - len(kept),
+            "error": error, "rtt_p50_ms": pct(kept, 50), "rtt_p99_ms": pct(kept, 99),
+            "rtt_max_ms": max(kept, default=None), "rtt_mean_ms": sum(kept) / len(kept) if kept else None,
+            "rtts_ms": [round(r, 2) for r in kept]}
+
+
 def cmd_hold(args: argparse.Namespace) -> None:
     op = Opener(args.port, args.concurrency, args.timeout, keep=True)
     elapsed = op.run(args.count, time.monotonic() + args.open_timeout)
@@ -207,9 +279,19 @@ def main() -> int:
     h.add_argument("--sample", type=int, default=200)
     h.add_argument("--timeout", type=float, default=10.0, help="per connection / per echo")
     h.add_argument("--open-timeout", type=float, default=60.0)
+    i = sub.add_parser("interactive")
+    i.add_argument("port", type=int)
+    i.add_argument("--host", default=HOST)
+    i.add_argument("--rate", type=float, default=20.0, help="messages per second")
+    i.add_argument("--size", type=int, default=64, help="bytes per message (at least 8)")
+    i.add_argument("--seconds", type=float, default=15.0, help="measured")
+    i.add_argument("--skip", type=float, default=0.0, help="seconds sent first and not measured")
+    i.add_argument("--drain", type=float, default=5.0, help="after the last send, wait this long for echoes")
     args = p.parse_args()
     if args.mode == "conns":
         print(json.dumps(cmd_conns(args)), flush=True)
+    elif args.mode == "interactive":
+        print(json.dumps(cmd_interactive(args)), flush=True)
     else:
         cmd_hold(args)
     return 0

@@ -1,23 +1,31 @@
 """The paths under test: each forwards a local port on 127.0.0.1 to a target port.
 
 A `Path` is started fresh for every measurement (`start(target_port)` returns the port clients
-use) and stopped right after (`stop()`); `pids()` lists its processes, with their children, for
-the CPU and memory accounting.
+use; `start_forwards([port, ...])` forwards several targets through one tunnel, one port each) and
+stopped right after (`stop()`); `pids()` lists its processes, with their children, for the CPU
+and memory accounting; clients connect to `client_host` (127.0.0.1).
+
+On two hosts (metric h: `Context(..., link=ShapedLink)`), the tunnel's server side (anywhered,
+sshd; the clients) runs in the server host's namespace and its agent side (the agent, `ssh -R`,
+the targets, on 127.0.0.1 there) in the agent host's; the agent side reaches the server at the
+server host's address, across the shaped link.  Direct's clients go across the link to the
+agent host's address.
 
 - direct: the target's own port; no process of its own.
 - socat: `socat -b262144 TCP-LISTEN:P,bind=127.0.0.1,fork,reuseaddr,backlog=1024 TCP:127.0.0.1:T`
   (a fork per connection, one relay copy, no encryption; bind and backlog added so it is
   loopback-only and does not drop SYNs with socat's default backlog of 5).
 - ssh / ssh-aes: a throwaway sshd (own host key, authorized_keys and config in the temp dir,
-  127.0.0.1 only, `-D -e`) and `ssh -N -R 127.0.0.1:P:127.0.0.1:T`; OpenSSH's default cipher, or
-  `-c aes128-gcm@openssh.com`.  The sshd master, its per-connection children and the ssh client
-  are the tunnel's processes.
+  127.0.0.1 only, `-D -e`) and `ssh -N -R 127.0.0.1:P:127.0.0.1:T` (one -R per target, one
+  connection); OpenSSH's default cipher, or `-c aes128-gcm@openssh.com`.  The sshd master, its
+  per-connection children and the ssh client are the tunnel's processes.
 - anywhere: `anywhered start` and `anywhere -i agent-1 -s 127.0.0.1`, the venv's console scripts
   (importing the snapshot of anywhere/ the runner copied at start, via PYTHONPATH),
   mutual TLS with credentials made for this run, `--wl 127.0.0.1`, `--log-level warning`, admin
   socket and state dir in the temp dir, then `anywhered proxy add`.  anywhered + agent are the
   tunnel's processes.  anywhered's admission limits are raised in a config file (every client
-  here is 127.0.0.1 on one proxy); `--anywhere-defaults` runs it without that file.
+  here is 127.0.0.1 on one proxy); `--anywhere-defaults` runs it without that file.  Several
+  targets: one proxy each, on the same agent.
 
 Every process gets RLIMIT_NOFILE raised to its hard limit (`Procs.start`).
 """
@@ -31,6 +39,7 @@ import sys
 import time
 from pathlib import Path as FsPath
 
+from .netns import ShapedLink
 from .procs import Proc, Procs, wait_until
 from .services import Ports, wait_listen
 
@@ -43,18 +52,23 @@ class Path:
     label = "?"
 
     settle = 0.5  # seconds between start-up and the measurement (e.g. Anywhere's warm pool fills)
+    client_host = "127.0.0.1"  # where the clients connect
 
     def __init__(self, ctx: "Context") -> None:
         self.ctx = ctx
         self.procs: list[Proc] = []
 
     def start(self, target_port: int) -> int:
-        port = self._start(target_port)
+        return self.start_forwards([target_port])[0]
+
+    def start_forwards(self, target_ports: list[int]) -> list[int]:
+        """Forward each target port through one tunnel; the ports clients use, in the same order."""
+        ports = self._start(target_ports)
         if self.procs:
             time.sleep(self.settle)
-        return port
+        return ports
 
-    def _start(self, target_port: int) -> int:
+    def _start(self, target_ports: list[int]) -> list[int]:
         raise NotImplementedError
 
     def pids(self) -> list[int]:
@@ -71,11 +85,15 @@ class Path:
 class Context:
     """What the paths share for a run: the process registry, ports, temp dir, credentials."""
 
-    def __init__(self, procs: Procs, ports: Ports, workdir: FsPath, anywhere_env: dict | None = None) -> None:
+    def __init__(self, procs: Procs, ports: Ports, workdir: FsPath, anywhere_env: dict | None = None,
+                 link: ShapedLink | None = None) -> None:
         self.procs = procs
         self.ports = ports
         self.workdir = workdir
         self.anywhere_env = anywhere_env  # PYTHONPATH pointing at the run's snapshot of anywhere/
+        self.link = link  # two hosts (metric h), or None: everything on this host's loopback
+        self.server_addr = link.addr["server"] if link else "127.0.0.1"  # where the agent side reaches the server
+        self.target_host = link.addr["agent"] if link else "127.0.0.1"  # the targets, seen from the clients' host
         # bench/instructions.py runs the daemons under valgrind: a command in front of the venv's
         # python, and the patience that takes to start
         self.anywhere_prefix: list[str] = []
@@ -83,6 +101,10 @@ class Context:
         self.n = 0
         self._ssh_ready = False
         self._anywhere_ready = False
+
+    def cmd(self, side: str, args: list[str]) -> list[str]:
+        """`args` run on the "server" host (anywhered, sshd, the clients) or the "agent" host."""
+        return self.link.cmd(side, args) if self.link else args
 
     def tmp(self, name: str) -> FsPath:
         self.n += 1
@@ -108,7 +130,7 @@ class Context:
         d = self.ssh_setup()
         conf = tmp / "sshd_config"
         conf.write_text(f"""Port {port}
-ListenAddress 127.0.0.1
+ListenAddress {self.server_addr}
 HostKey {d}/host_ed25519
 PidFile {tmp}/sshd.pid
 AuthorizedKeysFile {d}/authorized_keys
@@ -140,7 +162,7 @@ LogLevel ERROR
     def start_sshd(self, tmp: FsPath) -> tuple[Proc, int]:
         port = self.ports.get()
         conf = self.sshd_config(port, tmp)
-        proc = self.procs.start("sshd", [SSHD, "-D", "-e", "-f", str(conf)])
+        proc = self.procs.start("sshd", self.cmd("server", [SSHD, "-D", "-e", "-f", str(conf)]))
         wait_listen(proc, port, "sshd")
         return proc, port
 
@@ -151,7 +173,8 @@ LogLevel ERROR
         try:
             args = self.ssh_client_args(port, cipher)
             args[args.index("LogLevel=ERROR")] = "LogLevel=VERBOSE"
-            res = subprocess.run([*args, "-v", "root@127.0.0.1", "true"], capture_output=True, text=True, timeout=30)
+            res = subprocess.run(self.cmd("agent", [*args, "-v", f"root@{self.server_addr}", "true"]),
+                                 capture_output=True, text=True, timeout=30)
         finally:
             self.procs.stop(sshd)
         out = res.stderr
@@ -194,7 +217,7 @@ LogLevel ERROR
         d = self.workdir / "credential"
         if not self._anywhere_ready:
             from anywhere import credentials  # the venv's package
-            credentials.init(str(d), "localhost", ["127.0.0.1", "::1"])
+            credentials.init(str(d), "localhost", sorted({"127.0.0.1", "::1", self.server_addr}))
             credentials.issue("agent-1", str(d))
             self._anywhere_ready = True
         return d
@@ -204,22 +227,31 @@ class Direct(Path):
     name = "direct"
     label = "direct"
 
-    def _start(self, target_port: int) -> int:
-        return target_port
+    @property
+    def client_host(self) -> str:
+        return self.ctx.target_host
+
+    def _start(self, target_ports: list[int]) -> list[int]:
+        return list(target_ports)
 
 
 class Socat(Path):
     name = "socat"
     label = "socat -b256K"
 
-    def _start(self, target_port: int) -> int:
-        port = self.ctx.ports.get()
-        proc = self.ctx.procs.start("socat", [
-            "socat", "-b262144", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
-            f"TCP:127.0.0.1:{target_port}"])
-        self.procs.append(proc)
-        wait_listen(proc, port, "socat")
-        return port
+    def _start(self, target_ports: list[int]) -> list[int]:
+        if self.ctx.link:
+            raise RuntimeError("socat is not a reverse tunnel: it runs on one host only")
+        ports = []
+        for target_port in target_ports:
+            port = self.ctx.ports.get()
+            proc = self.ctx.procs.start("socat", [
+                "socat", "-b262144", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+                f"TCP:127.0.0.1:{target_port}"])
+            self.procs.append(proc)
+            wait_listen(proc, port, "socat")
+            ports.append(port)
+        return ports
 
 
 class Ssh(Path):
@@ -227,18 +259,20 @@ class Ssh(Path):
     label = "ssh -R (default)"
     cipher: str | None = None
 
-    def _start(self, target_port: int) -> int:
+    def _start(self, target_ports: list[int]) -> list[int]:
         tmp = self.ctx.tmp(self.name)
         sshd, sshd_port = self.ctx.start_sshd(tmp)
-        port = self.ctx.ports.get()
-        client = self.ctx.procs.start("ssh", [*self.ctx.ssh_client_args(sshd_port, self.cipher), "-N",
-                                             "-R", f"127.0.0.1:{port}:127.0.0.1:{target_port}", "root@127.0.0.1"])
+        ports = [self.ctx.ports.get() for _ in target_ports]
+        forwards = [a for port, target in zip(ports, target_ports) for a in ("-R", f"127.0.0.1:{port}:127.0.0.1:{target}")]
+        client = self.ctx.procs.start("ssh", self.ctx.cmd("agent", [
+            *self.ctx.ssh_client_args(sshd_port, self.cipher), "-N", *forwards, f"root@{self.ctx.server_addr}"]))
         self.procs = [client, sshd]  # stop order: the client first, so sshd's session child ends
         try:
-            wait_listen(client, port, "ssh -R forward")
+            for port in ports:  # listened on by sshd's session child, on the server's host
+                wait_listen(client, port, "ssh -R forward", where=sshd)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- sshd log ---\n{sshd.log_tail()}") from None
-        return port
+        return ports
 
 
 class SshAes(Ssh):
@@ -251,28 +285,28 @@ class Anywhere(Path):
     name = "anywhere"
     label = "Anywhere (mTLS)"
 
-    def _start(self, target_port: int) -> int:
+    def _start(self, target_ports: list[int]) -> list[int]:
         creds = self.ctx.anywhere_creds()
         tmp = self.ctx.tmp("anywhere")
         agent_port = self.ctx.ports.get()
-        port = self.ctx.ports.get()
         sock = str(tmp / "anywhered.sock")
         config, _ = self.ctx.anywhere_config()
         prefix = [*self.ctx.anywhere_prefix, str(VENV_BIN / "python")] if self.ctx.anywhere_prefix else []
         patience = self.ctx.anywhere_startup
-        server = self.ctx.procs.start("anywhered", [
-            *prefix, str(VENV_BIN / "anywhered"), "start", *(["--config", config] if config else []), "-p", str(agent_port), "--bind", "127.0.0.1",
+        server_addr = self.ctx.server_addr
+        server = self.ctx.procs.start("anywhered", self.ctx.cmd("server", [
+            *prefix, str(VENV_BIN / "anywhered"), "start", *(["--config", config] if config else []), "-p", str(agent_port), "--bind", server_addr,
             "--proxy-bind", "127.0.0.1", "--ca", str(creds / "ca.crt"), "--cert", str(creds / "server.crt"),
             "--key", str(creds / "server.key"), "--wl", "127.0.0.1", "--admin-socket", sock,
-            "--state-dir", str(tmp / "state"), "--log-level", "warning", "--drain-timeout", "2"],
+            "--state-dir", str(tmp / "state"), "--log-level", "warning", "--drain-timeout", "2"]),
             cwd=str(tmp), env=self.ctx.anywhere_env)
         self.procs = [server]
         wait_listen(server, agent_port, "anywhered", timeout=patience)
         wait_until(lambda: os.path.exists(sock), patience, "the admin socket", alive=server.alive)
-        agent = self.ctx.procs.start("anywhere-agent", [
-            *prefix, str(VENV_BIN / "anywhere"), "-i", "agent-1", "-s", "127.0.0.1", "-p", str(agent_port),
+        agent = self.ctx.procs.start("anywhere-agent", self.ctx.cmd("agent", [
+            *prefix, str(VENV_BIN / "anywhere"), "-i", "agent-1", "-s", server_addr, "-p", str(agent_port),
             "--ca", str(creds / "ca.crt"), "--cert", str(creds / "agent-1.crt"), "--key", str(creds / "agent-1.key"),
-            "--log-level", "warning"], cwd=str(tmp), env=self.ctx.anywhere_env)
+            "--log-level", "warning"]), cwd=str(tmp), env=self.ctx.anywhere_env)
         self.procs = [agent, server]  # stop order: the agent first
 
         from anywhere.ctl import Client, CtlError
@@ -287,13 +321,15 @@ class Anywhere(Path):
             wait_until(agent_online, patience, "the agent to connect", interval=0.05, alive=agent.alive)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- agent log ---\n{agent.log_tail()}\n--- server log ---\n{server.log_tail()}") from None
-        res = subprocess.run([str(VENV_BIN / "anywhered"), "proxy", "add", "--admin-socket", sock, "--agent-id", "agent-1",
-                              "--local-ip", "127.0.0.1", "--local-port", str(target_port), "--remote-port", str(port)],
-                             capture_output=True, text=True, timeout=30, cwd=str(tmp), env=self.ctx.anywhere_env)
-        if res.returncode != 0:
-            raise RuntimeError(f"anywhered proxy add failed: {res.stderr}{res.stdout}")
-        wait_listen(server, port, "the Anywhere proxy port", timeout=patience)
-        return port
+        ports = [self.ctx.ports.get() for _ in target_ports]
+        for port, target_port in zip(ports, target_ports):  # one proxy per target, all on agent-1
+            res = subprocess.run([str(VENV_BIN / "anywhered"), "proxy", "add", "--admin-socket", sock, "--agent-id", "agent-1",
+                                  "--local-ip", "127.0.0.1", "--local-port", str(target_port), "--remote-port", str(port)],
+                                 capture_output=True, text=True, timeout=30, cwd=str(tmp), env=self.ctx.anywhere_env)
+            if res.returncode != 0:
+                raise RuntimeError(f"anywhered proxy add failed: {res.stderr}{res.stdout}")
+            wait_listen(server, port, "the Anywhere proxy port", timeout=patience)
+        return ports
 
 
 PATHS = {cls.name: cls for cls in (Direct, Socat, Ssh, SshAes, Anywhere)}

@@ -122,10 +122,12 @@ def pss_kib(pids: list[int]) -> int:
     return total
 
 
-def listening(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something listens on host:port (read from /proc/net/tcp{,6}; no connection made)."""
+def listening(port: int, pid: int | None = None) -> bool:
+    """Whether something listens on `port` (any address), read from /proc/net/tcp{,6}, no connection
+    made; with `pid`, in that process's network namespace (/proc/PID/net/...)."""
     want = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = f"/proc/{pid}/net" if pid else "/proc/net"
+    for table in (f"{base}/tcp", f"{base}/tcp6"):
         try:
             with open(table) as f:
                 next(f)

@@ -1,4 +1,5 @@
-"""The target services (what every path forwards to), on 127.0.0.1 only.
+"""The target services (what every path forwards to), on 127.0.0.1 only (metric h: on every address
+of the agent host's network namespace, started through a `prefix` such as `ip netns exec NS`).
 
 - iperf3: a fresh one-off server (`iperf3 -s -1`) for every iperf3 measurement (a, b, g), so a
   failed test can never leave a busy server behind.
@@ -48,9 +49,12 @@ class Ports:
         raise RuntimeError("no free port")
 
 
-def wait_listen(proc: Proc, port: int, what: str, timeout: float = 15.0) -> None:
+def wait_listen(proc: Proc, port: int, what: str, timeout: float = 15.0, where: Proc | None = None) -> None:
+    """Wait until `port` listens in the network namespace of `where` (default: `proc`, which must
+    stay alive meanwhile)."""
+    pid = (where or proc).pid
     try:
-        wait_until(lambda: listening(port), timeout, f"{what} to listen on port {port}", alive=proc.alive)
+        wait_until(lambda: listening(port, pid), timeout, f"{what} to listen on port {port}", alive=proc.alive)
     except RuntimeError as exc:
         raise RuntimeError(f"{exc}\n--- {proc.name} log ---\n{proc.log_tail()}") from None
 
@@ -107,20 +111,26 @@ http {{
 
 
 class Echo:
-    def __init__(self, procs: Procs, ports: Ports) -> None:
+    def __init__(self, procs: Procs, ports: Ports, bind: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
         self.procs = procs
         self.port = ports.get()
+        self.bind = bind
+        self.prefix = prefix or []
         self.proc: Proc | None = None
 
     def start(self) -> int:
-        self.proc = self.procs.start("echo", [sys.executable, str(HERE / "echo_server.py"), str(self.port)])
+        self.proc = self.procs.start("echo", [*self.prefix, sys.executable, str(HERE / "echo_server.py"), str(self.port),
+                                              self.bind])
         wait_listen(self.proc, self.port, "echo server")
         return self.port
 
 
-def iperf3_server(procs: Procs, ports: Ports) -> tuple[Proc, int]:
+def iperf3_server(procs: Procs, ports: Ports, bind: str | None = "127.0.0.1",
+                  prefix: list[str] | None = None) -> tuple[Proc, int]:
+    """A one-off iperf3 server on `bind` (None: every address)."""
     port = ports.get()
-    proc = procs.start("iperf3-server", ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)])
+    proc = procs.start("iperf3-server", [*(prefix or []), "iperf3", "-s", "-1", *(["-B", bind] if bind else []),
+                                         "-p", str(port)])
     wait_listen(proc, port, "iperf3 server")
     return proc, port
 
