@@ -68,7 +68,10 @@ queues can hold those bytes, and each is kept short, so that a frame never waits
 than a few milliseconds of sending:
   * the kernel's: TCP_NOTSENT_LOWAT limits what the trunk's socket holds unsent to `LOWAT_TIME`
     of sending at the trunk's measured rate (4 KiB at least; with it the kernel stops taking
-    more instead of queueing megabytes, and the choice of what goes next stays here);
+    more instead of queueing megabytes, and the choice of what goes next stays here).  The
+    kernel still takes a whole write past the mark (tens of KB measured), so a slow trunk also
+    asks it (SIOCOUTQNSD, one ioctl per write at a few hundred writes a second) and writes only
+    while less than LOWAT is unsent;
   * the frame being written (`pending`: TLS must finish a frame it was handed before any other
     may go): DATA frames are at most `frame_max`, `FRAME_TIME` of sending at the measured rate
     (8 KiB at least, `MAX_PAYLOAD` on a fast path, where frames that large save CPU);
@@ -90,9 +93,10 @@ of before (checked with alternating `make bench --quick` runs; every knob of the
 for a fast path cost 10-30% on 1 MiB c100 there).  The server spreads new streams over the
 trunks, least busy first, except once the oldest live trunk is slow: then that one trunk takes
 every new stream and the others stand by (several trunks on one bottleneck compete for its queue
-and each drains at a fraction of its rate).  Measured on a 40 Mbit/s tbf link between two network namespaces, 4 iperf3 streams opened first, a 64-byte echo 20 times a second:
-interactive p50/p99 of 29/47 ms down and 27/44 up (direct 20/25 and 20/23; before this scheduler
-32/48); with `pool_size = 1` (one trunk) 16/25 both ways; bulk 38 Mbit/s in every case, as direct.
+and each drains at a fraction of its rate).  Bench metric h (`bench/run.py --metrics h`: a
+40 Mbit/s tbf link between two network namespaces, iperf3 -P 1/4/16 both ways, a 64-byte echo 20
+times a second): interactive p99 of 8-25 ms where direct has 7-23 and the goal allows 20-45, bulk
+0.99-1.00x direct; before this scheduler 4.6-8 s with 4 or 16 streams.
 
 Ownership
 ---------
@@ -126,6 +130,8 @@ trunk, gives the trunk a round-trip time of its own (`rtt`), and needs no socket
 from __future__ import annotations
 
 import collections
+import fcntl
+import sys
 import errno
 import logging
 import socket
@@ -179,6 +185,19 @@ _held = 0  # bytes in the outbufs of every stream
 _committed = 0  # the sum of Stream.committed: what may come to be held, beyond first windows
 
 
+_SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP socket's send queue not yet sent
+_int_buf = bytearray(4)
+
+
+def _unsent(fd: int) -> int:
+    """What the kernel holds unsent for this TCP socket (0 where it cannot say)."""
+    try:
+        fcntl.ioctl(fd, _SIOCOUTQNSD, _int_buf)
+    except OSError:
+        return 0
+    return int.from_bytes(_int_buf, sys.byteorder)
+
+
 def set_buffer_budget(size: int) -> None:
     """Set the process's buffer budget (bytes); applies to the credit returned from now on."""
     global _budget
@@ -219,6 +238,7 @@ class Trunk:
         self._meter_bytes = 0
         self._meter_start = loop.now
         self._lowat = 0
+        self._fd = sock.fileno()
         self.blocked: dict[Stream, None] = {}  # streams waiting for the queue to drain, oldest first
         self.window_budget = WINDOW_BUDGET
         self.closed = False
@@ -372,6 +392,9 @@ class Trunk:
                         self._backlog(False)  # everything went
                     break
                 head = self.pending = self._next()
+            if self.slow and _unsent(self._fd) > self._lowat:
+                self._backlog(True)  # the kernel takes whole buffers past LOWAT: ask it first
+                break
             try:
                 sent = self._send(head)
             except _WOULD_BLOCK:
@@ -434,8 +457,10 @@ class Trunk:
             if not backlogged or rate >= SLOW_RATE:
                 return
             self.slow, self.fast = True, False
+            log.debug("trunk %s: a slow link (%.1f MB/s while backlogged): short frames and queues", self.name, rate / 1e6)
         elif rate >= 2 * SLOW_RATE:
             self.slow = False
+            log.debug("trunk %s: a fast path again (%.1f MB/s)", self.name, rate / 1e6)
             self.frame_max, self._slow_limits = _MAX_PAYLOAD, (HIGH, LOW)
             if self.backlogged:
                 self.high, self.low = HIGH, LOW
