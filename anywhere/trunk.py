@@ -772,8 +772,9 @@ class Stream:
                 self._check_done()
                 break
             _pack_header_into(_scratch, 0, _DATA_WORD | n, self.sid)
+            if light:
+                self.allowance = light - n if n < light else 0.0  # spent, whichever lane it takes
             if light and n <= light and self.bulk_mark <= trunk.bulk_taken:  # never ahead of its own DATA
-                self.allowance = light - n
                 trunk.control(_view[:_HDR + n])
             else:
                 trunk.write(_view[:_HDR + n])

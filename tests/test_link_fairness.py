@@ -10,8 +10,10 @@ runs.
 What must hold, whatever the scheduling: every echo comes back, whole and in order; every bulk
 stream delivers all its bytes, none lost, duplicated, reordered or changed; and none is starved:
 by the time a direction's streams have moved three quarters of their bytes together, each of them
-has moved at least a tenth of its own (a fair share is three quarters; a scheduler that serves
-streams one after another has not started the last ones).  How long the echoes take is the
+has moved at least a quarter of its own (a fair share is three quarters; a scheduler that serves
+streams one after another has not started the last ones; a busy stream that read on a light
+allowance it never spent, while its earlier DATA waited in the bulk lane, left others at 0.00-0.27
+of theirs in 5 of 7 runs).  How long the echoes take is the
 benchmark's business (`bench/run.py --metrics h`), not asserted here; the figures are printed.
 """
 
@@ -36,7 +38,7 @@ BULK_PORT = 7001  # the bulk target, on the agent host's loopback
 ECHO_PROXY, BULK_PROXY = 8080, 8081
 STREAMS = 16  # half down, half up
 SIZE = 6 * 1024 * 1024  # bytes per bulk stream: 48 MiB each way, about 11 s at 40 Mbit/s
-MIN_SHARE = 0.1  # of its bytes, by the time its direction has moved 3/4 of its bytes
+MIN_SHARE = 0.25  # of its bytes, by the time its direction has moved 3/4 of its bytes
 RUN_LIMIT = 25.0  # seconds for all the bulk to arrive
 DRAIN = 10.0  # seconds, after the bulk, for the last echoes
 
