@@ -26,64 +26,19 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from dataclasses import fields, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator
 
 from . import wire
+from .errors import ConfigError
 from .common import valid_agent_id
 from .net import HOSTNAME_RE, is_ip
 
-if TYPE_CHECKING:
-    from .server import ServerConfig
-
-DEFAULT_SERVER_CONFIG = "/etc/anywhere/anywhered.conf"
 AGENTS_DIR = "/etc/anywhere/agents"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SECONDS = 86400  # a timeout of more than a day is a typo
-
-SERVER_SPEC = f"""
-[server]
-port = port(default=1111)
-bind = addresses(default=list())
-proxy_bind = addresses(default=list())
-server_id = name(default=anywhered)
-ca = path(default=None)
-cert = path(default=None)
-key = path(default=None)
-whitelist = networks(default=list())
-admin_socket = path(default=/run/anywhere/anywhered.sock)
-state_dir = path(default=/var/lib/anywhere)
-stats_save_interval = seconds(default=30)
-data_timeout = seconds(default=10)
-handshake_timeout = seconds(default=10)
-heartbeat = seconds(at_most={wire.MAX_HEARTBEAT}, default=5)
-drain_timeout = seconds(default=10)
-pool_size = count(0, {wire.MAX_POOL}, default=2)
-pool_max = count(0, 65536, default=256)
-pool_idle_timeout = seconds(default=60)
-max_connections = count(1, 1000000, default=10000)
-max_connections_per_proxy = count(1, 1000000, default=2000)
-rate_limit = count(0, 1000000, default=60000)
-rate_burst = count(1, 1000000, default=2000)
-max_agents = count(1, 100000, default=1000)
-max_pending_per_agent = count(1, 100000, default=512)
-max_unauthenticated = count(1, 100000, default=1000)
-max_unauthenticated_per_source = count(1, 100000, default=500)
-buffer_budget = size(1M, 1T, default=256M)
-idle_timeout = seconds_or_off(default=0)
-admin_timeout = seconds(default=10)
-admin_max_request = count(1024, 16777216, default=65536)
-deny = denylist(default=list())
-admin_group = name(default=anywhere)
-audit_log = audit(default="")
-api_listen = endpoints(default=list())
-api_token_file = path(default=None)
-metrics_public = boolean(default=False)
-log_level = loglevel(default=info)
-""".strip().splitlines()
 
 AGENT_SPEC = """
 [agent]
@@ -100,14 +55,6 @@ allow = allowlist(default=list())
 buffer_budget = size(1M, 1T, default=256M)
 log_level = loglevel(default=info)
 """.strip().splitlines()
-
-
-class ConfigError(Exception):
-    """One or more problems in a config file; str() has one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class _Bad(ValidateError):
@@ -338,7 +285,7 @@ def describe(spec: list[str], key: str) -> str:
     name, args, kwargs = _parse_check(_spec_check(spec, key))
     default = kwargs.pop("default", None)
     words = [RANGES[name](*args, **kwargs)] if name in RANGES else []
-    if default not in (None, "None"):
+    if default not in (None, "None", "") and not default.startswith("list("):
         words.append(f"default {default}")
     return "; ".join(words)
 
@@ -416,27 +363,6 @@ def _parse_message(error: Exception) -> str:
 
 
 # -- building the role configs ---------------------------------------------------------------------------
-def server_config(path: str, overrides: dict[str, Any], required: bool = False) -> tuple[ServerConfig, dict[str, Any]]:
-    """The server's settings: file (if any) over defaults, then `overrides` (flags given) on top.
-
-    Returns the config and the extra settings that are not part of ServerConfig (log_level, drain_timeout).
-    """
-    from .server import ServerConfig  # the agent reads its own files without the server's modules
-    values = read(path, SERVER_SPEC, required=required)["server"]
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(ServerConfig)}
-    config = replace(ServerConfig(), **{k: v for k, v in values.items() if k in known})
-    if config.pool_max < config.pool_size:
-        if overrides.get("pool_size") is not None:  # --pool-size set it: name the flag, not a key the file may lack
-            raise ConfigError([f"--pool-size {config.pool_size}: must be at most pool_max ({config.pool_max}; "
-                               f"raise pool_max in [server] of {path})"])
-        raise ConfigError([f"{path} [server] pool_max = {config.pool_max}: must be at least pool_size ({config.pool_size})"])
-    config.bind = list(config.bind) or [""]
-    config.proxy_bind = list(config.proxy_bind) or [""]
-    extra = {k: v for k, v in values.items() if k not in known}
-    return config, extra
-
-
 def agent_config(path: str, name: str | None, overrides: dict[str, Any], required: bool = True) -> tuple[dict[str, Any], str]:
     """The agent's settings as a dict (AgentConfig's fields + log_level): file, then overrides."""
     values = read(path, AGENT_SPEC, required=required)["agent"]
@@ -463,4 +389,4 @@ def render(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "read", "server_config", "agent_config", "render", "describe", "flag_type"]
+__all__ = ["ConfigError", "read", "agent_config", "render", "describe", "flag_type"]

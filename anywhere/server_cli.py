@@ -18,14 +18,15 @@ import sys
 from typing import Any, Callable
 
 from . import config as configuration
-from . import ctl, state, tls
-from .admin import ApiError
-from .common import DEFAULT_ADMIN_SOCKET, default_credential, port_arg, setup_logging, version_line
+from . import ctl
+from .common import default_credential, port_arg, setup_logging, version_line
+from .errors import ConfigError, StateError
+from .tls import CredentialError  # MERGE: errors.CredentialError
 from .loop import Loop
 from .notify import Notifier
-from .service import run_loop, with_pidfile
 from .server import Server, ServerConfig
-from .wire import MAX_TRUNKS
+from .server.settings import DEFAULT_SERVER_CONFIG, flag_help, flag_type, server_config
+from .service import run_loop, with_pidfile
 
 log = logging.getLogger("anywhere.server")
 
@@ -36,49 +37,30 @@ def _hosts(text: str | None) -> list[str] | None:
     return [h.strip() for h in text.split(",")] if text.strip() else [""]
 
 
-def _checked(key: str) -> Callable[[str], Any]:
-    """The argparse type of the flag that overrides `key`: that key's own check and bounds (config.py)."""
-    return configuration.flag_type(configuration.SERVER_SPEC, key)
-
-
-def _range(key: str) -> str:
-    return configuration.describe(configuration.SERVER_SPEC, key)
-
-
 def _server_options(p: argparse.ArgumentParser) -> None:
-    # every default is None: only flags actually given override the configuration file
+    """The flags of `start` and `check-config`: each overrides the key of the same name (its check,
+    range, default and help from server/settings.py); every default is None, so that only flags
+    actually given override the configuration file."""
     p.add_argument("--config", default=None, metavar="PATH",
-                   help=f"configuration file (default {configuration.DEFAULT_SERVER_CONFIG}, used if it exists)")
-    p.add_argument("-p", "--port", type=_checked("port"), help=f"agent port ({_range('port')})")
-    p.add_argument("-s", "--server-id", type=_checked("server_id"),
-                   help=f"this server's id, told to agents ({_range('server_id')})")
-    p.add_argument("--ca", help="CA certificate (default credential/ca.crt)")
-    p.add_argument("--cert", help="server certificate (default credential/server.crt)")
-    p.add_argument("--key", help="server private key (default credential/server.key)")
-    p.add_argument("--wl", help="global whitelist: comma-separated IPs/CIDRs, v4 or v6 (none: open)")
+                   help=f"configuration file (default {DEFAULT_SERVER_CONFIG}, used if it exists)")
+    p.add_argument("-p", "--port", type=flag_type("port"), help=flag_help("port"))
+    p.add_argument("-s", "--server-id", type=flag_type("server_id"), help=flag_help("server_id"))
+    for name in ("ca", "cert", "key"):
+        p.add_argument(f"--{name}", help=flag_help(name))
+    p.add_argument("--wl", help=flag_help("whitelist"))
     p.add_argument("-a", "--api-port", type=port_arg, help="REST API port on every address (the original's 1112; "
                    "off by default; needs --api-token-file)")
-    p.add_argument("--api-token-file", help="file (mode 0600) holding the REST API's bearer token")
-    p.add_argument("--audit-log", help="audit log: journal, or an absolute file path (default: off)")
+    p.add_argument("--api-token-file", help=flag_help("api_token_file"))
+    p.add_argument("--audit-log", help=flag_help("audit_log"))
     p.add_argument("-g", "--grpc-port", type=port_arg, help="gRPC port (accepted; not used yet)")
-    p.add_argument("--bind", help="addresses for the agent port, comma-separated (default: all, v4+v6)")
-    p.add_argument("--proxy-bind", help="addresses for proxy ports, comma-separated (default: all, v4+v6)")
-    p.add_argument("--admin-socket", help=f"admin API socket (default {DEFAULT_ADMIN_SOCKET})")
-    p.add_argument("--state-dir", help="where proxies are stored (default /var/lib/anywhere)")
-    p.add_argument("--data-timeout", type=_checked("data_timeout"), metavar="SECONDS",
-                   help=f"seconds to wait for the agent's data connection ({_range('data_timeout')})")
-    p.add_argument("--heartbeat", type=_checked("heartbeat"), metavar="SECONDS",
-                   help=f"heartbeat interval in seconds ({_range('heartbeat')})")
-    p.add_argument("--handshake-timeout", type=_checked("handshake_timeout"), metavar="SECONDS",
-                   help=f"TLS handshake and hello timeout in seconds ({_range('handshake_timeout')})")
-    p.add_argument("--drain-timeout", type=_checked("drain_timeout"), metavar="SECONDS",
-                   help=f"seconds live connections may finish on SIGTERM ({_range('drain_timeout')})")
-    p.add_argument("--pool-size", type=_checked("pool_size"), metavar="N",
-                   help=f"trunks (multiplexed data connections) each agent is asked to keep ({_range('pool_size')}; "
-                        f"an agent keeps at most {MAX_TRUNKS}; 0: a data connection of its own per client)")
-    p.add_argument("--buffer-budget", type=_checked("buffer_budget"), metavar="SIZE",
-                   help="memory for data that clients are slow to read, over all connections "
-                        f"({_range('buffer_budget')}); beyond it the agent is asked to wait (nothing is lost)")
+    p.add_argument("--bind", help=flag_help("bind"))
+    p.add_argument("--proxy-bind", help=flag_help("proxy_bind"))
+    p.add_argument("--admin-socket", help=flag_help("admin_socket"))
+    p.add_argument("--state-dir", help=flag_help("state_dir"))
+    for name in ("data_timeout", "heartbeat", "handshake_timeout", "drain_timeout"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=flag_type(name), metavar="SECONDS", help=flag_help(name))
+    p.add_argument("--pool-size", type=flag_type("pool_size"), metavar="N", help=flag_help("pool_size"))
+    p.add_argument("--buffer-budget", type=flag_type("buffer_budget"), metavar="SIZE", help=flag_help("buffer_budget"))
     p.add_argument("--log-level", choices=configuration.LOG_LEVELS, help="default info")
     p.add_argument("--log-file", help="append logs to this file instead of stderr")
 
@@ -99,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
-    """The effective settings: defaults < configuration file < flags.  Raises configuration.ConfigError."""
-    path = args.config or configuration.DEFAULT_SERVER_CONFIG
+def load(args: argparse.Namespace) -> ServerConfig:
+    """The effective settings: defaults < configuration file < flags.  Raises ConfigError."""
+    path = args.config or DEFAULT_SERVER_CONFIG
     overrides = {
         "port": args.port, "server_id": args.server_id, "ca": args.ca, "cert": args.cert, "key": args.key,
         "whitelist": None if args.wl is None else [e.strip() for e in args.wl.split(",") if e.strip()],
@@ -116,28 +98,27 @@ def load(args: argparse.Namespace) -> tuple[ServerConfig, dict[str, Any]]:
         try:
             configuration.check_networks(overrides["whitelist"])
         except configuration.ValidateError as exc:
-            raise configuration.ConfigError([f"--wl {args.wl}: {exc}"]) from None
-    config, extra = configuration.server_config(path, overrides, required=args.config is not None)
+            raise ConfigError([f"--wl {args.wl}: {exc}"]) from None
+    config = server_config(path, overrides, required=args.config is not None)
     for name in ("ca", "cert", "key"):
         if getattr(config, name) is None:
             setattr(config, name, default_credential({"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}[name]))
     for name in ("ca", "cert", "key", "admin_socket", "state_dir", "api_token_file"):
         if getattr(config, name) is not None:
             setattr(config, name, os.path.abspath(getattr(config, name)))
-    return config, extra
+    return config
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        config, extra = load(args)
-    except configuration.ConfigError as exc:
+        config = load(args)
+    except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
     settings: dict[str, Any] = dict(vars(config))
     for name in ("bind", "proxy_bind"):
         settings[name] = ["*" if h == "" else h for h in settings[name]]
-    settings.update(extra)
-    path = args.config or configuration.DEFAULT_SERVER_CONFIG
+    path = args.config or DEFAULT_SERVER_CONFIG
     source = path if os.path.exists(path) else f"{path} (absent: built-in defaults)"
     print(f"# {source}: OK; effective settings, flags applied:")
     print("[server]")
@@ -147,9 +128,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     try:
-        config, extra = load(args)
-        setup_logging(extra["log_level"], args.log_file)
-    except (configuration.ConfigError, OSError) as exc:
+        config = load(args)
+        setup_logging(config.log_level, args.log_file)
+    except (ConfigError, OSError) as exc:
         print(f"anywhered: {exc}" if isinstance(exc, OSError) else str(exc), file=sys.stderr)
         return 2
     if args.grpc_port is not None:
@@ -161,18 +142,18 @@ def cmd_start(args: argparse.Namespace) -> int:
         server = Server(loop, config)
         try:
             server.start()
-        except (OSError, tls.CredentialError, state.StateError, ValueError) as exc:
+        except (OSError, CredentialError, StateError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             loop.close()
             return 1
-        return lambda: _serve(loop, server, args, extra)
+        return lambda: _serve(loop, server, args)
 
     return with_pidfile(args, "anywhered", prepare)
 
 
-def _serve(loop: Loop, server: Server, args: argparse.Namespace, extra: dict[str, Any]) -> int:
+def _serve(loop: Loop, server: Server, args: argparse.Namespace) -> int:
     notifier = Notifier()
-    drain_timeout = float(extra["drain_timeout"])
+    drain_timeout = server.config.drain_timeout
     deadline: float | None = None
 
     def reload() -> dict:
@@ -180,17 +161,17 @@ def _serve(loop: Loop, server: Server, args: argparse.Namespace, extra: dict[str
         notifier.reloading()
         try:
             try:
-                new, new_extra = load(args)
+                new = load(args)
                 outcome = server.reload(new)
-            except configuration.ConfigError as exc:
+            except ConfigError as exc:
                 log.error("reload refused, the running configuration stays in force:\n%s", exc)
-                raise ApiError(422, f"configuration refused, nothing changed:\n{exc}") from None
-            except (tls.CredentialError, ValueError) as exc:
+                raise ConfigError([f"configuration refused, nothing changed:\n{exc}"]) from None
+            except (CredentialError, ValueError) as exc:
                 log.error("reload refused, the running configuration stays in force: %s", exc)
-                raise ApiError(422, f"configuration refused, nothing changed: {exc}") from None
-            logging.getLogger().setLevel(new_extra["log_level"].upper())
-            drain_timeout = float(new_extra["drain_timeout"])
-            outcome["config"] = args.config or configuration.DEFAULT_SERVER_CONFIG
+                raise ConfigError([f"configuration refused, nothing changed: {exc}"]) from None
+            logging.getLogger().setLevel(new.log_level.upper())
+            drain_timeout = new.drain_timeout
+            outcome["config"] = args.config or DEFAULT_SERVER_CONFIG
             return outcome
         finally:
             notifier.ready(server.status_line())
@@ -198,7 +179,7 @@ def _serve(loop: Loop, server: Server, args: argparse.Namespace, extra: dict[str
     def on_hup(_signum: int) -> None:
         try:
             reload()
-        except ApiError:
+        except ConfigError:
             pass  # logged by reload()
 
     def on_stop(signum: int) -> None:

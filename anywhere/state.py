@@ -41,23 +41,16 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from .errors import StateError  # state.StateError, as before
+
 STATE_FILE = "proxies.json"
 FORMAT = 1
 
 log = logging.getLogger("anywhere.state")
 
 
-class StateError(Exception):
-    pass
-
-
 def path(state_dir: str) -> str:
     return os.path.join(state_dir, STATE_FILE)
-
-
-def load(state_dir: str) -> list[Any]:
-    """The stored proxy entries ([] if there is no state yet).  Raises StateError naming the file."""
-    return load_all(state_dir)[0]
 
 
 def load_all(state_dir: str) -> tuple[list[Any], dict]:

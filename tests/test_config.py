@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from anywhere import config
+from anywhere.server import settings
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 
@@ -70,7 +71,7 @@ AGENT_BAD = [
 
 
 def test_every_server_key_is_covered():
-    keys = {line.split("=")[0].strip() for line in config.SERVER_SPEC if "=" in line}
+    keys = {line.split("=")[0].strip() for line in settings.SERVER_SPEC if "=" in line}
     assert keys == {k for k, _, _ in SERVER_BAD}
 
 
@@ -84,7 +85,7 @@ def test_server_bad_value_message(tmp_path, key, value, expected):
     path = tmp_path / "anywhered.conf"
     path.write_text(f"[server]\n{key} = {value}\n")
     with pytest.raises(config.ConfigError) as err:
-        config.server_config(str(path), {})
+        settings.server_config(str(path), {})
     shown = value.strip('"')
     assert str(err.value).startswith(f"{path} [server] {key} = {shown}: ")
     assert expected in str(err.value)
@@ -105,7 +106,7 @@ def test_documented_example_message(tmp_path):
     path = tmp_path / "anywhered.conf"
     path.write_text("[server]\nport = 70000\n")
     with pytest.raises(config.ConfigError) as err:
-        config.server_config(str(path), {})
+        settings.server_config(str(path), {})
     assert str(err.value) == f"{path} [server] port = 70000: must be 1..65535"
 
 
@@ -113,7 +114,7 @@ def test_all_problems_reported_at_once_with_unknown_keys_and_sections(tmp_path):
     path = tmp_path / "anywhered.conf"
     path.write_text("[server]\nport = 70000\ncolour = blue\nheartbeat = 0\n[extra]\na = 1\n")
     with pytest.raises(config.ConfigError) as err:
-        config.server_config(str(path), {})
+        settings.server_config(str(path), {})
     problems = err.value.problems
     assert f"{path} [server] port = 70000: must be 1..65535" in problems
     assert f"{path} [server] colour: unknown key" in problems
@@ -131,12 +132,12 @@ def test_sizes(text, size):
 
 
 def test_buffer_budget_default_range_and_flag(tmp_path):
-    cfg, _ = config.server_config(str(tmp_path / "absent.conf"), {})
+    cfg = settings.server_config(str(tmp_path / "absent.conf"), {})
     assert cfg.buffer_budget == 256 * 2**20
     path = tmp_path / "anywhered.conf"
     path.write_text("[server]\nbuffer_budget = 512K\n")
     with pytest.raises(config.ConfigError) as err:
-        config.server_config(str(path), {})
+        settings.server_config(str(path), {})
     assert "buffer_budget = 512K: must be a size in bytes" in str(err.value) and "1M..1T" in str(err.value)
     path.write_text("[server]\nbuffer_budget = 1G\n")
     res = _run("anywhere.server_cli", "check-config", "--config", str(path), "--buffer-budget", "8M")
@@ -150,16 +151,17 @@ def test_syntax_error_names_file_and_line(tmp_path):
     path = tmp_path / "anywhered.conf"
     path.write_text("[server]\nport 1111\n")
     with pytest.raises(config.ConfigError) as err:
-        config.server_config(str(path), {})
+        settings.server_config(str(path), {})
     assert f"{path} line 2:" in str(err.value)
 
 
 def test_defaults_without_file_and_flags_override_file(tmp_path):
-    cfg, extra = config.server_config(str(tmp_path / "absent.conf"), {})
+    cfg = settings.server_config(str(tmp_path / "absent.conf"), {})
+    extra = vars(cfg)  # drain_timeout and log_level are ServerConfig's too
     assert (cfg.port, cfg.heartbeat, cfg.whitelist, extra["drain_timeout"], extra["log_level"]) == (1111, 5.0, [], 10.0, "info")
     path = tmp_path / "anywhered.conf"
     path.write_text("[server]\nport = 2222\nwhitelist = 10.0.0.0/8, 2001:db8::/32\nheartbeat = 2\n")
-    cfg, _ = config.server_config(str(path), {"port": 3333, "heartbeat": None})
+    cfg = settings.server_config(str(path), {"port": 3333, "heartbeat": None})
     assert cfg.port == 3333  # the flag wins
     assert cfg.heartbeat == 2.0  # a flag not given leaves the file's value
     assert cfg.whitelist == ["10.0.0.0/8", "2001:db8::/32"]
@@ -167,7 +169,7 @@ def test_defaults_without_file_and_flags_override_file(tmp_path):
 
 def test_explicit_missing_file_is_an_error(tmp_path):
     with pytest.raises(config.ConfigError) as err:
-        config.server_config(str(tmp_path / "nope.conf"), {}, required=True)
+        settings.server_config(str(tmp_path / "nope.conf"), {}, required=True)
     assert "nope.conf: no such file" in str(err.value)
 
 
@@ -215,7 +217,7 @@ def test_agent_check_config_defaults_id_to_file_name(tmp_path, creds):
 
 
 def test_example_configs_are_valid():
-    cfg, _ = config.server_config(str(ETC / "anywhered.conf"), {}, required=True)
+    cfg = settings.server_config(str(ETC / "anywhered.conf"), {}, required=True)
     assert cfg.port == 1111
     values, _ = config.agent_config(str(ETC / "agents" / "agent.conf.example"), "agent-1", {})
     assert values["server"] == "tunnel.example.com" and values["agent_id"] == "agent-1"
@@ -230,7 +232,7 @@ def test_what_the_config_accepts_a_welcome_can_carry(tmp_path):
                        ("heartbeat", "86400"), ("pool_size", "0"), ("pool_size", "1024"), ("pool_size", "1025")):
         path.write_text(f"[server]\n{key} = {value}\npool_max = 2048\n")
         try:
-            cfg, _ = config.server_config(str(path), {})
+            cfg = settings.server_config(str(path), {})
         except config.ConfigError as exc:
             assert str(exc).startswith(f"{path} [server] {key} = {value}: must be "), exc
             continue

@@ -17,30 +17,58 @@
 | POST   /v1/reload                         | re-read the configuration                              |
 
 Every request that changes something is written to the audit log with who asked and the outcome.
+The routes are a face over `Operations` (views.View): this module maps HTTP to it and its errors
+back to HTTP (`errors.Invalid` 400, `NotFound` 404, `Conflict` 409, `NotSaved` 500, a refused
+reload's `ConfigError` 422), and must not import the daemon or reach into its parts.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
-from .admin import ApiError, RawBody, Request
-from .common import __version__, printable
-from .trunk import buffer_usage
-
-if TYPE_CHECKING:
-    from .server import Server
+from ..admin import ApiError, RawBody, Request
+from ..common import printable
+from ..errors import ConfigError, Conflict, Invalid, NotFound, NotSaved, OperationError
 
 log = logging.getLogger("anywhere.server")
 
 
+STATUS = {Invalid: 400, NotFound: 404, Conflict: 409, NotSaved: 500}
+
+
+class Operations(Protocol):
+    """What the routes read and do (views.View)."""
+
+    audit: Any
+    reload_hook: Callable[[], dict] | None
+
+    def status(self) -> dict: ...
+    def agents(self) -> list[dict]: ...
+    def proxies(self) -> list[dict]: ...
+    def connections(self) -> list[dict]: ...
+    def add_proxy(self, body: Any) -> Any: ...
+    def delete_proxy(self, key: str) -> tuple[Any, int]: ...
+    def set_proxy_enabled(self, key: str, enabled: bool) -> Any: ...
+    def disconnect_agent(self, agent_id: str) -> int: ...
+    def find_proxy(self, key: str) -> Any: ...
+    def connection_ids(self, proxy: Any = None) -> list[int]: ...
+    def kill(self, conn_ids: list[int]) -> None: ...
+
+
 class Api:
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: Operations, exposition: Callable[[], tuple[str, bytes]]) -> None:
         self.server = server
+        self.exposition = exposition
 
     def handle(self, request: Request) -> tuple[int, Any]:
         try:
-            status, body = self._route(request)
+            try:
+                status, body = self._route(request)
+            except OperationError as exc:
+                raise ApiError(STATUS.get(type(exc), 400), exc.message) from None
+            except ConfigError as exc:
+                raise ApiError(422, str(exc)) from None
         except ApiError as exc:
             if request.method != "GET":
                 self._audit(request, exc.status, exc.message)
@@ -64,7 +92,7 @@ class Api:
         if path == "/metrics":
             if method != "GET":
                 raise ApiError(405, f"method {printable(method, 16)} not allowed on {printable(path)}")
-            content_type, data = self.server.metrics.exposition()
+            content_type, data = self.exposition()
             return 200, RawBody(content_type, data)
         parts = path.strip("/").split("/")
         if parts[:1] != ["v1"] or len(parts) < 2:
@@ -94,33 +122,16 @@ class Api:
 
     # -- reading ---------------------------------------------------------------------------------------
     def status(self) -> tuple[int, Any]:
-        s = self.server
-        totals = s.totals()
-        usage = buffer_usage()
-        return 200, {"server_id": s.config.server_id, "version": __version__,
-                     "uptime": round(s.loop.time() - s.started, 3), "started": s.started_wall,
-                     "agents": len(s.sessions), "proxies": len(s.proxies),
-                     "proxies_failed": sorted(p.name for p in s.proxies.values() if p.failed),
-                     "connections": len(s.tunnels),
-                     "pending": len(s.pending), "bytes_in": totals.bytes_in, "bytes_out": totals.bytes_out,
-                     "connections_total": totals.connections, "rejected": totals.rejected,
-                     "warm_data_connections": sum(len(c) for c in s.warm.values()), "tls_handshakes": s.handshakes,
-                     "trunks": sum(len(t) for t in s.trunks.values()), "retired_trunks": len(s.retired_trunks),
-                     "buffered_bytes": usage["held"], "buffer_committed_bytes": usage["committed"],
-                     "buffer_budget": usage["budget"],
-                     "draining": s.draining, "last_errors": list(s.recent_errors.records)}
+        return 200, self.server.status()
 
     def agents(self) -> tuple[int, Any]:
-        return 200, {"agents": [self.server.agent_info(a) for a in sorted(self.server.sessions)]}
+        return 200, {"agents": self.server.agents()}
 
     def proxies(self) -> tuple[int, Any]:
-        return 200, {"proxies": [self.server.proxy_info(p) for p in
-                                 sorted(self.server.proxies.values(), key=lambda p: p.remote_port)]}
+        return 200, {"proxies": self.server.proxies()}
 
     def connections(self) -> tuple[int, Any]:
-        now = self.server.loop.time()
-        return 200, {"connections": [t.to_dict(now) for t in
-                                     sorted(self.server.tunnels.values(), key=lambda t: t.conn_id)]}
+        return 200, {"connections": self.server.connections()}
 
     # -- changing --------------------------------------------------------------------------------------
     def add_proxy(self, body: Any) -> tuple[int, Any]:
@@ -135,19 +146,17 @@ class Api:
         return 200, {"proxy": proxy.to_dict()}
 
     def kill_connection(self, key: str) -> tuple[int, Any]:
-        if not (key.isascii() and key.isdigit()) or int(key) not in self.server.tunnels:
+        if not (key.isascii() and key.isdigit()) or int(key) not in self.server.connection_ids():
             raise ApiError(404, f"no live connection {key}")
-        self.server.tunnels[int(key)].relay.close("killed by the operator")
+        self.server.kill([int(key)])
         return 200, {"killed": [int(key)]}
 
     def kill_proxy_connections(self, name: str | None) -> tuple[int, Any]:
         if not name:
             raise ApiError(400, "say which connections: DELETE /v1/connections/ID or /v1/connections?proxy=NAME")
-        proxy = self.server.find_proxy(name)
-        ids = [cid for cid, t in self.server.tunnels.items() if t.proxy is proxy]
-        for cid in ids:
-            self.server.tunnels[cid].relay.close("killed by the operator")
-        return 200, {"killed": sorted(ids)}
+        ids = self.server.connection_ids(self.server.find_proxy(name))
+        self.server.kill(ids)
+        return 200, {"killed": ids}
 
     def disconnect_agent(self, agent_id: str) -> tuple[int, Any]:
         closed = self.server.disconnect_agent(agent_id)

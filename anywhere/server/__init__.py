@@ -1,0 +1,29 @@
+"""anywhered, the server: agents in on the agent port, clients in on each proxy's public port, joined.
+
+The package, by what each module owns (each module's docstring states its rules):
+
+  settings.py  ServerConfig: every key's check, default and help, once; the configspec, the flags'
+               help, check-config and the reload list are derived from it
+  proxies.py   what a proxy is, its validation, its listeners (ProxyTable)
+  sessions.py  the agent port: TLS connections, their explicit Role, first frames, agent sessions,
+               heartbeats, the deny list (AgentPort)
+  paths.py     the data paths that place a waiting client: trunk streams (the default), warm data
+               connections, `open` on the admin connection
+  routing.py   clients from accept to close: whitelist, limits, pending, joined (Router)
+  limits.py    rate limits and caps, throttled warnings
+  counters.py  per-proxy and per-agent counters, stored and live; refusals audited in aggregate
+  views.py     the read side and the operations the API may use (View), over the parts
+  api.py       the admin API's routes over View (HTTP ↔ operations, errors ↔ status codes)
+  metrics.py   the Prometheus exposition over View, and the recent errors
+  core.py      Server: the composition root of the parts, life cycle, reload, drain, state file
+
+Imports go one way: core → views → routing → paths → sessions → limits/settings, and api and
+metrics see only the Protocols they declare (tests/test_layout.py checks that no module imports
+another that imports it back, not even under TYPE_CHECKING).  The entry point (server_cli.py)
+reads the configuration, builds a Server and runs the loop.
+"""
+
+from .core import Server
+from .settings import ServerConfig
+
+__all__ = ["Server", "ServerConfig"]

@@ -1,0 +1,255 @@
+"""Proxies: what a proxy is, how one is validated, and its public listeners.
+
+Owns the table of proxies (`ProxyTable`): their validation (from an API body or a stored
+entry), uniqueness of names and ports, binding and closing their listeners, the stored entries
+that are not valid (kept as they are, written back in every save), and the retry of proxies whose
+port could not be bound.  An accepted client is handed to the `on_client` callback it was built
+with; what happens to it then (limits, agents, data paths) is not its business, and it never
+closes a tunneled connection or writes the state file itself (the server does both, in order:
+saved first, then reported done).
+
+A stored proxy whose port cannot be bound at start (busy, or the agent port now) stays, marked
+failed with the reason: listed, counted, saved, retried every `PROXY_RETRY` seconds until its
+port is free, and ``enable`` tries it at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..common import printable, valid_agent_id
+from ..errors import Conflict, Invalid, NotFound
+from ..loop import Loop, Timer
+from ..net import HOSTNAME_RE, Acceptor, is_ip, listen
+from ..state import entry_name
+from .settings import ServerConfig
+
+log = logging.getLogger("anywhere.server")
+
+ACCEPT_BUDGET = 64  # connections accepted per listener per loop pass
+PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+FIELDS = ("name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist", "enabled", "idle_timeout")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
+    """IPs and CIDRs (v4 and v6), as a list or one comma-separated string.  ValueError names the bad one."""
+    if entries is None:
+        return []
+    if isinstance(entries, str):
+        entries = [e for e in entries.split(",") if e.strip()]
+    if not isinstance(entries, list):
+        raise ValueError(f"{what} must be a list of IP addresses or CIDRs")
+    nets: list[Network] = []
+    for entry in entries:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"{what} entry {entry!r} is not an IP address or CIDR")
+        try:
+            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{what} entry {entry.strip()!r} is not an IP address or CIDR") from None
+    return nets
+
+
+def allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
+    return any(ip.version == net.version and ip in net for net in nets)
+
+
+@dataclass
+class Proxy:
+    name: str
+    agent_id: str
+    local_ip: str
+    local_port: int
+    remote_port: int
+    whitelist: list[str]
+    enabled: bool = True
+    idle_timeout: float = 0.0  # 0: the server's idle_timeout
+    nets: list[Network] = field(repr=False, default_factory=list)
+    listeners: list[Acceptor] = field(repr=False, default_factory=list)
+    failed: str | None = None  # enabled but not listening: why (retried; not stored)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
+                "local_port": self.local_port, "remote_port": self.remote_port, "whitelist": list(self.whitelist),
+                "enabled": self.enabled, "idle_timeout": self.idle_timeout}
+
+    @property
+    def target(self) -> str:
+        return f"[{self.local_ip}]:{self.local_port}" if ":" in self.local_ip else f"{self.local_ip}:{self.local_port}"
+
+
+def validate_proxy(spec: Any) -> Proxy:
+    """A Proxy from an API body or the state file; `Invalid` names the bad field."""
+    if not isinstance(spec, dict):
+        raise Invalid("the body must be a JSON object describing the proxy")
+    unknown = sorted(set(spec) - set(FIELDS))
+    if unknown:
+        raise Invalid(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(FIELDS))}")
+    agent_id = spec.get("agent_id")
+    if not isinstance(agent_id, str) or not valid_agent_id(agent_id):
+        raise Invalid(f"agent_id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
+    local_ip = spec.get("local_ip")
+    if not isinstance(local_ip, str) or not (is_ip(local_ip) or HOSTNAME_RE.fullmatch(local_ip)):
+        raise Invalid(f"local_ip {local_ip!r} is not an IP address or host name")
+    ports = {}
+    for key in ("local_port", "remote_port"):
+        value = spec.get(key)
+        if isinstance(value, str) and (value.isascii() and value.isdigit()):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise Invalid(f"{key} {value!r} must be a port number 1..65535")
+        ports[key] = value
+    try:
+        nets = parse_whitelist(spec.get("whitelist") or [])
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    name = spec.get("name") or f"{agent_id}:{ports['remote_port']}"
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or (name.isascii() and name.isdigit()):
+        raise Invalid(f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
+    enabled = spec.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise Invalid(f"enabled {enabled!r} must be true or false")
+    idle = spec.get("idle_timeout", 0)
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 86400 * 7:
+        raise Invalid(f"idle_timeout {idle!r} must be a number of seconds 0..604800 (0: the server's default)")
+    return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
+                 remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle))
+
+
+class ProxyTable:
+    """The proxies by name, their listeners, and the stored entries that are not valid."""
+
+    def __init__(self, loop: Loop, config: Callable[[], ServerConfig],
+                 on_client: Callable[[Proxy, socket.socket, Any], None]) -> None:
+        self.loop = loop
+        self._config = config
+        self.on_client = on_client
+        self.by_name: dict[str, Proxy] = {}
+        self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
+        self.accepting = True  # False while draining or closed: no listener is bound again
+        self._retry_timer: Timer | None = None  # armed while a proxy has failed
+
+    def __iter__(self) -> Any:
+        return iter(self.by_name.values())
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def find(self, key: str) -> Proxy:
+        """By name, else by remote port; `NotFound` otherwise."""
+        proxy = self.by_name.get(key)
+        digits = key.isascii() and key.isdigit()
+        if proxy is None and digits:
+            proxy = next((p for p in self.by_name.values() if p.remote_port == int(key)), None)
+        if proxy is None:
+            raise NotFound(f"no proxy named {key} (and no proxy on remote port {key})" if digits
+                           else f"no proxy named {key}")
+        return proxy
+
+    def _check_new(self, proxy: Proxy, what: str = "a proxy named {} already exists") -> None:
+        if proxy.name in self.by_name:
+            raise Conflict(what.format(proxy.name))
+        other = next((p for p in self.by_name.values() if p.remote_port == proxy.remote_port), None)
+        if other is not None:
+            raise Conflict(f"remote port {proxy.remote_port} is already used by proxy {other.name}")
+
+    def add(self, proxy: Proxy) -> None:
+        """Check, bind (if enabled) and list a new proxy; `Conflict` changes nothing."""
+        self._check_new(proxy)
+        if proxy.remote_port == self._config().port:
+            raise Conflict(f"remote port {proxy.remote_port} is the agent port")
+        if proxy.enabled:
+            self.listen(proxy)
+        self.by_name[proxy.name] = proxy
+
+    def remove(self, proxy: Proxy) -> None:
+        self.close_listeners(proxy)
+        self.by_name.pop(proxy.name, None)
+
+    def restore(self, spec: Any, store_file: str) -> Proxy | None:
+        """A stored entry: served if it can be; else kept failed (retried), or kept as it is if not valid."""
+        try:
+            proxy = validate_proxy(spec)
+            self._check_new(proxy, "a proxy named {} is stored twice")
+        except (Invalid, Conflict) as exc:
+            self.unrestored.append(spec)
+            log.error("stored proxy %s in %s not served: %s; its entry is kept as it is (fix it in the file, or "
+                      "delete it there, while anywhered is stopped)", printable(entry_name(spec) or spec, 200), store_file,
+                      printable(exc.message))
+            return None
+        self.by_name[proxy.name] = proxy
+        if proxy.enabled and not self.try_listen(proxy):
+            log.error("proxy %s restored but not serving: %s; retried every %g s (or: anywherectl proxy enable %s)",
+                      proxy.name, proxy.failed, PROXY_RETRY, proxy.name)
+            return proxy
+        log.info("proxy %s restored%s: port %d → agent %s → %s", proxy.name, "" if proxy.enabled else " (disabled)",
+                 proxy.remote_port, proxy.agent_id, proxy.target)
+        return proxy
+
+    def listen(self, proxy: Proxy) -> None:
+        """Bind the proxy's port on every proxy_bind address; `Conflict` with the reason if not."""
+        config = self._config()
+        if proxy.remote_port == config.port:  # a stored proxy, and the agent port changed since
+            raise Conflict(f"remote port {proxy.remote_port} is the agent port")
+        try:
+            socks = listen(config.proxy_bind, proxy.remote_port)
+        except OSError as exc:
+            raise Conflict(f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
+        proxy.listeners = [Acceptor(self.loop, sock, lambda c, a, p=proxy: self.on_client(p, c, a),
+                                    f"port {proxy.remote_port}", ACCEPT_BUDGET) for sock in socks]
+
+    def try_listen(self, proxy: Proxy) -> bool:
+        """Bind an enabled proxy's port; if that fails the proxy is marked failed, and retried."""
+        try:
+            self.listen(proxy)
+        except Conflict as exc:
+            proxy.failed = exc.message
+            if self._retry_timer is None:
+                self._retry_timer = self.loop.call_later(PROXY_RETRY, self._retry_failed)
+            return False
+        proxy.failed = None
+        return True
+
+    def _retry_failed(self) -> None:
+        self._retry_timer = None
+        if not self.accepting:
+            return
+        for proxy in [p for p in self.by_name.values() if p.failed and p.enabled]:
+            if self.try_listen(proxy):
+                log.info("proxy %s: remote port %d could be bound now; serving (agent %s → %s)", proxy.name,
+                         proxy.remote_port, proxy.agent_id, proxy.target)
+
+    @staticmethod
+    def close_listeners(proxy: Proxy) -> None:
+        for acceptor in proxy.listeners:
+            acceptor.close()
+        proxy.listeners = []
+
+    def stop_accepting(self) -> None:
+        """Drain or close: every listener closed, none bound again (the proxies stay listed)."""
+        self.accepting = False
+        for proxy in self.by_name.values():
+            self.close_listeners(proxy)
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+    def state(self, proxy: Proxy) -> str:
+        """listening, disabled, failed (enabled, its port not bound: see proxy.failed) or draining."""
+        if not proxy.enabled:
+            return "disabled"
+        if proxy.failed:
+            return "failed"
+        return "listening" if self.accepting else "draining"
+
+    def stored(self) -> list[Any]:
+        """What the state file holds: the proxies by remote port, then the entries not valid, as they were."""
+        return [p.to_dict() for p in sorted(self.by_name.values(), key=lambda p: p.remote_port)] + self.unrestored
