@@ -55,6 +55,7 @@ from harness.services import Echo, Nginx, Ports  # noqa: E402
 ALL_METRICS = "abcdefgh"
 LOOPBACK_METRICS = "abcdefg"
 ALL_PATHS = ["direct", "socat", "ssh", "ssh-aes", "anywhere"]
+EXTRA_PATHS = ["anywhere-conn"]  # only when named: Anywhere with pool_size 0 (harness/paths.py)
 TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "socat": "socat", "ssh": "openssh-client",
          "ssh-keygen": "openssh-client"}
 
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="short durations, fewer connections, 1 round")
     p.add_argument("--metrics", default=",".join(ALL_METRICS), help="comma-separated subset of a,b,c,d,e,f,g,h")
-    p.add_argument("--paths", help=f"comma-separated subset of {','.join(ALL_PATHS)} (default: all; metric h: "
+    p.add_argument("--paths", help=f"comma-separated subset of {','.join(ALL_PATHS + EXTRA_PATHS)} (default: all "
+                   f"but {','.join(EXTRA_PATHS)}; metric h: "
                    f"{','.join(interactive.H_DEFAULT_PATHS)}, and of the named ones those it can run: "
                    f"{','.join(interactive.H_PATHS)})")
     p.add_argument("--h-seconds", type=float, help="metric h: seconds measured per cell (default 12; 6 with --quick), "
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [m for m in args.metrics if m not in ALL_METRICS] + [x for x in named or [] if x not in PATHS]
     if bad:
         p.error(f"unknown metric or path: {', '.join(bad)}")
-    args.paths = [x for x in ALL_PATHS if x in (named or ALL_PATHS)]  # canonical order, direct first
+    args.paths = [x for x in ALL_PATHS + EXTRA_PATHS if x in (named or ALL_PATHS)]  # canonical order, direct first
     args.h_paths = [x for x in interactive.H_PATHS if x in (named or interactive.H_DEFAULT_PATHS)]
     if "h" in args.metrics and not args.h_paths:
         p.error(f"metric h runs on {', '.join(interactive.H_PATHS)}: none of them is in --paths")

@@ -284,6 +284,7 @@ class SshAes(Ssh):
 class Anywhere(Path):
     name = "anywhere"
     label = "Anywhere (mTLS)"
+    server_args: list[str] = []  # extra flags of anywhered start
 
     def _start(self, target_ports: list[int]) -> list[int]:
         creds = self.ctx.anywhere_creds()
@@ -298,7 +299,7 @@ class Anywhere(Path):
             *prefix, str(VENV_BIN / "anywhered"), "start", *(["--config", config] if config else []), "-p", str(agent_port), "--bind", server_addr,
             "--proxy-bind", "127.0.0.1", "--ca", str(creds / "ca.crt"), "--cert", str(creds / "server.crt"),
             "--key", str(creds / "server.key"), "--wl", "127.0.0.1", "--admin-socket", sock,
-            "--state-dir", str(tmp / "state"), "--log-level", "warning", "--drain-timeout", "2"]),
+            "--state-dir", str(tmp / "state"), "--log-level", "warning", "--drain-timeout", "2", *self.server_args]),
             cwd=str(tmp), env=self.ctx.anywhere_env)
         self.procs = [server]
         wait_listen(server, agent_port, "anywhered", timeout=patience)
@@ -332,5 +333,15 @@ class Anywhere(Path):
         return ports
 
 
-PATHS = {cls.name: cls for cls in (Direct, Socat, Ssh, SshAes, Anywhere)}
+class AnywhereConn(Anywhere):
+    """Anywhere without trunks: every client gets a data connection of its own (asked for on the
+    admin connection, reused once both directions ended): the path trunks replaced, kept to
+    measure whether it still earns its place (not among the default paths)."""
+
+    name = "anywhere-conn"
+    label = "Anywhere, a data connection per client (pool_size 0)"
+    server_args = ["--pool-size", "0"]
+
+
+PATHS = {cls.name: cls for cls in (Direct, Socat, Ssh, SshAes, Anywhere, AnywhereConn)}
 
