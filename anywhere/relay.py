@@ -6,9 +6,9 @@ A `Relay` owns two sockets, A and B, and two `_Half`s: A→B and B→A.  A side 
 *plain* (raw TCP: the public client, the intranet target) or *framed* (the TLS data connection,
 which carries the chunk stream of `wire.py`).  Each half:
 
-1. reads from its source into one scratch buffer shared by every relay of the process (the
-   loop is single-threaded, so a buffer in use is never shared): an idle connection holds no
-   buffer at all;
+1. reads from its source into the process's one scratch buffer (scratch.py, shared with the
+   trunks' streams: the loop is single-threaded, so a buffer in use is never shared): an idle
+   connection holds no buffer at all;
 2. converts: plain→framed writes a 4-byte chunk header in front of the bytes it just read
    (the read lands at offset 4 of the scratch buffer, so there is no copy); framed→plain runs
    the sans-IO `ChunkDecoder`, which hands back views of the payloads;
@@ -41,15 +41,12 @@ import ssl
 from typing import Callable
 
 from .loop import READ, WRITE, Loop
+from .scratch import SCRATCH as _scratch, SCRATCH_SIZE, SCRATCH_VIEW as _view
 from .wire import ABORT, END, HEADER_SIZE, MAX_CHUNK, ChunkDecoder, ProtocolError, chunk_header, pack_header
 
-SCRATCH_SIZE = 256 * 1024
 MAX_ROUNDS = 4  # scratch buffers moved per readiness event before giving others a turn
 
 log = logging.getLogger("anywhere.relay")
-
-_scratch = bytearray(SCRATCH_SIZE)
-_view = memoryview(_scratch)
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -346,13 +343,8 @@ class Relay:
                 self.b.mask = 0
             sides = (self.a,)
         for side in sides:
-            if side.mask:
-                self.loop.discard(side.sock)
-                side.mask = 0
-            try:
-                side.sock.close()
-            except OSError:
-                pass
+            self.loop.close_socket(side.sock, side.mask)
+            side.mask = 0
         for half in (self.a_to_b, self.b_to_a):
             half.pending = None
         if self.on_close is not None:
