@@ -14,11 +14,7 @@ from .wire import MAX_PORT, MIN_PORT
 
 __version__ = "0.1.0"
 
-DEFAULT_AGENT_PORT = 1111
-DEFAULT_API_PORT = 1112
-DEFAULT_GRPC_PORT = 1113
 DEFAULT_ADMIN_SOCKET = "/run/anywhere/anywhered.sock"
-DEFAULT_STATE_DIR = "/var/lib/anywhere"
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMAT_JOURNAL = "%(levelname)s %(name)s: %(message)s"
@@ -121,6 +117,16 @@ def printable(text: object, limit: int = PEER_TEXT_MAX) -> str:
     if _UNPRINTABLE_RE.search(text):
         text = _UNPRINTABLE_RE.sub(_escape_char, text)
     return text + cut
+
+
+def human_bytes(n: int) -> str:
+    """A byte count for people, in powers of 1000: "999 B", "1.5 KB", "2.0 GB" (TB at most)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 def has_control(text: str) -> bool:

@@ -36,11 +36,18 @@ def is_ip(host: str) -> bool:  # asked for every dialled target: the answers are
         return False
 
 
+def hostport(host: str, port: int) -> str:
+    """``[2001:db8::1]:80``, ``127.0.0.1:80``, ``name:80``: an IPv6 address (anything with a colon)
+    in brackets.  `host` is written as given: quote peer input (common.printable) first."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def format_addr(addr: Address) -> str:
+    """A socket address as logs and the API show it; an IPv4 client on a dual-stack socket as IPv4."""
     host, port = addr[0], addr[1]
     if host.startswith("::ffff:") and is_ip(host[7:]):
-        host = host[7:]  # an IPv4 client on a dual-stack socket
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        host = host[7:]
+    return hostport(host, port)
 
 
 def client_ip(addr: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
