@@ -12,7 +12,7 @@ import pytest
 from anywhere import tls
 from anywhere.framed import FramedConn
 
-from manualtime import advance, manual_loop
+from looptest import advance, manual_loop
 
 
 class Ends:

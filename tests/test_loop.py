@@ -11,7 +11,7 @@ import pytest
 
 from anywhere.loop import READ, WRITE, Loop, ManualClock
 
-from manualtime import advance, manual_loop
+from looptest import advance, manual_loop
 
 
 @pytest.fixture

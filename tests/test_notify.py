@@ -14,7 +14,7 @@ from anywhere.loop import Loop
 from anywhere.notify import Notifier, monotonic_usec
 
 from conftest import wait_for
-from manualtime import advance, manual_loop
+from looptest import advance, manual_loop
 
 
 class NotifySocket:
