@@ -1,4 +1,4 @@
-"""The admin API: HTTP/1.1 + JSON on a Unix socket, parsed on the loop with h11.
+"""The admin API: HTTP/1.1 + JSON on a Unix socket and an optional TCP REST port, parsed on the loop with h11.
 
 Theory of operation
 -------------------

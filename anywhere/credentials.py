@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .common import AGENT_ID_RE, CredentialsError, valid_agent_id  # noqa: F401 (part of this module's interface)
+from .common import CredentialsError, valid_agent_id
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
