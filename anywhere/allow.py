@@ -8,6 +8,10 @@ A request naming an IP address is allowed if a network entry contains it (with t
 request naming a host is allowed if a name entry matches it (case-insensitively, with the
 port); otherwise it is resolved and only the addresses a network entry allows are dialled, so
 a name cannot be used to reach an address the list does not cover.
+
+It owns the list's syntax and its decisions, pure functions of the list and the request.  It
+must not resolve names nor dial (the agent's Dialer does, asking `permits_address` per address);
+host names follow `net.HOSTNAME_RE`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""Small things every entry point shares: version, logging set-up, default credential paths."""
+"""Small things every entry point shares: version, logging set-up, default credential paths.
+
+It owns the version and build commit, logging set-up, the default admin socket and credential
+paths, the agent id rule, the quoting of peer text for logs and answers (`printable`),
+`human_bytes`, the command-line port type and the two errors the entry points report
+(`CtlError`, `CredentialsError`).  It must not import any module of the package but wire.py
+(whose limits the port type takes), nor hold state beyond the cached build commit: every module
+may import it.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ The same verbs serve `anywhered proxy|agent ...` (the original's command lines):
 `add_admin_commands()`.  Output is a readable table, or the daemon's JSON with ``--json``;
 errors from the daemon are printed as they came and the exit status is 1; a daemon that is
 not running gets one line naming the socket.
+
+It is an entry point: it parses, calls the admin API (client.py) and prints.  It must not import
+a daemon (server.py, agent.py) nor hold any state of its own; `requests` is imported only when a
+command runs, so the daemons can build these parsers without it.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ gone), WINDOW (4-byte credit increment), and PING / PONG (8 opaque bytes, echoed
 the trunk's own liveness check (trunk.py), sent only to a peer that said it understands them
 (``ping`` in the agent's ``trunk`` message, ``trunk_ping`` in the server's ``welcome``).  Stream 0
 is used by nothing else.  Anything else is a protocol error that ends the whole trunk.
+
+It owns the trunk frames' format only; windows, budgets and scheduling are trunk.py's.  It must
+not do I/O, nor hold more than one frame's worth of undecoded bytes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ which takes IPv4 and IPv6 clients on one socket, and falls back to ``0.0.0.0`` o
 without IPv6.  `Dialer` resolves a name (in the loop's resolver thread, since getaddrinfo
 has no non-blocking form; IP literals skip the thread), then tries each address in turn with
 a non-blocking connect, all within one deadline, and calls back exactly once.
+
+It owns sockets until it hands them over (a listener to its `Acceptor`, a dialled socket to the
+callback) and the address rules: `HOSTNAME_RE` (what counts as a host name), `hostport()` and
+`format_addr()` (how an address is written).  It must not know any protocol, nor block: names
+are resolved in the loop's thread pool, never on the loop.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ TLS detail: OpenSSL may hold decrypted bytes that the kernel no longer signals a
 after backpressure clears a half tries to read at once instead of waiting for the selector, and
 a half that stops reading because of its per-event budget reschedules itself (with OpenSSL's
 read-ahead, see tls.py, not even ``SSLSocket.pending()`` counts what is held).
+
+It owns its two sockets (it closes them, or hands B over in `handoff`) and at most one scratch
+buffer's worth of `pending` per direction.  It must not know proxies, agents or counters beyond
+its own byte counts (the owner reads those, see carrier.Carrier), nor block, nor buffer more.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ Chunk stream (data connection, after ``ready``)
 
 Decoders raise `ProtocolError` for anything malformed; the caller closes that one connection
 and logs the peer.  `receive_data(b"")` means EOF, as in h11.
+
+It owns the control frames' format and the ranges of their fields (one home for those limits).
+It must not do I/O, import anything of the package, or hold more than `MAX_FRAME` of a frame
+it has not yet decoded.
 """
 
 from __future__ import annotations
