@@ -59,6 +59,18 @@ def _pusher(conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
+def _stalled_clients(clients: list[socket.socket], port: int, rcvbuf: int) -> None:
+    """CLIENTS clients with a small receive buffer that send their number and then read nothing;
+    each goes into `clients` as soon as it exists, for the caller to close."""
+    for i in range(CLIENTS):
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        clients.append(c)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        c.settimeout(30)
+        c.connect(("127.0.0.1", port))
+        c.sendall(b"%08d" % i)
+
+
 def _echo_10mb(port: int) -> float:
     """A 10 MB echo through the tunnel (sent from a thread while reading); seconds it took."""
     data = os.urandom(10_000_000)
@@ -119,13 +131,7 @@ def test_clients_that_do_not_read_are_held_to_the_budget_and_lose_nothing(world)
         _echo_10mb(echo_port)  # warm: what a bulk echo allocates is in the base
         base = rss_kb(world.server.pid)
 
-        for i in range(CLIENTS):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            clients.append(c)
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            c.settimeout(30)
-            c.connect(("127.0.0.1", push_port))
-            c.sendall(b"%08d" % i)
+        _stalled_clients(clients, push_port, rcvbuf=16384)
         moved = _settled(world, "the stalled clients' data to stop moving")
         grown = rss_kb(world.server.pid) - base
         # Without the budget each client's stream holds what is left of its window once its
@@ -172,13 +178,7 @@ def test_first_windows_are_granted_within_the_budget(world):
         world.start_agent()
         push_port = world.add_proxy(pusher.port)
         wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")
-        for i in range(CLIENTS):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            clients.append(c)
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-            c.settimeout(30)
-            c.connect(("127.0.0.1", push_port))
-            c.sendall(b"%08d" % i)
+        _stalled_clients(clients, push_port, rcvbuf=1024)
         _settled(world, "the stalled clients' data to stop moving")
         held = world.api("GET", "/v1/status")
         # whole first windows: about 40 MiB held here; granted from the budget: at most this
