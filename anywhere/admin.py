@@ -1,4 +1,4 @@
-"""The admin API: HTTP/1.1 + JSON on a Unix socket, parsed on the loop with h11.
+"""The admin API: HTTP/1.1 + JSON on a Unix socket and an optional TCP REST port, parsed on the loop with h11.
 
 Theory of operation
 -------------------
@@ -37,6 +37,10 @@ Rules:
 * What a peer controls (method, target, the path and query decoded from it, h11's messages about
   its bytes) reaches a log line or an error message only through `common.printable`; a target
   whose decoded path or query holds a control character gets 400 before any handler sees it.
+
+It owns the HTTP side only: connections, h11, limits, authentication of the REST port.  It must
+not know the API's routes or the daemon's state (the ``handler`` does; it answers with
+``(status, object)`` or `ApiError`), nor let one client block another.
 """
 
 from __future__ import annotations

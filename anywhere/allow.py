@@ -8,15 +8,18 @@ A request naming an IP address is allowed if a network entry contains it (with t
 request naming a host is allowed if a name entry matches it (case-insensitively, with the
 port); otherwise it is resolved and only the addresses a network entry allows are dialled, so
 a name cannot be used to reach an address the list does not cover.
+
+It owns the list's syntax and its decisions, pure functions of the list and the request.  It
+must not resolve names nor dial (the agent's Dialer does, asking `permits_address` per address);
+host names follow `net.HOSTNAME_RE`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 
-_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+from .net import HOSTNAME_RE, hostport
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Entry:
         what = str(self.net) if self.net is not None else self.name
         if self.port is None:
             return what or ""
-        return f"[{what}]:{self.port}" if self.net is not None and self.net.version == 6 else f"{what}:{self.port}"
+        return hostport(what or "", self.port)  # an IPv6 network has a colon: in brackets
 
 
 def _split_port(entry: str) -> tuple[str, int | None]:
@@ -67,7 +70,7 @@ def parse_allowlist(items: list[str]) -> "Allowlist":
             continue
         except ValueError:
             pass
-        if not _NAME.match(host) or "/" in host:
+        if not HOSTNAME_RE.match(host) or "/" in host:
             raise ValueError(f"{item!r} is not an IP address, CIDR or host name (with an optional :PORT)")
         entries.append(Entry(None, host.lower(), port))
     return Allowlist(entries, everything)

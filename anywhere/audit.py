@@ -5,6 +5,10 @@ i.e. the journal under systemd, through the logger ``anywhere.audit``), or a fil
 one line per write, opened with O_APPEND so concurrent rotation by copytruncate is safe; a
 reload reopens it, for rotation by rename).  Records never contain secrets: the bearer token
 is never logged, only who used it.
+
+It owns the audit file (or the ``anywhere.audit`` logger).  It must not write secrets, nor peer
+text unescaped (callers pass `common.printable` text; json.dumps escapes the rest), nor raise
+into the daemon when the file cannot be written.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Kept apart from ctl.py so that the daemons, which only build the command-line parser, never
 import requests (about 10 MB per process).
+
+It owns the HTTP session to the admin socket.  It must not be imported by the daemons, nor
+retry a request on its own (``max_retries=0``).
 """
 
 from __future__ import annotations

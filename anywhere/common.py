@@ -1,4 +1,12 @@
-"""Small things every entry point shares: version, logging set-up, default credential paths."""
+"""Small things every entry point shares: version, logging set-up, default credential paths.
+
+It owns the version and build commit, logging set-up, the default admin socket and credential
+paths, the agent id rule, the quoting of peer text for logs and answers (`printable`),
+`human_bytes`, the command-line port type and the two errors the entry points report
+(`CtlError`, `CredentialsError`).  It must not import any module of the package but wire.py
+(whose limits the port type takes), nor hold state beyond the cached build commit: every module
+may import it.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +22,7 @@ from .wire import MAX_PORT, MIN_PORT
 
 __version__ = "0.1.0"
 
-DEFAULT_AGENT_PORT = 1111
-DEFAULT_API_PORT = 1112
-DEFAULT_GRPC_PORT = 1113
 DEFAULT_ADMIN_SOCKET = "/run/anywhere/anywhered.sock"
-DEFAULT_STATE_DIR = "/var/lib/anywhere"
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMAT_JOURNAL = "%(levelname)s %(name)s: %(message)s"
@@ -121,6 +125,16 @@ def printable(text: object, limit: int = PEER_TEXT_MAX) -> str:
     if _UNPRINTABLE_RE.search(text):
         text = _UNPRINTABLE_RE.sub(_escape_char, text)
     return text + cut
+
+
+def human_bytes(n: int) -> str:
+    """A byte count for people, in powers of 1000: "999 B", "1.5 KB", "2.0 GB" (TB at most)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
 
 
 def has_control(text: str) -> bool:

@@ -7,6 +7,9 @@ unless `force` is set, and nothing is written at all if any target exists.  The 
 in DIR: keep it off the public server once the server's and agents' files are issued.
 
 Works with cryptography 38 (Debian 12): no *_utc properties, naive UTC datetimes.
+
+It owns the credential files it writes; the daemons only read them (tls.py).  It must not
+overwrite a file unless asked (`force`), nor write the CA key anywhere but DIR.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .common import AGENT_ID_RE, CredentialsError, valid_agent_id  # noqa: F401 (part of this module's interface)
+from .common import CredentialsError, valid_agent_id
 
 CA_DAYS = 3650
 LEAF_DAYS = 825

@@ -4,6 +4,10 @@ The same verbs serve `anywhered proxy|agent ...` (the original's command lines):
 `add_admin_commands()`.  Output is a readable table, or the daemon's JSON with ``--json``;
 errors from the daemon are printed as they came and the exit status is 1; a daemon that is
 not running gets one line naming the socket.
+
+It is an entry point: it parses, calls the admin API (client.py) and prints.  It must not import
+a daemon (server.py, agent.py) nor hold any state of its own; `requests` is imported only when a
+command runs, so the daemons can build these parsers without it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Callable
 
 from urllib.parse import quote
 
-from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, port_arg, version_line
+from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
 
 def __getattr__(name: str) -> Any:
     """Client, BASE, ... live in client.py (imported only when a command talks to the daemon)."""
@@ -78,8 +82,8 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/proxies")
-    rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=_human(p.get("bytes_in", 0)),
-                 bytes_out=_human(p.get("bytes_out", 0))) for p in data["proxies"]]
+    rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=human_bytes(p.get("bytes_in", 0)),
+                 bytes_out=human_bytes(p.get("bytes_out", 0))) for p in data["proxies"]]
     failed = [f"proxy {p['name']} failed: {p['failed']}" for p in data["proxies"] if p.get("failed")]
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
@@ -98,8 +102,8 @@ def cmd_proxy_del(args: argparse.Namespace) -> None:
 
 def cmd_agent_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/agents")
-    rows = [dict(a, connected_since=_since(a.get("connected_since")), bytes_in=_human(a.get("bytes_in", 0)),
-                 bytes_out=_human(a.get("bytes_out", 0))) for a in data["agents"]]
+    rows = [dict(a, connected_since=_since(a.get("connected_since")), bytes_in=human_bytes(a.get("bytes_in", 0)),
+                 bytes_out=human_bytes(a.get("bytes_out", 0))) for a in data["agents"]]
     _emit(args, data, lambda _d: table(rows, [
         ("agent_id", "AGENT"), ("address", "ADDRESS"), ("connected_since", "CONNECTED SINCE"),
         ("rtt_ms", "RTT MS"), ("connections", "CONNS"), ("bytes_in", "IN"), ("bytes_out", "OUT"),
@@ -112,15 +116,6 @@ def cmd_conn_list(args: argparse.Namespace) -> None:
         ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"), ("target", "TARGET"),
         ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
 
-
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 def _duration(seconds: float) -> str:
@@ -141,7 +136,7 @@ def render_status(d: dict) -> str:
                                               if d.get("proxies_failed") else ""),
         f"connections: {d['connections']} live, {d['connections_total']} in all; "
         f"{d['warm_data_connections']} warm data connection(s)",
-        f"bytes:       {_human(d['bytes_in'])} in, {_human(d['bytes_out'])} out",
+        f"bytes:       {human_bytes(d['bytes_in'])} in, {human_bytes(d['bytes_out'])} out",
         f"rejected:    {rejected}",
         "last errors:" + ("" if d["last_errors"] else " none"),
     ]

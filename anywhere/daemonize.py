@@ -7,6 +7,9 @@ The command returns only once the daemon has written its pid (it reports through
 script may read the pid file as soon as `anywhered start --daemon` has exited.  Detaching uses python-daemon's DaemonContext with umask 0o027, every file descriptor
 already open (listeners bound before detaching, so bind errors also reach the terminal) kept,
 and no signal handlers of its own: the loop installs ours.
+
+It owns the pid file and its lock.  It must not be used under systemd (Type=notify supervises
+the process there), nor touch the loop: it runs before the loop exists.
 """
 
 from __future__ import annotations

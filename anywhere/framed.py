@@ -12,6 +12,14 @@ never raises and calls ``on_close(conn, reason)`` exactly once.
 A data connection uses this object only for its hello; `detach()` then hands the TLS socket
 and any bytes already read past the last frame to the relay, and this object forgets the
 socket (``on_close`` is not called for a detached connection).
+
+Deadlines: a connection has one timer slot.  It holds the handshake timeout, then whatever its
+owner sets with `set_deadline(seconds, callback)` (the server's "first frame within
+handshake_timeout"), cleared with `clear_deadline()`, and finally `send_and_close`'s grace.
+Closing or detaching cancels it.
+
+It owns its socket, its output buffer and its timer; it must not know what the messages mean
+(that is its owner's, through ``on_message``), nor block, nor buffer more than `MAX_OUT`.
 """
 
 from __future__ import annotations
@@ -123,9 +131,7 @@ class FramedConn:
         except (ssl.SSLError, OSError) as exc:
             self.close(f"TLS handshake failed: {tls.describe_error(exc)}")
             return
-        if self._timer:
-            self._timer.cancel()
-            self._timer = None
+        self.clear_deadline()
         self.state = "open"
         self.identity = tls.peer_identity(self.sock)
         self.serial = tls.peer_serial(self.sock)
@@ -140,6 +146,26 @@ class FramedConn:
         self._timer = None
         if self.state == "handshake":
             self.close("TLS handshake timed out")
+
+    # -- deadline ------------------------------------------------------------------------------------
+    def set_deadline(self, seconds: float, callback: Callable[["FramedConn"], None]) -> None:
+        """Call ``callback(self)`` in `seconds` unless `clear_deadline()`, `close()` or `detach()`
+        comes first; replaces the deadline set before (the handshake timeout included: set it once
+        the handshake is done, e.g. from ``on_handshake``).  Nothing happens on a closed connection."""
+        self.clear_deadline()
+        if self.state in ("closed", "detached"):
+            return
+        self._timer = self.loop.call_later(seconds, self._on_deadline, callback)
+
+    def clear_deadline(self) -> None:
+        """Cancel the pending deadline, if any; idempotent."""
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_deadline(self, callback: Callable[["FramedConn"], None]) -> None:
+        self._timer = None
+        callback(self)
 
     # -- input -------------------------------------------------------------------------------------
     def _read(self) -> None:
@@ -231,8 +257,7 @@ class FramedConn:
         self.out += frame
         self.state = "closing"
         self.reason = why
-        if self._timer:
-            self._timer.cancel()
+        self.clear_deadline()
         self._timer = self.loop.call_later(CLOSE_GRACE, self.close, why)
         self._flush()
 
@@ -242,9 +267,7 @@ class FramedConn:
         if self.mask:
             self.loop.unregister(self.sock)
             self.mask = 0
-        if self._timer:
-            self._timer.cancel()
-            self._timer = None
+        self.clear_deadline()
         self.state = "detached"
         return self.sock, self.decoder.take_leftover()
 
@@ -253,16 +276,9 @@ class FramedConn:
             return
         self.state = "closed"
         self.reason = reason
-        if self._timer:
-            self._timer.cancel()
-            self._timer = None
-        if self.mask:
-            self.loop.discard(self.sock)
-            self.mask = 0
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.clear_deadline()
+        self.loop.close_socket(self.sock, self.mask)
+        self.mask = 0
         callback = self.on_close
         self.on_close = _ignore_close
         callback(self, reason)

@@ -18,6 +18,13 @@ callback never runs for a file object unregistered earlier in the same pass.
 Timers are `(deadline, seq, Timer)` entries on a heap; a cancelled timer stays on the heap and
 is skipped when it comes up, which keeps cancel O(1).
 
+The clock is injectable: `Loop(clock=...)`, any callable returning seconds, `time.monotonic` by
+default; `loop.time()` reads it and `loop.now` is its reading when the current pass's wait
+ended (a cheap clock for bookkeeping).  A `ManualClock` stands still until `advance()` moves it:
+waiting does not bring a timer nearer, so the loop then waits only for its descriptors (epoll
+still waits on the real fds; with timeout 0 when a timer is due, never longer than `max_wait`),
+and a test runs an hour of timers without sleeping.
+
 Signals: `signal.set_wakeup_fd` writes the signal number into one end of a socketpair; the
 other end is registered like any socket, so a signal wakes `select()` and its handler runs on
 the loop, between callbacks, never in the middle of one.
@@ -28,6 +35,7 @@ socket.  The only other thread is the server's state writer (`state.Store`), whi
 snapshots of the counters and touches nothing the loop uses.
 
 The loop knows no protocol.  A callback that raises is logged and does not stop the loop.
+It must not block: nothing on it may sleep, resolve or wait on a descriptor itself.
 """
 
 from __future__ import annotations
@@ -75,8 +83,27 @@ def _noop(*_: Any) -> None:
     pass
 
 
+class ManualClock:
+    """A clock for tests: it reads `start` until `advance(seconds)` moves it forward."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.value = start
+
+    def __call__(self) -> float:
+        return self.value
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"a clock does not go back ({seconds} s)")
+        self.value += seconds
+
+
 class Loop:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        # the clock itself, not a method around it: `loop.time()` is read per chunk on the relay's path
+        self.time: Callable[[], float] = clock
+        # waiting moves a real clock towards the next timer; a manual one only moves when told
+        self._clock_waits = not isinstance(clock, ManualClock)
         self._epoll = select.epoll()
         # fd -> (callback, mask, file object): the callback is what a ready fd costs to find
         self._fds: dict[int, tuple[Callable[[int], None], int, Any]] = {}
@@ -98,9 +125,12 @@ class Loop:
         self.now = self.time()  # when the current pass's wait ended: a cheap clock for bookkeeping
 
     # -- time and timers -------------------------------------------------------------------
-    @staticmethod
-    def time() -> float:
-        return time.monotonic()
+    def next_deadline(self) -> float | None:
+        """When the earliest pending timer is due (on this loop's clock), or None."""
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         timer = Timer(self.time() + max(0.0, delay), fn, args)
@@ -176,6 +206,16 @@ class Loop:
         fd = self._lookup(fileobj)
         if fd is not None:
             del self._fds[fd]
+
+    def close_socket(self, sock: Any, registered: bool | int) -> None:
+        """Close `sock`, first forgetting it (`discard`) if it is `registered` (a true interest
+        mask will do); for a socket this process opened and never duplicated.  Never raises."""
+        if registered:
+            self.discard(sock)
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     def _drop_stale(self, fd: int) -> None:
         """An event for a descriptor nobody watches: one discarded but left open (a bug, which level
@@ -279,11 +319,13 @@ class Loop:
     def _next_timeout(self) -> float | None:
         if self._ready or self._threadsafe or self._at_end:
             return 0.0
-        while self._timers and self._timers[0][2].cancelled:
-            heapq.heappop(self._timers)
-        if not self._timers:
+        deadline = self.next_deadline()
+        if deadline is None:
             return None
-        return max(0.0, self._timers[0][0] - self.time())
+        left = deadline - self.time()
+        if left <= 0.0:
+            return 0.0
+        return left if self._clock_waits else None
 
     @staticmethod
     def _call(fn: Callable[..., Any], args: tuple) -> None:
@@ -293,7 +335,7 @@ class Loop:
             log.exception("unhandled error in callback %r", fn)
 
     def close(self) -> None:
-        """Restore signal handlers and release the selector; idempotent."""
+        """Restore signal handlers, release the epoll set and the wake-up pair; idempotent."""
         if self._closed:
             return
         self._closed = True

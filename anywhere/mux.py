@@ -14,8 +14,9 @@ few hundred bytes of Python on each side.
 What it costs, and how it is contained
 --------------------------------------
 Streams on one TCP connection share its flow control, so each stream gets its own window: a
-sender may have at most `WINDOW` bytes of a stream unacknowledged; the receiver returns credit
-(WINDOW frames) for what it has handed to its plain socket.  Memory per stream is thus bounded by
+sender may have at most the stream's window (`WINDOW_SIZE` at first; it grows, below)
+unacknowledged; the receiver returns credit (WINDOW frames) for what it has handed to its
+plain socket.  Memory per stream is thus bounded by
 the window whatever the peers do, and a stream whose reader stalls stops only itself.
 
 A fixed window caps a stream at window / round trip: 1 MiB over a trunk whose round trip
@@ -48,6 +49,9 @@ gone), WINDOW (4-byte credit increment), and PING / PONG (8 opaque bytes, echoed
 the trunk's own liveness check (trunk.py), sent only to a peer that said it understands them
 (``ping`` in the agent's ``trunk`` message, ``trunk_ping`` in the server's ``welcome``).  Stream 0
 is used by nothing else.  Anything else is a protocol error that ends the whole trunk.
+
+It owns the trunk frames' format only; windows, budgets and scheduling are trunk.py's.  It must
+not do I/O, nor hold more than one frame's worth of undecoded bytes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ which takes IPv4 and IPv6 clients on one socket, and falls back to ``0.0.0.0`` o
 without IPv6.  `Dialer` resolves a name (in the loop's resolver thread, since getaddrinfo
 has no non-blocking form; IP literals skip the thread), then tries each address in turn with
 a non-blocking connect, all within one deadline, and calls back exactly once.
+
+It owns sockets until it hands them over (a listener to its `Acceptor`, a dialled socket to the
+callback) and the address rules: `HOSTNAME_RE` (what counts as a host name), `hostport()` and
+`format_addr()` (how an address is written).  It must not know any protocol, nor block: names
+are resolved in the loop's thread pool, never on the loop.
 """
 
 from __future__ import annotations
@@ -36,11 +41,18 @@ def is_ip(host: str) -> bool:  # asked for every dialled target: the answers are
         return False
 
 
+def hostport(host: str, port: int) -> str:
+    """``[2001:db8::1]:80``, ``127.0.0.1:80``, ``name:80``: an IPv6 address (anything with a colon)
+    in brackets.  `host` is written as given: quote peer input (common.printable) first."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def format_addr(addr: Address) -> str:
+    """A socket address as logs and the API show it; an IPv4 client on a dual-stack socket as IPv4."""
     host, port = addr[0], addr[1]
     if host.startswith("::ffff:") and is_ip(host[7:]):
-        host = host[7:]  # an IPv4 client on a dual-stack socket
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        host = host[7:]
+    return hostport(host, port)
 
 
 def client_ip(addr: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -9,6 +9,9 @@ Watchdog: when WATCHDOG_USEC is set (and WATCHDOG_PID is unset or ours), `start_
 schedules WATCHDOG=1 on the loop every half interval, after the given health check passes.  The
 ping comes from the loop itself, never from a thread, so a wedged loop stops the pings and
 systemd restarts the service.
+
+It owns the notification socket and the watchdog's timer.  It must not ping from a thread nor
+block: a full queue drops the message.
 """
 
 from __future__ import annotations

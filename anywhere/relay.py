@@ -6,9 +6,9 @@ A `Relay` owns two sockets, A and B, and two `_Half`s: A→B and B→A.  A side 
 *plain* (raw TCP: the public client, the intranet target) or *framed* (the TLS data connection,
 which carries the chunk stream of `wire.py`).  Each half:
 
-1. reads from its source into one scratch buffer shared by every relay of the process (the
-   loop is single-threaded, so a buffer in use is never shared): an idle connection holds no
-   buffer at all;
+1. reads from its source into the process's one scratch buffer (scratch.py, shared with the
+   trunks' streams: the loop is single-threaded, so a buffer in use is never shared): an idle
+   connection holds no buffer at all;
 2. converts: plain→framed writes a 4-byte chunk header in front of the bytes it just read
    (the read lands at offset 4 of the scratch buffer, so there is no copy); framed→plain runs
    the sans-IO `ChunkDecoder`, which hands back views of the payloads;
@@ -30,6 +30,10 @@ TLS detail: OpenSSL may hold decrypted bytes that the kernel no longer signals a
 after backpressure clears a half tries to read at once instead of waiting for the selector, and
 a half that stops reading because of its per-event budget reschedules itself (with OpenSSL's
 read-ahead, see tls.py, not even ``SSLSocket.pending()`` counts what is held).
+
+It owns its two sockets (it closes them, or hands B over in `handoff`) and at most one scratch
+buffer's worth of `pending` per direction.  It must not know proxies, agents or counters beyond
+its own byte counts (the owner reads those, see carrier.Carrier), nor block, nor buffer more.
 """
 
 from __future__ import annotations
@@ -41,15 +45,12 @@ import ssl
 from typing import Callable
 
 from .loop import READ, WRITE, Loop
+from .scratch import SCRATCH as _scratch, SCRATCH_SIZE, SCRATCH_VIEW as _view
 from .wire import ABORT, END, HEADER_SIZE, MAX_CHUNK, ChunkDecoder, ProtocolError, chunk_header, pack_header
 
-SCRATCH_SIZE = 256 * 1024
 MAX_ROUNDS = 4  # scratch buffers moved per readiness event before giving others a turn
 
 log = logging.getLogger("anywhere.relay")
-
-_scratch = bytearray(SCRATCH_SIZE)
-_view = memoryview(_scratch)
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -346,13 +347,8 @@ class Relay:
                 self.b.mask = 0
             sides = (self.a,)
         for side in sides:
-            if side.mask:
-                self.loop.discard(side.sock)
-                side.mask = 0
-            try:
-                side.sock.close()
-            except OSError:
-                pass
+            self.loop.close_socket(side.sock, side.mask)
+            side.mask = 0
         for half in (self.a_to_b, self.b_to_a):
             half.pending = None
         if self.on_close is not None:

@@ -1,5 +1,9 @@
 """What anywhered and the agent share as long-running services: the pid file and detaching
-around start-up, and the run of the loop with signals, systemd notifications and a clean end."""
+around start-up, and the run of the loop with signals, systemd notifications and a clean end.
+
+It owns the process's lifetime around the loop: pid file, detach, signals, READY/STOPPING.  It
+must not know what the daemon serves: the server and the agent pass in what to start and stop.
+"""
 
 from __future__ import annotations
 

@@ -21,6 +21,12 @@ it OpenSSL's SSL_has_pending (any buffered bytes, records not yet decrypted incl
 same guarded ctypes handle, so after a short read it can stop when nothing is buffered instead of
 paying a last read that fails with SSLWantReadError (a system call and an exception, 3.2 µs
 against 0.4 µs measured here); the selector reports whatever the kernel still receives.
+
+It owns the contexts and what is read off a verified peer certificate.  It must not read or write
+sockets (framed.py, relay.py and trunk.py do), nor weaken verification for any caller.  Its
+reaches below the public `ssl` API (the SSL_CTX pointer found through the context's object
+layout, CPython's ``SSLSocket._sslobj``) are guarded as described above and do nothing when the
+guard fails.
 """
 
 from __future__ import annotations

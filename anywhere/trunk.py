@@ -140,7 +140,7 @@ from typing import Any, Callable
 
 from . import mux, tls
 from .loop import READ, WRITE, Loop
-from .relay import _scratch, _view
+from .scratch import SCRATCH as _scratch, SCRATCH_VIEW as _view
 from .common import printable
 from .wire import ProtocolError
 
@@ -606,13 +606,8 @@ class Trunk:
         self.reason = reason
         for stream in list(self.streams.values()):
             stream.close(f"data connection lost: {reason}", notify=False)
-        if self.mask:
-            self.loop.discard(self.sock)
-            self.mask = 0
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.loop.close_socket(self.sock, self.mask)
+        self.mask = 0
         self.out.clear()
         self.urgent.clear()
         self.pending = None
@@ -979,13 +974,8 @@ class Stream:
             dialer, self.dialer = self.dialer, None
             dialer.cancel()
         if self.sock is not None:
-            if self.mask:
-                trunk.loop.discard(self.sock)
-                self.mask = 0
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            trunk.loop.close_socket(self.sock, self.mask)
+            self.mask = 0
         self.outbuf = bytearray()
         if self.on_close is not None:
             callback, self.on_close = self.on_close, None

@@ -11,7 +11,7 @@ Control frames
     says what the connection is:
 
     * admin connection:  agent ``hello`` {proto, agent_id, version} → server ``welcome``
-      {proto, server_id, heartbeat} or ``error`` {reason}; then ``ping``/``pong`` both ways,
+      {proto, server_id, heartbeat, pool} or ``error`` {reason}; then ``ping``/``pong`` both ways,
       server ``open`` {conn, host, port} → agent ``fail`` {conn, reason} when the target
       cannot be reached (success is the data connection itself).
     * data connection:   agent ``data`` {proto, agent_id, conn} → server ``ready`` {conn} or
@@ -24,8 +24,9 @@ Control frames
       `mux.py` both ways: many client connections at once, as streams (see trunk.py).
 
     Once both directions of a chunk stream have ENDed, a data connection of either kind is
-    warm again: the next frame on it is the server's next ``open``.  ``welcome`` tells the
-    agent how many warm data connections to keep (``pool``).
+    warm again: the next frame on it is the server's next ``open``.  ``welcome``'s ``pool`` tells
+    the agent how many trunks to keep (at most `MAX_TRUNKS`); 0: none, every client then gets a
+    data connection.
 
     ``proto`` is the protocol version; a peer speaking another version gets an ``error`` that
     names both versions.
@@ -36,10 +37,14 @@ Chunk stream (data connection, after ``ready``)
     carried end to end), `ABORT` (0xFFFFFFFF) means the sender's side failed (reset) and the
     connection must be torn down.  A payload is at most `MAX_CHUNK` bytes.  An explicit END,
     rather than TLS close_notify, leaves the TLS connection usable once both directions
-    have ended, so a later change can reuse it for the next client.
+    have ended: it is then warm again for the next client (`Relay` with ``reuse``).
 
 Decoders raise `ProtocolError` for anything malformed; the caller closes that one connection
 and logs the peer.  `receive_data(b"")` means EOF, as in h11.
+
+It owns the control frames' format and the ranges of their fields (one home for those limits).
+It must not do I/O, import anything of the package, or hold more than `MAX_FRAME` of a frame
+it has not yet decoded.
 """
 
 from __future__ import annotations

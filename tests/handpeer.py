@@ -7,13 +7,14 @@ import ssl
 import time
 from pathlib import Path
 
+from anywhere.net import hostport
 from anywhere.wire import FrameDecoder, encode
 
 
 def sock_name(sock: socket.socket) -> str:
     """Our end of a connection as the server's log writes its peer: 127.0.0.1:PORT or [::1]:PORT."""
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return hostport(host, port)
 
 
 def client_ctx(ca: Path, cert: tuple[Path, Path] | None) -> ssl.SSLContext:

@@ -23,6 +23,7 @@ from anywhere import mux, trunk
 from anywhere.loop import Loop
 from anywhere.trunk import FLOOR_WINDOW, Stream, Trunk
 from conftest import TargetServer, echo_handler, recv_all, wait_for
+from looptest import drive
 from procstat import rss_kb
 
 MiB = 1024 * 1024
@@ -38,16 +39,36 @@ PUSH = 4 * MiB  # what the target sends each client
 BUDGET = 8 * MiB
 
 
-def _pusher(conn: socket.socket) -> None:
-    """The target: reads an 8-digit client number, sends that client's PUSH bytes, then EOF."""
+def _client_number(conn: socket.socket) -> int | None:
+    """The 8-digit number a client sends first, or None if it closes before."""
     head = b""
     while len(head) < 8:
         data = conn.recv(8 - len(head))
         if not data:
-            return
+            return None
         head += data
-    conn.sendall(_blob(int(head), PUSH))
+    return int(head)
+
+
+def _pusher(conn: socket.socket) -> None:
+    """The target: reads an 8-digit client number, sends that client's PUSH bytes, then EOF."""
+    number = _client_number(conn)
+    if number is None:
+        return
+    conn.sendall(_blob(number, PUSH))
     conn.shutdown(socket.SHUT_WR)
+
+
+def _stalled_clients(clients: list[socket.socket], port: int, rcvbuf: int) -> None:
+    """CLIENTS clients with a small receive buffer that send their number and then read nothing;
+    each goes into `clients` as soon as it exists, for the caller to close."""
+    for i in range(CLIENTS):
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        clients.append(c)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        c.settimeout(30)
+        c.connect(("127.0.0.1", port))
+        c.sendall(b"%08d" % i)
 
 
 def _echo_10mb(port: int) -> float:
@@ -110,13 +131,7 @@ def test_clients_that_do_not_read_are_held_to_the_budget_and_lose_nothing(world)
         _echo_10mb(echo_port)  # warm: what a bulk echo allocates is in the base
         base = rss_kb(world.server.pid)
 
-        for i in range(CLIENTS):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            clients.append(c)
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            c.settimeout(30)
-            c.connect(("127.0.0.1", push_port))
-            c.sendall(b"%08d" % i)
+        _stalled_clients(clients, push_port, rcvbuf=16384)
         moved = _settled(world, "the stalled clients' data to stop moving")
         grown = rss_kb(world.server.pid) - base
         # Without the budget each client's stream holds what is left of its window once its
@@ -163,13 +178,7 @@ def test_first_windows_are_granted_within_the_budget(world):
         world.start_agent()
         push_port = world.add_proxy(pusher.port)
         wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")
-        for i in range(CLIENTS):
-            c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            clients.append(c)
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-            c.settimeout(30)
-            c.connect(("127.0.0.1", push_port))
-            c.sendall(b"%08d" % i)
+        _stalled_clients(clients, push_port, rcvbuf=1024)
         _settled(world, "the stalled clients' data to stop moving")
         held = world.api("GET", "/v1/status")
         # whole first windows: about 40 MiB held here; granted from the budget: at most this
@@ -192,15 +201,12 @@ def test_targets_that_do_not_read_are_held_to_the_agents_budget(world):
     received: dict[int, bool] = {}
 
     def sink(conn: socket.socket) -> None:
-        head = b""
-        while len(head) < 8:
-            data = conn.recv(8 - len(head))
-            if not data:
-                return
-            head += data
+        number = _client_number(conn)
+        if number is None:
+            return
         go.wait(60)
         got = recv_all(conn, 30)
-        received[int(head)] = got == _blob(int(head), PUSH)
+        received[number] = got == _blob(number, PUSH)
         conn.sendall(b"ok")
     target, echo = TargetServer(sink), TargetServer(echo_handler)
     target.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # inherited by what it accepts
@@ -321,18 +327,12 @@ def trunks():
 
 def _run(loop: Loop, pairs: list[_Pair], readers: dict[_Pair, int], until, what: str, seconds: float = 30.0) -> None:
     """Drive the loop (feeding the targets, reading each reader up to its limit) until `until()`."""
-    deadline = time.monotonic() + seconds
-    for _ in range(200_000):
+    def feed() -> None:
         for p in pairs:
             p.feed()
         for p, limit in readers.items():
             p.read(limit)
-        if until():
-            return
-        if time.monotonic() > deadline:
-            break
-        loop.run_once(max_wait=0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+    drive(loop, until, what, seconds, feed=feed, max_passes=200_000)
 
 
 def _quiet(pairs: list[_Pair], passes: int = 40):

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from anywhere.loop import READ, WRITE, Loop
+from anywhere.loop import READ, WRITE, Loop, ManualClock
+
+from looptest import advance, manual_loop
 
 
 @pytest.fixture
@@ -180,3 +182,74 @@ def test_a_socket_discarded_but_left_open_does_not_keep_the_loop_busy(loop, sock
     loop._epoll.register(a.fileno(), 1)  # ... and has taken it out of the epoll set (else FileExistsError)
     loop._epoll.unregister(a.fileno())
     assert "discarded from the loop but not closed" in caplog.text
+
+
+# -- the clock -------------------------------------------------------------------------------------
+def test_timers_run_on_the_injected_clock_without_sleeping(socketpairs):
+    clock = ManualClock()
+    loop = Loop(clock=clock)
+    try:
+        fired: list[tuple[str, float]] = []
+        loop.call_later(3600, lambda: fired.append(("hour", loop.time())))
+        loop.call_later(0.5, lambda: fired.append(("half", loop.time())))
+        started = time.monotonic()
+        loop.run_once(max_wait=0.05)  # nothing due: the wait is bounded by max_wait, not by the timers
+        assert fired == []
+        clock.advance(0.5)
+        assert loop._next_timeout() == 0.0  # due: the loop does not wait
+        loop.run_once()  # would block forever if a due timer did not count
+        assert fired == [("half", clock())]
+        advance(loop, clock, 3599.5)
+        assert [name for name, _ in fired] == ["half", "hour"]
+        assert loop.time() == clock() == 1000.0 + 3600
+        assert time.monotonic() - started < 2  # an hour of timers, no hour of waiting
+    finally:
+        loop.close()
+
+
+def test_a_manual_clock_still_waits_on_the_real_descriptors(socketpairs):
+    clock = ManualClock()
+    loop = Loop(clock=clock)
+    a, b = socketpairs()
+    seen: list[int] = []
+    try:
+        loop.register(a, READ, seen.append)
+        loop.call_later(10, seen.append, -1)  # not due: waiting would not bring it nearer
+        assert loop._next_timeout() is None
+        b.send(b"x")
+        loop.run_once(max_wait=2.0)  # the selector reports the socket at once
+        assert seen == [READ]
+        assert loop.now == clock()
+        with pytest.raises(ValueError):
+            clock.advance(-1)
+    finally:
+        loop.close()
+
+
+def test_a_timer_that_reschedules_itself_fires_once_per_interval_of_clock_time():
+    loop, clock = manual_loop()
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(loop.time())
+        loop.call_later(0.05, tick)
+    try:
+        loop.call_later(0.05, tick)
+        advance(loop, clock, 1.0)
+        assert len(ticks) == 20
+        assert ticks[0] == pytest.approx(1000.05) and ticks[-1] == pytest.approx(1001.0)
+    finally:
+        loop.close()
+
+
+def test_the_default_clock_is_monotonic():
+    loop = Loop()
+    try:
+        before = time.monotonic()
+        assert before <= loop.time() <= time.monotonic()
+        fired: list[int] = []
+        loop.call_later(0.01, fired.append, 1)
+        _drive(loop, lambda: bool(fired))
+        assert fired == [1]
+    finally:
+        loop.close()

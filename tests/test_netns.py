@@ -32,6 +32,7 @@ import pytest
 
 from anywhere import credentials
 from anywhere.ctl import Client
+from anywhere.net import hostport
 from conftest import Proc, wait_for
 
 pytestmark = pytest.mark.netns
@@ -337,7 +338,7 @@ def assert_refused(net: Net, res: dict, role: str, src_ip: str, which: str) -> N
     assert res["recv_error"] != "timeout" and res["elapsed"] < 5, res
     ip, port = res["local"]
     assert ip == src_ip, f"{role} connected from {ip}, expected {src_ip}"
-    peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    peer = hostport(ip, port)
     wait_for(lambda: f"client {peer} refused: not in the {which} whitelist" in net.server.log(), 5,
              what=f"the server to log the refusal of {peer} ({role}):\n{net.server.log()[-3000:]}")
 

@@ -14,6 +14,7 @@ from anywhere.loop import Loop
 from anywhere.notify import Notifier, monotonic_usec
 
 from conftest import wait_for
+from looptest import advance, manual_loop
 
 
 class NotifySocket:
@@ -116,13 +117,13 @@ def test_watchdog_pid_of_another_process_means_no_pings(notify_socket, monkeypat
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
     monkeypatch.setenv("WATCHDOG_PID", "1")
-    loop = Loop()
+    loop, clock = manual_loop()
     notifier = Notifier()
     try:
         assert notifier.start_watchdog(loop) is None
-        deadline = time.monotonic() + 0.4
-        while time.monotonic() < deadline:
-            loop.run_once(max_wait=0.05)
+        advance(loop, clock, 0.4)  # eight ping intervals of loop time, no waiting
+        notifier.status("marker")  # datagrams arrive in order: once this is read, any ping would have been
+        wait_for(lambda: notify_socket.having("STATUS", "marker"), 5, what="the marker")
         assert notify_socket.having("WATCHDOG") == []
     finally:
         notifier.close()
@@ -146,6 +147,34 @@ def test_a_blocked_loop_stops_the_watchdog_pings(notify_socket, monkeypatch):
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert max(gaps) >= 0.9  # nothing while the loop was blocked
         assert sum(1 for g in gaps if g < 0.2) >= 8  # steady pings before and after
+    finally:
+        notifier.close()
+        loop.close()
+
+
+def test_watchdog_pings_every_half_interval_of_loop_time_while_healthy(notify_socket, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    loop, clock = manual_loop()
+    notifier = Notifier()
+    healthy = [True]
+
+    def quarter_second(n: int) -> None:
+        """A quarter second of loop time, then a marker: datagrams arrive in order, so once it is
+        read every ping before it is too (in steps: the kernel queues only 10 datagrams here)."""
+        advance(loop, clock, 0.25)
+        notifier.status(f"step {n}")
+        wait_for(lambda: notify_socket.having("STATUS", f"step {n}"), 5, what=f"marker {n}")
+    try:
+        assert notifier.start_watchdog(loop, lambda: healthy[0]) == pytest.approx(0.1)
+        for n in range(4):
+            quarter_second(n)  # the first ping at once, then one per 50 ms of loop time
+        assert len(notify_socket.having("WATCHDOG", "1")) == 21
+        healthy[0] = False
+        for n in range(4, 8):
+            quarter_second(n)
+        assert len(notify_socket.having("WATCHDOG", "1")) == 21  # a failed health check sends nothing
     finally:
         notifier.close()
         loop.close()

@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 from anywhere import mux
 from anywhere.loop import Loop
 from anywhere.trunk import Stream, Trunk
 
-
-def _drive(loop: Loop, until, what: str, seconds: float = 10.0, feed=None) -> None:
-    deadline = time.monotonic() + seconds
-    for _ in range(100_000):
-        if feed is not None:
-            feed()
-        if until():
-            return
-        if time.monotonic() > deadline:
-            break
-        loop.run_once(max_wait=0.005)
-    raise AssertionError(f"timed out waiting for {what}")
+from looptest import drive
 
 
 def test_a_light_stream_overtakes_queued_bulk_and_no_stream_is_reordered():
@@ -54,11 +42,11 @@ def test_a_light_stream_overtakes_queued_bulk_and_no_stream_is_reordered():
                 bulk_far.shutdown(socket.SHUT_WR)
     try:
         # nobody reads the trunk: the kernel refuses, the bulk lane fills
-        _drive(loop, lambda: trunk.backlogged and len(trunk.out) >= 2, "a backlogged trunk with bulk queued", feed=feed)
+        drive(loop, lambda: trunk.backlogged and len(trunk.out) >= 2, "a backlogged trunk with bulk queued", feed=feed)
         in_lane = sum(len(frame) - mux.HEADER_SIZE for frame in trunk.out)
         handed = bulk.nbytes_in - in_lane  # bulk payload handed to TLS before the light bytes come
         light_far.sendall(b"keystroke")
-        _drive(loop, lambda: light.nbytes_in == 9, "the light stream to read its bytes")
+        drive(loop, lambda: light.nbytes_in == 9, "the light stream to read its bytes")
         assert trunk.urgent, "the light stream's frame went to the bulk lane"
 
         decoder = mux.MuxDecoder()
@@ -76,12 +64,12 @@ def test_a_light_stream_overtakes_queued_bulk_and_no_stream_is_reordered():
                     if sid == 3 and bulk_before_light is None:
                         bulk_before_light = len(got[1])
                     got[sid] += payload
-        _drive(loop, lambda: bulk_before_light is not None, "the light frame to arrive", feed=read_some)
+        drive(loop, lambda: bulk_before_light is not None, "the light frame to arrive", feed=read_some)
         # FIFO would have delivered every bulk byte queued before it first
         assert bulk_before_light <= handed < bulk.nbytes_in, (bulk_before_light, handed, bulk.nbytes_in)
         assert bytes(got[3]) == b"keystroke"
 
-        _drive(loop, lambda: len(got[1]) == len(blob), "every bulk byte", seconds=30,
+        drive(loop, lambda: len(got[1]) == len(blob), "every bulk byte", seconds=30,
                feed=lambda: (feed(), read_some()))
         assert bytes(got[1]) == blob  # in order, nothing lost
     finally:
