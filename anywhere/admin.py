@@ -63,6 +63,7 @@ from typing import Any, Callable
 import h11
 
 from .common import has_control, printable
+from .errors import AnywhereError
 from .loop import READ, WRITE, Loop, Timer
 from .net import Acceptor, client_ip, format_addr
 
@@ -80,7 +81,10 @@ MAX_TCP_PER_SOURCE = 16
 
 
 
-class ApiError(Exception):
+class ApiError(AnywhereError):
+    """An HTTP answer other than 2xx, with its message: only this edge speaks in status codes
+    (domain errors are errors.OperationError, mapped by server/api.py)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

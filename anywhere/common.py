@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 from .wire import MAX_PORT, MIN_PORT
+from .errors import CredentialError, CtlError  # noqa: F401  (common.CtlError, as before)
 
 __version__ = "0.1.0"
 
@@ -154,13 +155,9 @@ def valid_agent_id(agent_id: str) -> bool:
     return bool(AGENT_ID_RE.fullmatch(agent_id))
 
 
-class CtlError(Exception):
-    """A command talking to the daemon failed; reported as one line on stderr, exit status 1.
-    (Here, not in ctl.py, so that `python -m anywhere.ctl` and client.py share one class.)"""
-
-
-class CredentialsError(Exception):
-    """A credentials command failed; the message says why (raised by credentials.py)."""
+# CtlError (errors.py): a command talking to the daemon failed; one line on stderr, exit status 1.
+# CredentialsError: a credentials command failed (credentials.py); errors.CredentialError under its old name.
+CredentialsError = CredentialError
 
 
 def port_arg(text: str) -> int:

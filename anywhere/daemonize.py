@@ -17,9 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-
-class AlreadyRunning(Exception):
-    pass
+from .errors import AlreadyRunning  # another process holds the pid file (daemonize.AlreadyRunning, as before)
 
 
 class PidFile:

@@ -20,8 +20,7 @@ from typing import Any, Callable
 from . import config as configuration
 from . import ctl
 from .common import default_credential, port_arg, setup_logging, version_line
-from .errors import ConfigError, StateError
-from .tls import CredentialError  # MERGE: errors.CredentialError
+from .errors import ConfigError, CredentialError, StateError
 from .loop import Loop
 from .notify import Notifier
 from .server import Server, ServerConfig

@@ -40,6 +40,8 @@ import ssl
 import sys
 from typing import Any, Callable
 
+from .errors import CredentialError
+
 log = logging.getLogger("anywhere.tls")
 
 READ_AHEAD = 64 * 1024  # OpenSSL's read buffer with read-ahead (4 records a read; 256 KiB measured no faster)
@@ -47,8 +49,7 @@ _SSL_CTRL_SET_READ_AHEAD = 41
 _libssl = None  # ctypes handle, or False once found unusable
 
 
-class CredentialError(Exception):
-    """A certificate or key file is missing or unusable; the message names the file."""
+# CredentialError (errors.py): a certificate or key file is missing or unusable; the message names the file
 
 
 def _load(ctx: ssl.SSLContext, ca: str, cert: str, key: str) -> None:

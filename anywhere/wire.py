@@ -53,6 +53,8 @@ import json
 import struct
 from typing import Any
 
+from .errors import RemoteProtocolError
+
 PROTO_VERSION = 1
 MAX_FRAME = 64 * 1024
 MAX_CHUNK = 1024 * 1024
@@ -88,8 +90,7 @@ MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
-class ProtocolError(Exception):
-    """The remote peer broke the protocol (its fault, not ours)."""
+ProtocolError = RemoteProtocolError  # the remote peer broke the protocol (its fault, not ours): errors.py
 
 
 def encode(msg_type: str, **fields: Any) -> bytes:

@@ -23,15 +23,7 @@ from typing import Any, Callable
 from .. import state, tls
 from ..admin import AdminServer, listen_unix
 from ..audit import AuditLog
-from ..common import __version__
-
-
-def human_bytes(n: float) -> str:  # MERGE: common.human_bytes
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
+from ..common import __version__, human_bytes
 from ..errors import Conflict, NotFound, NotSaved
 from ..loop import Loop, Timer
 from ..net import Acceptor, format_addr, listen

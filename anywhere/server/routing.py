@@ -2,7 +2,7 @@
 
 Owns the clients between accept and close: `Pending` (accepted, its agent asked, keyed by a
 connection id) and `Tunnel` (joined: bytes flow through a `Relay` or a trunk `Stream`, both
-`relay.Conduit`s), with the counts the limits read.  An accepted client is checked against the
+`carrier.Carrier`s), with the counts the limits read.  An accepted client is checked against the
 proxy's whitelist (or the global one) and the limits; then, if its agent has a session, it waits
 while one of the data paths (paths.py: trunk, warm data connection, admin connection) places it.
 A pending client is closed, with the reason logged and counted, when the agent reports ``fail``,
@@ -28,8 +28,8 @@ from ..audit import AuditLog
 from ..framed import FramedConn
 from ..loop import Loop, Timer
 from ..net import accepted, client_ip, format_addr
+from ..carrier import Carrier
 from ..relay import Relay
-Conduit = Any  # MERGE: relay's Protocol
 from ..trunk import Stream
 from .counters import Tally
 from .limits import Limits
@@ -58,7 +58,7 @@ class Tunnel:
     conn_id: int
     proxy: Proxy
     peer: str
-    relay: Conduit  # a Relay (data connection) or a trunk Stream
+    relay: Carrier  # a Relay (data connection) or a trunk Stream
     started: float
     started_wall: float
 
@@ -164,7 +164,7 @@ class Router:
         relay.start(b_initial=leftover)
 
     # -- tunnels ---------------------------------------------------------------------------------------------
-    def add_tunnel(self, pending: Pending, relay: Conduit) -> None:
+    def add_tunnel(self, pending: Pending, relay: Carrier) -> None:
         """Count and list a joined connection."""
         proxy = pending.proxy
         setup = self._setup_children.get(proxy.name)
@@ -200,7 +200,7 @@ class Router:
             return
         self._closed(conn_id, stream, reason)
 
-    def _closed(self, conn_id: int, relay: Conduit, reason: str) -> Tunnel | None:
+    def _closed(self, conn_id: int, relay: Carrier, reason: str) -> Tunnel | None:
         tunnel = self.tunnels.pop(conn_id, None)
         if tunnel is None:
             return None

@@ -203,7 +203,7 @@ class AgentPort:
     def _on_handshake(self, conn: FramedConn) -> None:
         self.handshakes += 1
         conn.role = Role.HELLO  # the first frame must follow within the same timeout
-        conn._timer = self.loop.call_later(self.config().handshake_timeout, self._hello_timeout, conn)  # MERGE
+        conn.set_deadline(self.config().handshake_timeout, self._hello_timeout)
 
     def _hello_timeout(self, conn: FramedConn) -> None:
         if conn in self.handshaking:
@@ -232,9 +232,7 @@ class AgentPort:
 
     def _on_first_frame(self, conn: FramedConn, msg: dict) -> None:
         self._authenticated(conn)
-        if conn._timer:  # MERGE
-            conn._timer.cancel()
-            conn._timer = None
+        conn.clear_deadline()
         conn.role = Role.CLOSING  # until a handler below gives it another
         kind = msg["type"]
         if kind in FIRST_FRAMES and msg["proto"] != PROTO_VERSION:
