@@ -106,8 +106,8 @@ def test_fail_after_ready_frees_the_connections_and_other_agents_keep_their_clie
         for sid in sids:
             trunk.send(mux.READY, sid)
         wait_for(lambda: status(world)["connections"] == 3, 5, what="three joined connections")
-        for sid in sids:
-            trunk.send(mux.FAIL, sid, b"changed my mind")
+        # in one write: the server closes the trunk at the first FAIL, and a write after that could fail
+        trunk.send_raw(b"".join(mux.frame(mux.FAIL, sid, b"changed my mind") for sid in sids))
         assert trunk.wait_closed(5), "a FAIL after READY is a protocol error: the trunk must close"
         wait_for(lambda: status(world)["connections"] == 0, 5, what="the connections to leave the table")
         assert echo(good, b"served") == b"served"  # another agent's proxy is not refused for max_connections
