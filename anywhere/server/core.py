@@ -81,8 +81,7 @@ class Server:
         self.port.on_fail = self.router.on_agent_fail
         self.recent_errors = metrics.RecentErrors()
         logging.getLogger("anywhere").addHandler(self.recent_errors)
-        self.view = View(loop, settings, self.started, self.started_wall, self.proxies, self.port, self.router,
-                         self.trunk_path, self.warm_path, self.tally, self)
+        self.view = View(loop, settings, (self.started, self.started_wall), self.proxies, self.router, self)
         self.metrics.attach(self.view)
         self.admin = AdminServer(loop, api.Api(self.view, self.metrics.exposition).handle)
 

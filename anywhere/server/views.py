@@ -41,19 +41,16 @@ class Operations(Protocol):
 
 
 class View:
-    def __init__(self, loop: Loop, config: Callable[[], ServerConfig], started: float, started_wall: float,
-                 proxies: ProxyTable, port: AgentPort, router: Router, trunks: TrunkPath, warm: WarmPath,
-                 tally: Tally, ops: Operations) -> None:
-        self.loop = loop
-        self._config = config
-        self.started, self.started_wall = started, started_wall
-        self.proxies_table = proxies
-        self.port = port
-        self.router = router
-        self.trunks = trunks
-        self.warm = warm
-        self.tally = tally
-        self.ops = ops
+    def __init__(self, loop: Loop, config: Callable[[], ServerConfig], started: tuple[float, float],
+                 proxies: ProxyTable, router: Router, ops: Operations) -> None:
+        self.loop, self._config, self.ops = loop, config, ops
+        self.started, self.started_wall = started  # loop time, wall time
+        self.proxies_table, self.router = proxies, router
+        # the parts routing works with, read here too
+        self.port: AgentPort = router.port
+        self.trunks: TrunkPath = router.trunks
+        self.warm: WarmPath = router.warm
+        self.tally: Tally = router.tally
 
     # -- reading -----------------------------------------------------------------------------------------
     def status(self) -> dict:
