@@ -85,23 +85,6 @@ metrics_public = boolean(default=False)
 log_level = loglevel(default=info)
 """.strip().splitlines()
 
-AGENT_SPEC = """
-[agent]
-agent_id = agentid(default=None)
-server = host(default=None)
-server_port = port(default=1111)
-server_name = host(default=None)
-ca = path(default=None)
-cert = path(default=None)
-key = path(default=None)
-dial_timeout = seconds(default=5)
-handshake_timeout = seconds(default=10)
-allow = allowlist(default=list())
-buffer_budget = size(1M, 1T, default=256M)
-log_level = loglevel(default=info)
-""".strip().splitlines()
-
-
 class ConfigError(Exception):
     """One or more problems in a config file; str() has one line per problem."""
 
@@ -437,15 +420,6 @@ def server_config(path: str, overrides: dict[str, Any], required: bool = False) 
     return config, extra
 
 
-def agent_config(path: str, name: str | None, overrides: dict[str, Any], required: bool = True) -> tuple[dict[str, Any], str]:
-    """The agent's settings as a dict (AgentConfig's fields + log_level): file, then overrides."""
-    values = read(path, AGENT_SPEC, required=required)["agent"]
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("agent_id") is None and name:
-        values["agent_id"] = name
-    return values, path
-
-
 def agents_config_path(name: str) -> str:
     return os.path.join(AGENTS_DIR, f"{name}.conf")
 
@@ -463,4 +437,4 @@ def render(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "read", "server_config", "agent_config", "render", "describe", "flag_type"]
+__all__ = ["ConfigError", "read", "server_config", "render", "describe", "flag_type"]
