@@ -1,4 +1,8 @@
-"""anywhere: the agent, with the original's flags (-i -s -p --ca --cert --key).
+"""anywhere: the agent's entry point, with the original's flags (-i -s -p --ca --cert --key).
+
+This module only parses the command line and wires the parts (the composition root): the
+settings are resolved by agent/settings.py (which also holds every default and range the
+flags' help shows), the agent is agent/core.py's `Agent`, the loop and signals service.py's.
 
 Settings may also come from an INI file (`--config /etc/anywhere/agents/NAME.conf`, as the
 systemd template `anywhere-agent@NAME` runs it); flags given override the file, and the agent
@@ -18,7 +22,7 @@ from typing import Any, Callable
 from . import config as configuration
 from . import tls
 from .agent import Agent, AgentConfig, settings
-from .common import __version__, setup_logging, version_line
+from .common import setup_logging, version_line
 from .loop import Loop
 from .notify import Notifier
 from .service import run_loop, with_pidfile
@@ -121,7 +125,7 @@ def _run(config: AgentConfig, args: argparse.Namespace) -> int:
     agent = Agent(loop, config)
     notifier = Notifier()
     try:
-        agent.start()
+        agent.start(args.config)
     except tls.CredentialError as exc:
         log.error("cannot start: %s", exc)
         loop.close()
@@ -143,14 +147,6 @@ def _run(config: AgentConfig, args: argparse.Namespace) -> int:
         finally:
             notifier.ready(agent.status_line())
 
-    log.info("anywhere agent %s (%s) starting; server %s:%d; targets allowed: %s", config.agent_id, __version__,
-             config.server_host, config.server_port, agent.allowlist)
-    if agent.allowlist.everything:
-        log.warning("allow = *: this agent connects to any target the server asks for; list the targets with "
-                    "--allow or allow = in its configuration")
-    elif not agent.allowlist.entries:
-        log.warning("allow is empty: this agent refuses every target; list them with allow = in %s",
-                    args.config or "--allow")
     return run_loop(loop, notifier, "agent", agent.status_line, stop, reload, agent.close)
 
 

@@ -28,6 +28,7 @@ import logging
 from dataclasses import fields
 from .. import tls
 from ..allow import Allowlist, parse_allowlist
+from ..common import __version__
 from ..loop import Loop
 from ..trunk import set_buffer_budget
 from .dataconns import DataConns
@@ -53,12 +54,23 @@ class Agent:
     def allowlist(self) -> Allowlist:
         return self.targets.allowlist
 
-    def start(self) -> None:
-        """Start connecting.  Raises tls.CredentialError (and starts nothing) for bad credentials."""
-        ctx = tls.client_context(self.config.ca, self.config.cert, self.config.key)
-        set_buffer_budget(self.config.buffer_budget)
+    def start(self, config_path: str | None = None) -> None:
+        """Start connecting, and say so, with a warning for an allowlist of everything or of nothing
+        (naming `config_path`, or --allow).  Raises tls.CredentialError (and starts nothing) for bad
+        credentials."""
+        config = self.config
+        ctx = tls.client_context(config.ca, config.cert, config.key)
+        set_buffer_budget(config.buffer_budget)
         self.session.start(ctx)
         self.trunks.start()
+        log.info("anywhere agent %s (%s) starting; server %s:%d; targets allowed: %s", config.agent_id, __version__,
+                 config.server_host, config.server_port, self.allowlist)
+        if self.allowlist.everything:
+            log.warning("allow = *: this agent connects to any target the server asks for; list the targets with "
+                        "--allow or allow = in its configuration")
+        elif not self.allowlist.entries:
+            log.warning("allow is empty: this agent refuses every target; list them with allow = in %s",
+                        config_path or "--allow")
 
     # -- the wiring ----------------------------------------------------------------------------------
     def _on_welcome(self) -> None:
