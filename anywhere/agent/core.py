@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import fields
+
 from .. import tls
 from ..allow import Allowlist, parse_allowlist
 from ..common import __version__
