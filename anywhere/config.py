@@ -1,11 +1,13 @@
-"""INI configuration files, read with configobj and checked with validate against the specs below.
+"""INI configuration files, read with configobj and checked with validate against a role's configspec.
 
 Theory of operation
 -------------------
 A config file is parsed → checked against its configspec (which fills the defaults) → turned
-into a `ServerConfig` / `AgentConfig`; command-line flags that were given override the file.
-Every problem is collected before anything is reported, and each one names the file, the
-section, the key, the bad value and what is expected::
+into the role's settings by the role (`server/settings.py`'s ServerConfig, `agent/settings.py`'s
+AgentConfig: each is the one home of its keys' checks, defaults and help, and builds its spec
+from them); command-line flags that were given override the file.  Every problem is collected
+before anything is reported, and each one names the file, the section, the key, the bad value
+and what is expected::
 
     anywhered.conf [server] port = 70000: must be 1..65535
 
@@ -14,11 +16,10 @@ are our own validate functions (`port`, `seconds`, `addresses`, `networks`, …)
 say what an operator needs, not what a type system would.  Nothing here opens a socket: a bad
 file stops the process before it binds anything, and a reload that fails changes nothing.
 
-The specs are the one home of every key's range and default.  Where the wire protocol bounds a
-value (the heartbeat and pool size a ``welcome`` carries, ports) the spec takes the bound from
-wire.py, so whatever passes check-config can be sent to every agent.  A command-line flag that
-overrides a key is checked by that key's own check (`flag_type`) and its help shows that key's
-range and default (`describe`): a flag cannot accept what the file refuses.
+This module owns the checks, the reading, and what flags derive from a key (`flag_type`: the
+key's own check, so a flag cannot accept what the file refuses; `describe`: the key's range and
+default for the flag's help).  Where the wire protocol bounds a value (heartbeat, pool size,
+ports) the checks take the bound from wire.py.  It must not know any role's keys.
 """
 
 from __future__ import annotations
@@ -36,25 +37,8 @@ from .errors import ConfigError
 from .common import valid_agent_id
 from .net import HOSTNAME_RE, is_ip
 
-AGENTS_DIR = "/etc/anywhere/agents"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SECONDS = 86400  # a timeout of more than a day is a typo
-
-AGENT_SPEC = """
-[agent]
-agent_id = agentid(default=None)
-server = host(default=None)
-server_port = port(default=1111)
-server_name = host(default=None)
-ca = path(default=None)
-cert = path(default=None)
-key = path(default=None)
-dial_timeout = seconds(default=5)
-handshake_timeout = seconds(default=10)
-allow = allowlist(default=list())
-buffer_budget = size(1M, 1T, default=256M)
-log_level = loglevel(default=info)
-""".strip().splitlines()
 
 
 class _Bad(ValidateError):
@@ -363,17 +347,6 @@ def _parse_message(error: Exception) -> str:
 
 
 # -- building the role configs ---------------------------------------------------------------------------
-def agent_config(path: str, name: str | None, overrides: dict[str, Any], required: bool = True) -> tuple[dict[str, Any], str]:
-    """The agent's settings as a dict (AgentConfig's fields + log_level): file, then overrides."""
-    values = read(path, AGENT_SPEC, required=required)["agent"]
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if values.get("agent_id") is None and name:
-        values["agent_id"] = name
-    return values, path
-
-
-def agents_config_path(name: str) -> str:
-    return os.path.join(AGENTS_DIR, f"{name}.conf")
 
 
 def render(settings: dict[str, Any]) -> str:
@@ -389,4 +362,4 @@ def render(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ConfigError", "read", "agent_config", "render", "describe", "flag_type"]
+__all__ = ["ConfigError", "read", "render", "describe", "flag_type"]

@@ -10,6 +10,7 @@ import pytest
 
 from anywhere import config
 from anywhere.server import settings
+from anywhere.agent import settings as agent_settings
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 
@@ -76,7 +77,7 @@ def test_every_server_key_is_covered():
 
 
 def test_every_agent_key_is_covered():
-    keys = {line.split("=")[0].strip() for line in config.AGENT_SPEC if "=" in line}
+    keys = {line.split("=")[0].strip() for line in agent_settings.AGENT_SPEC if "=" in line}
     assert keys == {k for k, _, _ in AGENT_BAD}
 
 
@@ -96,7 +97,7 @@ def test_agent_bad_value_message(tmp_path, key, value, expected):
     path = tmp_path / "agent-1.conf"
     path.write_text(f"[agent]\nserver = 127.0.0.1\n{key} = {value}\n" if key != "server" else f"[agent]\n{key} = {value}\n")
     with pytest.raises(config.ConfigError) as err:
-        config.agent_config(str(path), "agent-1", {})
+        agent_settings.agent_config(str(path), "agent-1", {})
     shown = value.strip('"')
     assert f"{path} [agent] {key} = {shown}: " in str(err.value)
     assert expected in str(err.value)
@@ -219,7 +220,7 @@ def test_agent_check_config_defaults_id_to_file_name(tmp_path, creds):
 def test_example_configs_are_valid():
     cfg = settings.server_config(str(ETC / "anywhered.conf"), {}, required=True)
     assert cfg.port == 1111
-    values, _ = config.agent_config(str(ETC / "agents" / "agent.conf.example"), "agent-1", {})
+    values, _ = agent_settings.agent_config(str(ETC / "agents" / "agent.conf.example"), "agent-1", {})
     assert values["server"] == "tunnel.example.com" and values["agent_id"] == "agent-1"
 
 

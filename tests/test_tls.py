@@ -168,7 +168,8 @@ def test_common_name_fuzz_never_raises_anything_but_valueerror(creds):
 def test_the_agent_reads_its_identity_without_loading_cryptography(creds):
     import subprocess
     import sys
-    code = ("import sys; from anywhere import agent_cli; print(agent_cli.certificate_identity(sys.argv[1])); "
+    code = ("import sys; from anywhere import agent_cli; from anywhere.agent.settings import certificate_identity; "
+            "print(certificate_identity(sys.argv[1])); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))")
     res = subprocess.run([sys.executable, "-c", code, str(creds.agent("agent-1")[0])], capture_output=True, text=True,
                          timeout=60)

@@ -175,6 +175,8 @@ class Server:
         for name in restart:
             setattr(new, name, getattr(old, name))  # keep reporting what is really in force
         self.port.ctx = ctx
+        for session in self.sessions.values():
+            session.heartbeat.interval = new.heartbeat  # from the next beat on
         self.global_nets = nets
         self.config = new
         self.api_token = token

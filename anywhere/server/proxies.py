@@ -25,7 +25,7 @@ from typing import Any, Callable
 from ..common import printable, valid_agent_id
 from ..errors import Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
-from ..net import HOSTNAME_RE, Acceptor, is_ip, listen
+from ..net import HOSTNAME_RE, Acceptor, hostport, is_ip, listen
 from ..state import entry_name
 from .settings import ServerConfig
 
@@ -83,7 +83,7 @@ class Proxy:
 
     @property
     def target(self) -> str:
-        return f"[{self.local_ip}]:{self.local_port}" if ":" in self.local_ip else f"{self.local_ip}:{self.local_port}"
+        return hostport(self.local_ip, self.local_port)
 
 
 def validate_proxy(spec: Any) -> Proxy:

@@ -38,7 +38,8 @@ from typing import Any, Callable
 from .. import tls
 from ..common import printable
 from ..framed import FramedConn
-from ..loop import Loop, Timer
+from ..heartbeat import Heartbeat
+from ..loop import Loop
 from ..net import Acceptor, accepted, format_addr
 from ..wire import PROTO_VERSION
 from .limits import Limits
@@ -71,35 +72,22 @@ class AgentSession:
         self.since = port.wall_time()
         self.rtt: float | None = None
         self.last_pong: float | None = None
-        self._seq = 0
-        self._ping_sent: dict[int, float] = {}
         self.token = secrets.randbits(62) + 1  # in welcome; the agent's trunks name it (their owner)
-        self._timer: Timer = port.loop.call_later(port.config().heartbeat, self._tick)
+        self.heartbeat = Heartbeat(port.loop, conn, port.config().heartbeat, on_timeout=self._silent,
+                                   after_beat=lambda: port.on_beat(self))
 
-    def _tick(self) -> None:
-        loop, hb = self.port.loop, self.port.config().heartbeat
-        if not self.conn.open:
-            return
-        if loop.time() - self.conn.last_rx > 3 * hb:
-            log.warning("agent %s (%s): no heartbeat for %.0f s; closing its session", self.agent_id, self.address, 3 * hb)
-            self.conn.close("heartbeat timeout")
-            return
-        self._seq += 1
-        self._ping_sent = {self._seq: loop.time()}
-        self.conn.send("ping", seq=self._seq)
-        self._timer = loop.call_later(hb, self._tick)
-        self.port.on_beat(self)
+    def _silent(self, silence: float) -> None:
+        log.warning("agent %s (%s): no heartbeat for %.0f s; closing its session", self.agent_id, self.address, silence)
 
     def on_message(self, conn: FramedConn, msg: dict) -> None:
         kind = msg["type"]
         if kind == "ping":
             conn.send("pong", seq=msg["seq"])
         elif kind == "pong":
-            sent = self._ping_sent.pop(msg["seq"], None)
-            if sent is not None:
-                self.rtt = self.port.loop.time() - sent
-                self.last_pong = self.port.wall_time()
-                self.port.on_rtt(self.agent_id, self.rtt)
+            rtt = self.heartbeat.on_pong(msg["seq"])
+            if rtt is not None:
+                self.rtt, self.last_pong = rtt, self.port.wall_time()
+                self.port.on_rtt(self.agent_id, rtt)
         elif kind == "fail":
             self.port.on_fail(self.agent_id, msg["conn"], printable(msg["reason"]))
         else:
@@ -108,7 +96,7 @@ class AgentSession:
             conn.close(f"unexpected {kind}")
 
     def stop(self) -> None:
-        self._timer.cancel()
+        self.heartbeat.stop()
 
 
 Handler = Callable[[FramedConn, dict], None]

@@ -1,0 +1,63 @@
+"""Dialing a target the server asked for, within this agent's allowlist.
+
+Theory of operation
+-------------------
+Every data path (trunks.py, dataconns.py) reaches its target through `Targets.dial`, the one
+place where the allowlist is applied:
+
+* an address literal is dialled if the list permits that address and port;
+* a name is dialled if the list holds that name (and port);
+* a name the list does not hold is dialled only at those of its resolved addresses the list's
+  networks permit (net.Dialer's ``address_ok``); if the list has no networks it is refused at once.
+
+A refusal reaches the caller's callback like a failed dial, ``callback(None, reason)``, on a
+later loop pass, and names the target and the list, so the server can tell its client's operator
+why.  `allowlist` and `timeout` are replaced by a reload; dials already under way keep theirs.
+
+Rules: this module holds no connection, logs nothing and never talks to the server: answering
+``fail`` is the data path's.  The host comes from the server: it is shown only through
+`target_name` (printable, bounded).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+from ..allow import Allowlist
+from ..common import printable
+from ..loop import Loop
+from ..net import Dialer, hostport, is_ip
+
+DialCallback = Callable[[socket.socket | None, str | None], None]
+
+
+def target_name(host: str, port: int) -> str:
+    """``host:port`` (``[v6]:port``) for logs and messages, with the server's `host` made printable and bounded."""
+    return hostport(printable(host, 255), port)
+
+
+class Targets:
+    """The agent's way to its targets: the allowlist and the dial timeout."""
+
+    def __init__(self, loop: Loop, allowlist: Allowlist, timeout: float) -> None:
+        self.loop = loop
+        self.allowlist = allowlist
+        self.timeout = timeout
+
+    def dial(self, host: str, port: int, callback: DialCallback, *, keep_registered: bool = False) -> Dialer | None:
+        """Dial host:port if the allowlist permits it; `callback` and `keep_registered` as net.Dialer's.
+
+        Returns the Dialer (cancel it to give up), or None when the target is refused outright
+        (the callback then still comes, with the reason)."""
+        allowlist = self.allowlist
+        literal = is_ip(host.split("%", 1)[0])
+        if allowlist.permits_address(host, port) if literal else allowlist.permits_name(host, port):
+            return Dialer(self.loop, host, port, self.timeout, callback, keep_registered=keep_registered)
+        refused = f"{target_name(host, port)} is not in this agent's allowlist (allow = {allowlist})"
+        if literal or not allowlist.has_networks:
+            self.loop.call_soon(callback, None, refused)
+            return None
+        # a name the list does not hold: dialled only at resolved addresses its networks allow
+        return Dialer(self.loop, host, port, self.timeout, callback, refused=refused, keep_registered=keep_registered,
+                      address_ok=lambda address: allowlist.permits_address(address, port))

@@ -1,0 +1,205 @@
+"""Data path 1, the default: trunks, each carrying many client connections as streams.
+
+Theory of operation
+-------------------
+A welcome with ``pool`` > 0 asks the agent to keep that many trunks (at most wire.MAX_TRUNKS).
+`Trunks.refill` opens the missing ones: a `TrunkSetup` dials the server at the address the admin
+connection reached, runs TLS, and, if the session it was opened for is still the welcomed one,
+hands the socket over; `Trunks` makes it a `trunk.Trunk` and says ``trunk`` on it (agent id,
+the session's token, ``ping=1``: it answers PING; ``window=1``: it takes a stream's first window
+from OPEN).  From then on the server opens streams on it: each OPEN names a target, dialled
+through `target.Targets` (the allowlist); READY once it answers, FAIL with the reason if not.
+The stream exists while its target is dialled, so an ABORT meanwhile cancels the dial.
+
+Ownership (trunk.py, "Ownership"): a trunk belongs to the session it was opened in (its
+``owner`` is the session's number).  When the session ends, `retire` stops counting its trunks,
+so the next session opens its own at once; a retired trunk closes when its last stream ends.
+Liveness: every heartbeat interval, whether or not a session is up, each trunk, current or
+retired, checks its own (``Trunk.check_alive``).  A current trunk that closes is replaced after
+the first backoff delay.  A trunk set-up that fails is not retried by itself: the next refill
+(a trunk closing, a warm data connection being used, the next session) opens it.
+
+Rules: streams do not depend on the admin connection; a trunk is never reused by another
+session; nothing here speaks on the admin connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import ssl
+from typing import Callable
+
+from .. import mux
+from ..framed import FramedConn
+from ..loop import Loop, Timer
+from ..trunk import Stream, Trunk
+from ..wire import MAX_TRUNKS, PROTO_VERSION, encode
+from .session import Session, backoff_delay
+from .target import Targets, target_name
+
+log = logging.getLogger("anywhere.agent")
+
+
+class SetupState(enum.Enum):
+    DIALING = "dialing"  # connecting to the server
+    HANDSHAKING = "handshaking"  # TLS
+    DONE = "done"  # handed over as a trunk, or failed
+
+
+class TrunkSetup:
+    """One connection on its way to becoming a trunk: dial the server, TLS, then
+    ``on_ready(sock, leftover, peer)``; ``on_done(self)`` exactly once, either way."""
+
+    def __init__(self, session: Session, on_ready: Callable[[ssl.SSLSocket, bytes, str], None],
+                 on_done: Callable[["TrunkSetup"], None]) -> None:
+        self.session = session
+        self.number = session.number  # opened for this session: useless to any other
+        self.on_ready = on_ready
+        self.on_done = on_done
+        self.state = SetupState.DIALING
+        session.connect_server(self._on_server)
+
+    def _finish(self) -> None:
+        if self.state is not SetupState.DONE:
+            self.state = SetupState.DONE
+            self.on_done(self)
+
+    def _on_server(self, sock: socket.socket | None, error: str | None) -> None:
+        if sock is None or self.session.closed:
+            self._finish()
+            if sock is not None:
+                sock.close()
+            else:
+                log.info("cannot open a trunk to the server: %s", error)
+            return
+        self.state = SetupState.HANDSHAKING
+        self.session.secure(sock, on_message=lambda c, m: c.close("unexpected message"),
+                            on_close=lambda c, reason: self._failed(reason), on_handshake=self._on_handshake)
+
+    def _failed(self, reason: str) -> None:
+        self._finish()
+        log.info("trunk set-up failed: %s", reason)
+
+    def _on_handshake(self, conn: FramedConn) -> None:
+        if self.session.number != self.number or not self.session.welcomed:
+            self._finish()
+            conn.close("its session is over")
+            return
+        peer = conn.peer
+        sock, leftover = conn.detach()
+        self._finish()
+        self.on_ready(sock, leftover, peer)
+
+
+class Trunks:
+    """The agent's trunks: those of the current session, the retired ones, those being opened."""
+
+    def __init__(self, loop: Loop, session: Session, targets: Targets) -> None:
+        self.loop = loop
+        self.session = session
+        self.targets = targets
+        self.current: list[Trunk] = []  # the current session's
+        self.retired: set[Trunk] = set()  # of sessions that are over, closed with their last stream
+        self.opening: set[TrunkSetup] = set()
+        self.closed = False
+        self._liveness: Timer | None = None
+
+    def start(self) -> None:
+        self._liveness = self.loop.call_later(self.session.interval, self._check)
+
+    @property
+    def streams(self) -> list[Stream]:
+        return [s for t in self.current + list(self.retired) for s in t.streams.values()]
+
+    def refill(self) -> None:
+        """Keep the trunks the session's welcome asked for open or on their way."""
+        session = self.session
+        if self.closed or session.closed or not session.welcomed or session.server_addr is None:
+            return
+        wanted = min(MAX_TRUNKS, session.pool)
+        for _ in range(max(0, wanted - len(self.current) - len(self.opening))):
+            self.opening.add(TrunkSetup(session, self._adopt, self.opening.discard))
+
+    def _adopt(self, sock: ssl.SSLSocket, leftover: bytes, peer: str) -> None:
+        session = self.session
+        trunk = Trunk(self.loop, sock, leftover, name=f"to {peer}", on_open=self._on_stream_open,
+                      on_close=self._on_trunk_close)
+        fields = {"session": session.token} if session.token is not None else {}
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, **fields))
+        trunk.owner = session.number
+        trunk.can_ping = session.trunk_ping
+        self.current.append(trunk)
+
+    def retire(self, reason: str) -> None:
+        """The session is over: its trunks are not counted any more (the next session opens its
+        own at once) and close when their last stream ends."""
+        trunks, self.current = self.current, []
+        for trunk in trunks:
+            if trunk.streams:
+                self.retired.add(trunk)
+            trunk.retire(reason)
+
+    def _check(self) -> None:
+        """Every heartbeat interval, whether or not a session is up: each trunk's own liveness."""
+        self._liveness = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        for trunk in self.current + list(self.retired):
+            trunk.check_alive(now, self.session.interval)
+        self._liveness = self.loop.call_later(self.session.interval, self._check)
+
+    def _on_trunk_close(self, trunk: Trunk, reason: str) -> None:
+        self.retired.discard(trunk)
+        current = trunk in self.current
+        if current:
+            self.current.remove(trunk)
+        if not self.closed:
+            log.log(logging.DEBUG if reason.startswith("agent") or trunk.retired else logging.INFO,
+                    "trunk %s closed: %s", trunk.name, reason)
+            if current:
+                config = self.session.config
+                self.loop.call_later(backoff_delay(1, config.backoff_min, config.backoff_max), self.refill)
+
+    # -- a stream: its target ------------------------------------------------------------------------
+    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None) -> None:
+        target = target_name(host, port)
+
+        def ended(st: Stream, reason: str) -> None:
+            log.log(logging.DEBUG if reason == "done" else logging.INFO,
+                    "stream %d to %s ended (%s): %d bytes to the target, %d back", sid, target, reason,
+                    st.nbytes_out, st.nbytes_in)
+        # the stream exists while its target is dialled, so an ABORT meanwhile cancels the dial
+        stream = Stream(trunk, sid, name=f"target {target}", on_close=ended)
+        if window is not None:
+            stream.send_window = window  # the first window the server's budget granted
+
+        def dialled(sock: socket.socket | None, error: str | None) -> None:
+            stream.dialer = None
+            if stream.closed or trunk.closed:
+                if sock is not None:
+                    self.loop.discard(sock)
+                    sock.close()
+                return
+            if sock is None:
+                log.warning("stream %d: cannot reach %s: %s", sid, target, error)
+                trunk.control(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
+                stream.on_close = None
+                stream.close("target unreachable", notify=False)
+                return
+            trunk.control(mux.frame(mux.READY, sid))
+            stream.attach(sock, read_now=False, registered=True)
+        stream.dialer = self.targets.dial(host, port, dialled, keep_registered=True)
+
+    # -- ending --------------------------------------------------------------------------------------
+    def close(self, reason: str) -> None:
+        """Close every trunk, current and retired, and stop checking them.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._liveness:
+            self._liveness.cancel()
+        for trunk in self.current + list(self.retired):
+            trunk.close(reason)
