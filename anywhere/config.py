@@ -25,7 +25,6 @@ ports) the checks take the bound from wire.py.  It must not know any role's keys
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from typing import Any, Callable
 
@@ -35,7 +34,7 @@ from validate import ValidateError, Validator
 from . import wire
 from .errors import ConfigError
 from .common import valid_agent_id
-from .net import HOSTNAME_RE, is_ip
+from .net import HOSTNAME_RE, is_ip, parse_networks
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SECONDS = 86400  # a timeout of more than a day is a typo
@@ -146,11 +145,10 @@ def check_addresses(value: Any, default: Any = None) -> list[str]:
 
 def check_networks(value: Any, default: Any = None) -> list[str]:
     items = _list(value)
-    for item in items:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise _Bad(f"{item!r} is not an IP address or CIDR (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)") from None
+    try:
+        parse_networks(items)
+    except ValueError as exc:
+        raise _Bad(f"{exc.args[0]!r} is not an IP address or CIDR (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)") from None
     return items
 
 

@@ -32,6 +32,22 @@ HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_
 Address = tuple  # (host, port) or (host, port, flowinfo, scope_id)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: list[str]) -> list[Network]:
+    """IP addresses and CIDRs, v4 and v6 (an address is its /32 or /128; host bits are ignored):
+    the one parser of whitelists, for the configuration and the API alike.  ValueError whose
+    argument is the first entry that is neither; each caller words its own message."""
+    nets: list[Network] = []
+    for entry in entries:
+        try:
+            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(entry) from None
+    return nets
+
+
 @functools.lru_cache(maxsize=4096)
 def is_ip(host: str) -> bool:  # asked for every dialled target: the answers are kept
     try:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from ..common import printable, valid_agent_id
 from ..errors import Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
-from ..net import HOSTNAME_RE, Acceptor, hostport, is_ip, listen
+from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
 from ..state import entry_name
 from .settings import ServerConfig
 
@@ -36,7 +36,6 @@ PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 FIELDS = ("name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist", "enabled", "idle_timeout")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
@@ -47,15 +46,13 @@ def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
         entries = [e for e in entries.split(",") if e.strip()]
     if not isinstance(entries, list):
         raise ValueError(f"{what} must be a list of IP addresses or CIDRs")
-    nets: list[Network] = []
     for entry in entries:
         if not isinstance(entry, str) or not entry.strip():
             raise ValueError(f"{what} entry {entry!r} is not an IP address or CIDR")
-        try:
-            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError:
-            raise ValueError(f"{what} entry {entry.strip()!r} is not an IP address or CIDR") from None
-    return nets
+    try:
+        return parse_networks(entries)
+    except ValueError as exc:
+        raise ValueError(f"{what} entry {exc.args[0].strip()!r} is not an IP address or CIDR") from None
 
 
 def allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
