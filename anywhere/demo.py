@@ -2,7 +2,8 @@
 
 Makes credentials in a temporary directory, starts an HTTP target, anywhered and an agent,
 adds a proxy with `anywhered proxy add`, fetches a page through the tunnel, shows what the
-daemon reports, and stops everything it started (by pid), whatever happens.
+daemon reports, and stops everything it started (by pid), whatever happens.  It must not touch
+anything outside its temporary directory, nor send a byte beyond loopback.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ the command line overrides the file.  Under systemd the process notifies READY=1
 listeners and admin socket exist, pings the watchdog from its loop, reports live counts in
 STATUS=, reloads on `anywherectl reload` or SIGHUP (RELOADING=1 … READY=1), and on SIGTERM
 stops accepting, lets live connections finish for `drain_timeout` seconds, then exits 0.
+
+It parses and wires only (the entry point: the settings from server/settings.py, the daemon from
+server/core.py, the loop and signals from service.py); it must not hold any of the server's logic.
 """
 
 from __future__ import annotations

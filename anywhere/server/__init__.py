@@ -20,7 +20,8 @@ The package, by what each module owns (each module's docstring states its rules)
 Imports go one way: core → views → routing → paths → sessions → limits/settings, and api and
 metrics see only the Protocols they declare (tests/test_layout.py checks that no module imports
 another that imports it back, not even under TYPE_CHECKING).  The entry point (server_cli.py)
-reads the configuration, builds a Server and runs the loop.
+reads the configuration, builds a Server and runs the loop.  Nothing outside this package may
+reach into its parts: the entry point and the tests use `Server` and `ServerConfig`.
 """
 
 from .core import Server
