@@ -77,14 +77,19 @@ than a few milliseconds of sending:
     (8 KiB at least, `MAX_PAYLOAD` on a fast path, where frames that large save CPU);
   * the trunk's own: two lanes.  The urgent lane (control frames: OPEN, READY, FAIL, WINDOW, END,
     ABORT, PING, PONG; and DATA of *light* streams) is written before the bulk lane (DATA of busy
-    streams).  While the kernel refuses part of a write (`backlogged`), a stream is light as long
-    as it has sent less than `LIGHT_RATE` a second, with bursts of `LIGHT_BURST` (a token bucket
+    streams).  On a slow trunk, and while the kernel refuses part of a write (`backlogged`), a
+    stream is light as long as it has sent less than `LIGHT_RATE` a second, with bursts of
+    `LIGHT_BURST` (a token bucket
     per stream, `allowance`): keystrokes, requests and acknowledgements are light, a transfer is
     not after its first 16 KiB.  A light stream may go on even when the trunk is congested and
     the busy streams wait their turn.  A stream's frames never overtake each other: it may use the
     urgent lane only once none of its DATA is left in the bulk lane (`bulk_mark`), and its END
-    follows its DATA.  The bulk lane is kept to `HIGH_FRAMES` frames while backlogged; busy
-    streams take turns (oldest waiting first), a frame each.
+    follows its DATA; a light stream spends its allowance whichever lane its DATA takes (one that
+    read on an allowance it never spent, while its earlier DATA waited in the bulk lane, passed
+    congestion a window at a time and starved the others).  The bulk lane of a slow trunk is kept
+    to `HIGH_FRAMES` frames while its queue is empty too (with the fast limits then, the first
+    streams to read again each queued up to `HIGH`, and a keystroke that took the bulk lane waited
+    behind it: p99 of 0.4-0.8 s in metric h); busy streams take turns (oldest waiting first).
 The rate (`_remeter`, every `METER_PERIOD`) is what the trunk handed to TLS.  Only a trunk that
 is backlogged at less than `SLOW_RATE` is *slow*, and only a slow trunk takes the limits above
 (its frames, lanes and LOWAT follow its rate); at twice SLOW_RATE it is fast again (frames of
@@ -312,7 +317,7 @@ class Trunk:
         that what every stream produced in one pass leaves in one TLS write."""
         if self.closed:
             return
-        if not self.out_bytes and len(data) >= COALESCE:
+        if not self.out_bytes and len(data) >= COALESCE and not (self.slow and _unsent(self._fd) > self._lowat):
             try:
                 sent = self._send(data)
             except _WOULD_BLOCK:
@@ -434,12 +439,14 @@ class Trunk:
 
     def _backlog(self, backlogged: bool) -> None:
         """The kernel refused part of a write (or took everything again): the queue limits that
-        keep the lanes short apply only while it refuses (see Scheduling)."""
+        keep the lanes short apply while it refuses, and always on a slow trunk (see Scheduling)."""
         if backlogged != self.backlogged:
             self.backlogged = backlogged
             if backlogged:
                 self._meter_backlogged = True
-            self.high, self.low = self._slow_limits if backlogged else (HIGH, LOW)
+            # a slow trunk keeps its short limits while its queue is empty too: with the fast ones,
+            # the first streams to read again would each put up to HIGH into it at once
+            self.high, self.low = self._slow_limits if backlogged or self.slow else (HIGH, LOW)
 
     def _remeter(self) -> None:
         """Every METER_PERIOD: the rate the trunk handed to TLS.  A trunk that could not hand over
@@ -462,15 +469,13 @@ class Trunk:
             self.slow = False
             log.debug("trunk %s: a fast path again (%.1f MB/s)", self.name, rate / 1e6)
             self.frame_max, self._slow_limits = _MAX_PAYLOAD, (HIGH, LOW)
-            if self.backlogged:
-                self.high, self.low = HIGH, LOW
+            self.high, self.low = HIGH, LOW
             self._set_lowat(LOWAT_OFF)
             return
         frame = int(rate * FRAME_TIME) // QUANTUM * QUANTUM
         self.frame_max = frame = QUANTUM if frame < QUANTUM else _MAX_PAYLOAD if frame > _MAX_PAYLOAD else frame
         self._slow_limits = (HIGH_FRAMES * frame, frame)
-        if self.backlogged:
-            self.high, self.low = self._slow_limits
+        self.high, self.low = self._slow_limits
         lowat = int(rate * LOWAT_TIME)
         self._set_lowat(LOWAT_MIN if lowat < LOWAT_MIN else LOWAT_MAX if lowat > LOWAT_MAX else lowat)
 
@@ -733,7 +738,7 @@ class Stream:
             if window < limit:
                 limit = window
             light = 0
-            if trunk.backlogged:  # the kernel refuses: which lane matters (see Scheduling)
+            if trunk.backlogged or trunk.slow:  # the kernel refuses, or may at once: which lane matters (see Scheduling)
                 now = trunk.loop.now
                 light = self.allowance + (now - self.last_active) * LIGHT_RATE
                 if light > LIGHT_BURST:
