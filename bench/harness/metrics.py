@@ -206,6 +206,7 @@ def test_f(path: Path, tg: Targets, st: Settings) -> dict:
         time.sleep(0.5)
         pids = path.pids()
         before, pss_before = rss_kib(pids), pss_kib(pids)
+        each_before = [rss_kib([pid]) for pid in pids]
         gen = tg.procs.start("loadgen-hold", [
             sys.executable, LOADGEN, "hold", str(port), "--count", str(st.f_count), "--sample", str(st.f_sample),
             "--concurrency", "100", "--timeout", "10", "--open-timeout", str(st.f_open_timeout)],
@@ -215,6 +216,7 @@ def test_f(path: Path, tg: Targets, st: Settings) -> dict:
         time.sleep(1.0)  # let the tunnel finish its bookkeeping before reading memory
         pids = path.pids()
         after, pss_after = rss_kib(pids), pss_kib(pids)
+        each_after = [rss_kib([pid]) for pid in pids]
         n_procs = len(pids)
         gen.popen.stdin.write(b"\n")  # type: ignore[union-attr]
         gen.popen.stdin.flush()  # type: ignore[union-attr]
@@ -232,7 +234,7 @@ def test_f(path: Path, tg: Targets, st: Settings) -> dict:
     return {"f.open": n, "f.kib_per_conn": per_conn, "f.pss_kib_per_conn": pss_per_conn, "f.rtt_p50": rtt["rtt_p50_ms"], "f.rtt_p99": rtt["rtt_p99_ms"],
             "_raw": {"open": opened, "rtt": rtt, "rss_before_kib": before, "rss_after_kib": after,
                      "pss_before_kib": pss_before, "pss_after_kib": pss_after,
-                     "tunnel_processes": n_procs}}
+                     "tunnel_processes": n_procs, "rss_kib_each": list(zip(each_before, each_after))}}
 
 
 # -- the list -----------------------------------------------------------------------------------------
