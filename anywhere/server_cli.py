@@ -27,7 +27,7 @@ from .errors import ConfigError, CredentialError, StateError
 from .loop import Loop
 from .notify import Notifier
 from .server import Server, ServerConfig
-from .server.settings import DEFAULT_SERVER_CONFIG, flag_help, flag_type, server_config
+from .server.settings import DEFAULT_SERVER_CONFIG, deprecated, flag_help, flag_type, server_config
 from .service import run_loop, with_pidfile
 
 log = logging.getLogger("anywhere.server")
@@ -122,6 +122,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         settings[name] = ["*" if h == "" else h for h in settings[name]]
     path = args.config or DEFAULT_SERVER_CONFIG
     source = path if os.path.exists(path) else f"{path} (absent: built-in defaults)"
+    for note in deprecated(config):
+        print(f"anywhered check-config: deprecated: {note}", file=sys.stderr)
     print(f"# {source}: OK; effective settings, flags applied:")
     print("[server]")
     print(configuration.render(settings))
@@ -138,6 +140,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.grpc_port is not None:
         log.warning("--grpc-port %d accepted but not used: the API is HTTP/JSON, on the Unix socket %s and the "
                     "REST port (--api-port)", args.grpc_port, config.admin_socket)
+
+    for note in deprecated(config):
+        log.warning("deprecated: %s", note)
 
     def prepare() -> Callable[[], int] | int:
         loop = Loop()
@@ -165,6 +170,8 @@ def _serve(loop: Loop, server: Server, args: argparse.Namespace) -> int:
             try:
                 new = load(args)
                 outcome = server.reload(new)
+                for note in deprecated(new):
+                    log.warning("deprecated: %s", note)
             except ConfigError as exc:
                 log.error("reload refused, the running configuration stays in force:\n%s", exc)
                 raise ConfigError([f"configuration refused, nothing changed:\n{exc}"]) from None

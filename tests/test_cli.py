@@ -363,3 +363,19 @@ def test_wire_limits_are_accepted_and_agents_welcomed_one_past_is_refused(world,
     agent = world.start_agent("agent-1")
     agent.wait_log("connected to server")  # welcomed, not merely listed
     assert_echo(world.add_proxy(echo_target.port))
+
+
+def test_pool_size_zero_is_accepted_with_a_deprecation_warning(tmp_path):
+    """The per-client data connection lost to trunks on every loopback row but bulk (bench/run.py
+    --paths anywhere,anywhere-conn): pool_size = 0 still works for this release, and says so."""
+    conf = tmp_path / "anywhered.conf"
+    conf.write_text("[server]\npool_size = 0\n")
+    res = subprocess.run([PY, "-m", SERVER, "check-config", "--config", str(conf)], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "pool_size = 0" in res.stdout.splitlines()
+    assert "deprecated: pool_size = 0 (a data connection of its own per client, no trunks)" in res.stderr
+    conf.write_text("[server]\npool_size = 1\n")
+    res = subprocess.run([PY, "-m", SERVER, "check-config", "--config", str(conf)], capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode == 0 and "deprecated" not in res.stderr, res.stderr
