@@ -95,13 +95,16 @@ is backlogged at less than `SLOW_RATE` is *slow*, and only a slow trunk takes th
 (its frames, lanes and LOWAT follow its rate); at twice SLOW_RATE it is fast again (frames of
 `MAX_PAYLOAD`, queue limits `HIGH`/`LOW`, no LOWAT), so loopback and a fast LAN keep the figures
 of before (checked with alternating `make bench --quick` runs; every knob of the slow mode left on
-for a fast path cost 10-30% on 1 MiB c100 there).  The server spreads new streams over the
-trunks, least busy first, except once the oldest live trunk is slow: then that one trunk takes
-every new stream and the others stand by (several trunks on one bottleneck compete for its queue
-and each drains at a fraction of its rate).  Bench metric h (`bench/run.py --metrics h`: a
-40 Mbit/s tbf link between two network namespaces, iperf3 -P 1/4/16 both ways, a 64-byte echo 20
-times a second): interactive p99 of 8-25 ms where direct has 7-23 and the goal allows 20-45, bulk
-0.99-1.00x direct; before this scheduler 4.6-8 s with 4 or 16 streams.
+for a fast path cost 10-30% on 1 MiB c100 there).  The server puts every new stream on the
+oldest live trunk and the others stand by, until that trunk is known to be fast (`fast`: it has
+carried twice SLOW_RATE): then new streams are spread, least busy first.  Several trunks on one
+bottleneck compete for its queue and each drains at a fraction of its rate: streams spread over
+two before either was known to be slow gave an echo p99 of 36-40 ms in metric h, on one trunk
+16-17.5; on loopback one trunk until proven fast is as fast or faster (alternating quick runs).
+Bench metric h (`bench/run.py --metrics h`: a 40 Mbit/s tbf link between two network namespaces,
+iperf3 -P 1/4/16 both ways, a 64-byte echo 20 times a second): interactive p99 of 16-17.5 ms
+where direct has 7-24 and the goal allows 21-45, bulk 0.99-1.00x direct; before this scheduler
+4.6-8 s with 4 or 16 streams.
 
 Ownership
 ---------

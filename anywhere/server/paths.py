@@ -9,8 +9,8 @@ then it is a `routing.Tunnel`.  Three paths get it there, tried in this order (`
      ends or is replaced its trunks are retired (no new client, closed with their last stream);
      a trunk opened for an earlier session is refused.  No client is ever placed on a trunk known
      to be stale: with every trunk stale it is held (`waiting`) until one is live again, or
-     `data_timeout`.  New streams go to the least busy live trunk, except once the oldest is slow:
-     then that one takes every new stream (trunk.py, Scheduling).
+     `data_timeout`.  New streams go to the oldest live trunk until it is known to be fast; then
+     to the least busy live one (trunk.py, Scheduling).
   2. `WarmPath`: an idle data connection of the agent (with `pool_size = 0` an agent uses a data
      connection of its own per client, and one whose client closed cleanly comes back warm; a
      ``pool`` first frame also offers one) is sent ``open``; it answers ``ready`` (then it is
@@ -154,9 +154,9 @@ class TrunkPath:
         if not live:  # never on a trunk known to be stale: held for a live one (or data_timeout)
             self.waiting.setdefault(proxy.agent_id, []).append(pending.conn_id)
             return True
-        if live[0].slow:  # a slow link: one trunk carries all, the others stand by (trunk.py, Scheduling)
+        if not live[0].fast:  # a slow link, or not known to be fast yet: one trunk carries all (trunk.py, Scheduling)
             trunk = live[0]
-        else:  # the least busy trunk
+        else:  # a fast path: the least busy trunk
             trunk = min(live, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
         router, conn_id = self.router, pending.conn_id
         stream = Stream(trunk, trunk.new_stream_id(), name=f"client {pending.peer}",
