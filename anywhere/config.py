@@ -316,10 +316,12 @@ def read(path: str, spec: list[str], required: bool = True) -> dict[str, dict[st
             if key is None:
                 problems.append(f"{label} {where}: missing section")
                 continue
+            if error is False:  # a key without a default, absent
+                problems.append(f"{label} {where} {key}: is required")
+                continue
             value = _lookup(raw, sections).get(key)
             shown = ", ".join(value) if isinstance(value, list) else value
-            reason = str(error) if error else "is required"
-            problems.append(f"{label} {where} {key} = {shown}: {reason}")
+            problems.append(f"{label} {where} {key} = {shown}: {error}")
     for sections, name in get_extra_values(cfg):
         where = "".join(f"[{s}]" for s in sections)
         kind = "section" if isinstance(_lookup(cfg, sections).get(name), dict) else "key"

@@ -1,0 +1,112 @@
+"""Proxies declared in files (issue 16, proxies.d): reading and checking a directory of them.
+
+Every `*.conf` file of the directory is INI, read with configobj and checked with validate like
+anywhered.conf (config.py); every section is one proxy, named by the section:
+
+    [web]
+    agent = agent-1
+    local_ip = 10.0.0.2
+    local_port = 80
+    remote_port = 8080
+    #whitelist = 203.0.113.0/24, 2001:db8::/32
+    #idle_timeout = 0
+    #enabled = true
+
+`read_dir` returns the declared proxies as API-shaped specs (the keys `proxies.validate_proxy`
+takes), each with the file it came from, or raises ConfigError listing every problem of every
+file at once, each naming file, section, key and value (a malformed file, an unknown key, a bad
+value, a name or remote port declared twice across files).  It reads files only: binding, and
+applying the set as a diff against the running proxies, are the server's.
+
+Not wired into the daemon yet: the next step of issue 16 applies it at start and on reload.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as configuration
+from ..errors import ConfigError, Invalid
+from .proxies import NAME_RE, validate_proxy
+
+DEFAULT_PROXIES_DIR = "/etc/anywhere/proxies.d"
+
+# one section per proxy; the keys without a default are required
+PROXY_SPEC = """
+[__many__]
+agent = agentid()
+local_ip = host()
+local_port = port()
+remote_port = port()
+whitelist = networks(default=list())
+idle_timeout = seconds_or_off(at_most=604800, default=0)
+enabled = boolean(default=True)
+""".strip().splitlines()
+
+
+@dataclass
+class Declared:
+    """One proxy of a proxies.d file: the spec `validate_proxy` takes, and where it was declared."""
+
+    spec: dict[str, Any]
+    file: str
+
+    @property
+    def source(self) -> str:
+        return f"file:{self.file}"
+
+
+def read_dir(directory: str) -> list[Declared]:
+    """The proxies declared in `directory`'s *.conf files, in file then section order; none if the
+    directory does not exist.  Raises ConfigError with every problem found, all files read."""
+    if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise ConfigError([f"{directory}: not a directory"])
+        return []
+    problems: list[str] = []
+    declared: list[Declared] = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.conf"))):
+        try:
+            sections = configuration.read(path, PROXY_SPEC)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        for name, values in sections.items():
+            if not NAME_RE.fullmatch(name) or (name.isascii() and name.isdigit()):
+                problems.append(f"{path} [{name}]: the section names the proxy: 1-64 letters, digits, '.', '_', ':' "
+                                f"or '-', not all digits")
+                continue
+            spec = {"name": name, "agent_id": values["agent"], "local_ip": values["local_ip"],
+                    "local_port": values["local_port"], "remote_port": values["remote_port"],
+                    "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
+                    "enabled": values["enabled"]}
+            try:
+                validate_proxy(spec)  # the API's own checks: what a file declares, the API would accept
+            except Invalid as exc:
+                problems.append(f"{path} [{name}]: {exc.message}")
+                continue
+            declared.append(Declared(spec, path))
+    problems.extend(_clashes(declared))
+    if problems:
+        raise ConfigError(problems)
+    return declared
+
+
+def _clashes(declared: list[Declared]) -> list[str]:
+    """A name or a remote port declared twice, across files or within one."""
+    problems = []
+    names: dict[str, Declared] = {}
+    ports: dict[int, Declared] = {}
+    for item in declared:
+        name, port = item.spec["name"], item.spec["remote_port"]
+        first = names.setdefault(name, item)
+        if first is not item:
+            problems.append(f"{item.file} [{name}]: proxy {name} is declared in {first.file} too")
+        first = ports.setdefault(port, item)
+        if first is not item:
+            problems.append(f"{item.file} [{name}] remote_port = {port}: already used by proxy "
+                            f"{first.spec['name']} in {first.file}")
+    return problems

@@ -1,0 +1,87 @@
+"""Proxies declared in a proxies.d directory (issue 16): reading and checking the files.
+
+Every problem names file, section, key and value, all of them at once, across files; what is
+valid comes back as the specs the API takes, each with its file.  Real files in a temp dir.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from anywhere.errors import ConfigError
+from anywhere.server.declared import read_dir
+
+WEB = """[web]
+agent = agent-1
+local_ip = 10.0.0.2
+local_port = 80
+remote_port = 8080
+#whitelist = 203.0.113.0/24
+"""
+
+
+def problems(tmp_path) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        read_dir(str(tmp_path))
+    return err.value.problems
+
+
+def test_declared_proxies_with_their_files_and_the_defaults(tmp_path):
+    (tmp_path / "web.conf").write_text(WEB)
+    (tmp_path / "db.conf").write_text("[db]\nagent = agent-2\nlocal_ip = db.internal\nlocal_port = 5432\n"
+                                      "remote_port = 15432\nwhitelist = 198.51.100.0/24, 2001:db8::/32\n"
+                                      "idle_timeout = 600\nenabled = false\n")
+    (tmp_path / "notes.txt").write_text("not a .conf file: ignored\n")
+    got = {d.spec["name"]: d for d in read_dir(str(tmp_path))}
+    assert set(got) == {"web", "db"}
+    assert got["web"].spec == {"name": "web", "agent_id": "agent-1", "local_ip": "10.0.0.2", "local_port": 80,
+                               "remote_port": 8080, "whitelist": [], "idle_timeout": 0.0, "enabled": True}
+    assert got["web"].source == f"file:{tmp_path / 'web.conf'}"
+    assert got["db"].spec["whitelist"] == ["198.51.100.0/24", "2001:db8::/32"]
+    assert (got["db"].spec["idle_timeout"], got["db"].spec["enabled"]) == (600.0, False)
+
+
+def test_an_absent_directory_declares_nothing_and_a_file_in_its_place_is_an_error(tmp_path):
+    assert read_dir(str(tmp_path / "proxies.d")) == []
+    (tmp_path / "proxies.d").write_text("")
+    assert problems(tmp_path / "proxies.d") == [f"{tmp_path / 'proxies.d'}: not a directory"]
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("remote_port = 70000", "[web] remote_port = 70000: must be 1..65535"),
+    ("local_port = 0", "[web] local_port = 0: must be 1..65535"),
+    ("agent = -bad", "[web] agent = -bad: must be 1-64 letters, digits"),
+    ("local_ip = a b", "[web] local_ip = a b: must be a host name or an IP address"),
+    ("whitelist = 10.0.0.0/33", "[web] whitelist = 10.0.0.0/33: '10.0.0.0/33' is not an IP address or CIDR"),
+    ("idle_timeout = -1", "[web] idle_timeout = -1: must be a number of seconds"),
+    ("enabled = maybe", "[web] enabled = maybe: must be true or false"),
+    ("colour = blue", "[web] colour: unknown key"),
+])
+def test_each_bad_key_is_named_with_file_section_and_value(tmp_path, line, expected):
+    key = line.split(" = ")[0]
+    text = "\n".join(row for row in WEB.splitlines() if not row.startswith(f"{key} ")) + f"\n{line}\n"
+    (tmp_path / "web.conf").write_text(text)
+    found = problems(tmp_path)
+    assert len(found) == 1 and found[0].startswith(f"{tmp_path / 'web.conf'} {expected}"), found
+
+
+def test_a_missing_key_a_bad_name_and_a_malformed_file_are_all_reported_at_once(tmp_path):
+    (tmp_path / "a.conf").write_text("[web]\nagent = agent-1\nlocal_ip = 10.0.0.2\nlocal_port = 80\n")
+    (tmp_path / "b.conf").write_text("[12345]\nagent = agent-1\nlocal_ip = 10.0.0.2\nlocal_port = 80\n"
+                                     "remote_port = 8081\n")
+    (tmp_path / "c.conf").write_text("[ok]\nagent agent-1\n")
+    found = problems(tmp_path)
+    assert f"{tmp_path / 'a.conf'} [web] remote_port: is required" in found
+    assert any(p.startswith(f"{tmp_path / 'b.conf'} [12345]: the section names the proxy") for p in found), found
+    assert any(p.startswith(f"{tmp_path / 'c.conf'} line 2:") for p in found), found
+    assert len(found) == 3, found
+
+
+def test_a_name_or_port_declared_twice_across_files_is_refused(tmp_path):
+    (tmp_path / "a.conf").write_text(WEB)
+    (tmp_path / "b.conf").write_text(WEB.replace("remote_port = 8080", "remote_port = 8081"))
+    (tmp_path / "c.conf").write_text(WEB.replace("[web]", "[web2]"))
+    found = problems(tmp_path)
+    assert found == [f"{tmp_path / 'b.conf'} [web]: proxy web is declared in {tmp_path / 'a.conf'} too",
+                     f"{tmp_path / 'c.conf'} [web2] remote_port = 8080: already used by proxy web in "
+                     f"{tmp_path / 'a.conf'}"]
