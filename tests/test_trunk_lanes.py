@@ -106,3 +106,66 @@ def test_a_stream_stays_small_after_what_server_and_agent_set_on_it():
         loop.close()
         for s in (far, plain_far, near):
             s.close()
+
+
+def test_a_slow_trunk_keeps_its_short_queue_and_its_urgent_lane_when_the_kernel_takes_everything():
+    """A trunk found slow (its far end reads at ~2 MB/s) keeps its short queue limits once its queue
+    has emptied, and a keystroke then still takes the urgent lane.  Before: an empty queue meant
+    the fast limits (a 1 MiB queue) and light streams only counted as light while the kernel
+    refused, so the keystroke took the bulk lane and waited behind up to 1 MiB (metric h: echo p99
+    of 0.4-0.8 s on a 40 Mbit/s link).  Mechanism, not timing: the lanes are what is asserted."""
+    import time
+
+    from anywhere.trunk import HIGH
+
+    loop = Loop()
+    a, far = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    far.setblocking(False)
+    trunk = Trunk(loop, a, b"", name="slow")
+    bulk_near, bulk_far = socket.socketpair()
+    light_near, light_far = socket.socketpair()
+    bulk_far.setblocking(False)
+    bulk, light = Stream(trunk, 1, name="bulk"), Stream(trunk, 3, name="light")
+    bulk.attach(bulk_near, read_now=False)
+    light.attach(light_near, read_now=False)
+    blob = os.urandom(800 * 1024)  # within the first window
+    fed, drained, paced = [0], [0], [time.monotonic()]
+
+    def feed() -> None:
+        if fed[0] < len(blob):
+            try:
+                fed[0] += bulk_far.send(blob[fed[0]:fed[0] + 65536])
+            except BlockingIOError:
+                pass
+
+    def read_paced() -> None:  # about 2 MB/s: a slow link
+        now = time.monotonic()
+        if now - paced[0] >= 0.01:
+            paced[0] = now
+            try:
+                drained[0] += len(far.recv(20000))
+            except BlockingIOError:
+                pass
+
+    def read_all() -> None:
+        try:
+            while True:
+                drained[0] += len(far.recv(262144))
+        except BlockingIOError:
+            pass
+    try:
+        drive(loop, lambda: trunk.slow, "the trunk to find itself slow", seconds=10,
+              feed=lambda: (feed(), read_paced()))
+        drive(loop, lambda: fed[0] == len(blob) and not trunk.out_bytes and not trunk.backlogged,
+              "the queue to empty", seconds=30, feed=lambda: (feed(), read_all()))
+        assert trunk.slow
+        assert trunk.high < HIGH, f"an empty queue gave the slow trunk the fast limits again ({trunk.high})"
+        light_far.sendall(b"keystroke")
+        drive(loop, lambda: light.nbytes_in == 9, "the light stream to read its bytes", feed=read_all)
+        assert light.bulk_mark == 0, "the keystroke took the bulk lane"
+    finally:
+        trunk.close("test over")
+        loop.close()
+        for s in (far, bulk_far, light_far):
+            s.close()
