@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from urllib.parse import quote
 
+from . import proxyfile
 from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
 
 def __getattr__(name: str) -> Any:
@@ -89,7 +90,32 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
         ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
-        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT")])] + ([""] + failed if failed else [])))
+        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE")])]
+        + ([""] + failed if failed else [])))
+
+
+def cmd_proxy_export(args: argparse.Namespace) -> None:
+    """The proxies made through the API (all, or those named) as a proxies.d file, on stdout."""
+    proxies = _client(args.admin_socket).call("GET", "/v1/proxies")["proxies"]
+    if args.names:
+        by_key = {p["name"]: p for p in proxies} | {str(p["remote_port"]): p for p in proxies}
+        unknown = [n for n in args.names if n not in by_key]
+        if unknown:
+            raise CtlError(f"no proxy named {', '.join(unknown)}")
+        declared = [f"{by_key[n]['name']} ({by_key[n]['source'][5:]})" for n in args.names
+                    if by_key[n].get("source", "api") != "api"]
+        if declared:
+            raise CtlError(f"already declared in a file: {', '.join(declared)}")
+        chosen = list({by_key[n]["name"]: by_key[n] for n in args.names}.values())
+    else:
+        chosen = [p for p in proxies if p.get("source", "api") == "api"]
+    header = ("Proxies made through the API, exported by anywherectl proxy export.\n"
+              "To manage them as files: save this as /etc/anywhere/proxies.d/NAME.conf, delete them through\n"
+              "the API (anywherectl proxy del NAME), then reload (systemctl reload anywhered).")
+    if args.json:
+        print(json.dumps({"proxies": chosen}, indent=2, sort_keys=True))
+    else:
+        print(proxyfile.render(chosen, header), end="")
 
 
 def cmd_proxy_del(args: argparse.Namespace) -> None:
@@ -183,6 +209,12 @@ def cmd_reload(args: argparse.Namespace) -> None:
         lines = [f"reloaded {d.get('config', '')}: " + (f"changed {', '.join(d['changed'])}" if d["changed"] else "nothing changed")]
         if d.get("restart_required"):
             lines.append(f"not applied until a restart: {', '.join(d['restart_required'])}")
+        p = d.get("proxies")
+        if p is not None:
+            done = [f"{verb} {', '.join(p[verb])}" for verb in ("added", "removed", "changed") if p.get(verb)]
+            lines.append("proxies declared in files: " + ("; ".join(done) if done else "no change")
+                         + f"; {len(p.get('unchanged', []))} unchanged"
+                         + (f"; {p['closed_connections']} connection(s) closed" if p.get("closed_connections") else ""))
         return "\n".join(lines)
     _emit(args, data, render)
 
@@ -226,6 +258,10 @@ def add_admin_commands(sub: Any) -> None:
     add.set_defaults(func=cmd_proxy_add)
     lst = proxy.add_parser("list", parents=[common], help="list proxies")
     lst.set_defaults(func=cmd_proxy_list)
+    export = proxy.add_parser("export", parents=[common], help="print proxies made through the API as a "
+                              "proxies.d file (all, or those named)")
+    export.add_argument("names", nargs="*", metavar="NAME", help="a proxy's name (or its remote port)")
+    export.set_defaults(func=cmd_proxy_export)
     dele = proxy.add_parser("del", aliases=["delete", "rm"], parents=[common], help="delete a proxy and close its connections")
     dele.add_argument("name", nargs="?", help="the proxy's name (or its remote port)")
     dele.add_argument("--remote-port", type=_port, help="the proxy's remote port")

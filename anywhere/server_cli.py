@@ -2,7 +2,8 @@
 `proxy`/`agent`/`conn`/`reload` drive a running one (as anywherectl does).
 
 Settings come from /etc/anywhere/anywhered.conf (or `--config PATH`), and every flag given on
-the command line overrides the file.  Under systemd the process notifies READY=1 once its
+the command line overrides the file; proxies declared in proxies_dir (server/declared.py) are
+read at start and on every reload, with the configuration, and applied all or nothing with it.  Under systemd the process notifies READY=1 once its
 listeners and admin socket exist, pings the watchdog from its loop, reports live counts in
 STATUS=, reloads on `anywherectl reload` or SIGHUP (RELOADING=1 … READY=1), and on SIGTERM
 stops accepting, lets live connections finish for `drain_timeout` seconds, then exits 0.
@@ -21,12 +22,13 @@ import sys
 from typing import Any, Callable
 
 from . import config as configuration
-from . import ctl
+from . import ctl, proxyfile
 from .common import default_credential, port_arg, setup_logging, version_line
 from .errors import ConfigError, CredentialError, StateError
 from .loop import Loop
 from .notify import Notifier
 from .server import Server, ServerConfig
+from .server.declared import read_dir
 from .server.settings import DEFAULT_SERVER_CONFIG, deprecated, flag_help, flag_type, server_config
 from .service import run_loop, with_pidfile
 
@@ -59,6 +61,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-bind", help=flag_help("proxy_bind"))
     p.add_argument("--admin-socket", help=flag_help("admin_socket"))
     p.add_argument("--state-dir", help=flag_help("state_dir"))
+    p.add_argument("--proxies-dir", help=flag_help("proxies_dir"))
     for name in ("data_timeout", "heartbeat", "handshake_timeout", "drain_timeout"):
         p.add_argument(f"--{name.replace('_', '-')}", type=flag_type(name), metavar="SECONDS", help=flag_help(name))
     p.add_argument("--pool-size", type=flag_type("pool_size"), metavar="N", help=flag_help("pool_size"))
@@ -90,7 +93,7 @@ def load(args: argparse.Namespace) -> ServerConfig:
         "port": args.port, "server_id": args.server_id, "ca": args.ca, "cert": args.cert, "key": args.key,
         "whitelist": None if args.wl is None else [e.strip() for e in args.wl.split(",") if e.strip()],
         "bind": _hosts(args.bind), "proxy_bind": _hosts(args.proxy_bind), "admin_socket": args.admin_socket,
-        "state_dir": args.state_dir, "data_timeout": args.data_timeout, "heartbeat": args.heartbeat,
+        "state_dir": args.state_dir, "proxies_dir": args.proxies_dir, "data_timeout": args.data_timeout, "heartbeat": args.heartbeat,
         "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout, "pool_size": args.pool_size,
         "log_level": args.log_level, "api_token_file": args.api_token_file, "audit_log": args.audit_log,
         "api_listen": None if args.api_port is None else [f":{args.api_port}"],
@@ -105,15 +108,21 @@ def load(args: argparse.Namespace) -> ServerConfig:
     for name in ("ca", "cert", "key"):
         if getattr(config, name) is None:
             setattr(config, name, default_credential({"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}[name]))
-    for name in ("ca", "cert", "key", "admin_socket", "state_dir", "api_token_file"):
+    for name in ("ca", "cert", "key", "admin_socket", "state_dir", "proxies_dir", "api_token_file"):
         if getattr(config, name) is not None:
             setattr(config, name, os.path.abspath(getattr(config, name)))
     return config
 
 
+def declared(config: ServerConfig) -> list[tuple[dict, str]]:
+    """The proxies declared in proxies_dir, as (spec, file).  Raises ConfigError naming every problem."""
+    return [(item.spec, item.file) for item in read_dir(config.proxies_dir)]
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load(args)
+        proxies = read_dir(config.proxies_dir)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -127,6 +136,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"# {source}: OK; effective settings, flags applied:")
     print("[server]")
     print(configuration.render(settings))
+    where = config.proxies_dir if os.path.isdir(config.proxies_dir) else f"{config.proxies_dir} (absent)"
+    print(f"\n# {where}: OK; {len(proxies)} prox{'y' if len(proxies) == 1 else 'ies'} declared")
+    for item in proxies:
+        print(f"\n# {item.file}")
+        print(proxyfile.render([item.spec]), end="")
     return 0
 
 
@@ -134,6 +148,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     try:
         config = load(args)
         setup_logging(config.log_level, args.log_file)
+        proxies = declared(config)
     except (ConfigError, OSError) as exc:
         print(f"anywhered: {exc}" if isinstance(exc, OSError) else str(exc), file=sys.stderr)
         return 2
@@ -148,7 +163,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         loop = Loop()
         server = Server(loop, config)
         try:
-            server.start()
+            server.start(proxies)
+        except ConfigError as exc:
+            log.error("cannot start: the proxies declared in %s:\n%s", config.proxies_dir, exc)
+            loop.close()
+            return 1
         except (OSError, CredentialError, StateError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             loop.close()
@@ -169,7 +188,7 @@ def _serve(loop: Loop, server: Server, args: argparse.Namespace) -> int:
         try:
             try:
                 new = load(args)
-                outcome = server.reload(new)
+                outcome = server.reload(new, declared(new))
                 for note in deprecated(new):
                     log.warning("deprecated: %s", note)
             except ConfigError as exc:

@@ -151,6 +151,7 @@ class World:
     port: int = 0
     sock: str = ""
     state_dir: str = ""
+    proxies_dir: str = ""  # absent unless a test writes files there (never the host's /etc/anywhere)
     server: Proc | None = None
 
     def start_server(self, *extra: str, wl: str | None = None, port: int | None = None, wait: bool = True,
@@ -159,9 +160,10 @@ class World:
         self.port = port or self.port or free_port()
         self.sock = self.sock or str(self.tmp / "anywhered.sock")
         self.state_dir = self.state_dir or str(self.tmp / "state")
+        self.proxies_dir = self.proxies_dir or str(self.tmp / "proxies.d")
         args = [PY, "-m", "anywhere.server_cli", "start", "-p", str(self.port), "--ca", str(c.ca),
                 "--cert", str(c.server_cert), "--key", str(c.server_key), "--admin-socket", self.sock,
-                "--state-dir", self.state_dir, "--log-level", "debug", *extra]
+                "--state-dir", self.state_dir, "--proxies-dir", self.proxies_dir, "--log-level", "debug", *extra]
         if wl is not None:
             args += ["--wl", wl]
         proc = Proc(args, self.tmp / f"server{len(self.procs)}.log")

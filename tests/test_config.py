@@ -52,6 +52,7 @@ SERVER_BAD = [
     ("admin_max_request", "10", "must be a whole number 1024..16777216"),
     ("deny", "agent 1", "is neither an agent id nor serial:HEX"),
     ("admin_group", '""', "must be 1-64 printable characters"),
+    ("proxies_dir", '""', "must be a path"),
     ("log_level", "loud", "must be one of debug, info, warning, error"),
 ]
 

@@ -24,7 +24,7 @@ from .. import state, tls
 from ..admin import AdminServer, listen_unix
 from ..audit import AuditLog
 from ..common import __version__, human_bytes
-from ..errors import Conflict, NotFound, NotSaved
+from ..errors import NotFound, NotSaved
 from ..loop import Loop, Timer
 from ..net import Acceptor, format_addr, listen
 from ..trunk import set_buffer_budget
@@ -32,7 +32,7 @@ from . import api, metrics
 from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
-from .proxies import ACCEPT_BUDGET, PROXY_RETRY, Network, Proxy, ProxyTable, parse_whitelist, validate_proxy
+from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, validate_proxy
 from .routing import Router
 from .sessions import AgentPort, AgentSession
 from .settings import RELOADABLE, RESTART_ONLY, ServerConfig, check_welcome, read_token
@@ -97,8 +97,9 @@ class Server:
         return self._next_id
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Bind everything or raise (OSError, errors.CredentialError, errors.StateError, ValueError);
+    def start(self, declared: list[tuple[dict, str]] | None = None) -> None:
+        """Bind everything or raise (OSError, errors.CredentialError, errors.StateError, ValueError,
+        errors.ConfigError for the `declared` proxies: (spec, file) pairs read from proxies_dir);
         nothing stays half-open."""
         cfg = self.config
         try:
@@ -118,6 +119,7 @@ class Server:
                 proxy = self.proxies.restore(spec, self._store.file)
                 if proxy is not None:
                     self.tally.known(proxy.name, proxy.agent_id)
+            self._apply(self.proxies.prepare(declared or []))
             self._every(POOL_SWEEP, self.warm_path.sweep)
             self._every(lambda: self.config.stats_save_interval, self.save_stats)
             self._every(IDLE_SWEEP, self._sweep)
@@ -156,19 +158,27 @@ class Server:
                 else:
                     log.info("REST API on %s", where)
 
-    def reload(self, new: ServerConfig) -> dict:
-        """Apply a new configuration to what can change at run time; all or nothing.
+    def reload(self, new: ServerConfig, declared: list[tuple[dict, str]] | None = None) -> dict:
+        """Apply a new configuration to what can change at run time, and the `declared` proxies
+        (spec, file) as a diff against the running ones (None: leave the proxies alone); all or nothing.
 
         The whitelist, timeouts, heartbeat, server id and credentials apply to new connections;
         agent sessions and live connections are kept; the buffer budget applies to the credit
         returned from now on, live streams' too.  Listening addresses need a restart and
-        are reported as such.  Raises errors.CredentialError or ValueError, and then changes nothing.
+        are reported as such.  Raises errors.CredentialError, ValueError or ConfigError (a declared
+        proxy that clashes or whose port cannot be bound), and then changes nothing.
         """
         check_welcome(new)
         nets = parse_whitelist(new.whitelist, "whitelist")
         ctx: ssl.SSLContext = tls.server_context(new.ca, new.cert, new.key)
         token = read_token(new.api_token_file) if self.config.api_listen else None
-        audit = AuditLog(new.audit_log)  # opened first: a bad path refuses the reload
+        change = self.proxies.prepare(declared) if declared is not None else None
+        try:
+            audit = AuditLog(new.audit_log)  # opened first: a bad path refuses the reload
+        except BaseException:
+            if change is not None:
+                change.release()
+            raise
         old = self.config
         changed = [name for name in RELOADABLE if getattr(old, name) != getattr(new, name)]
         restart = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
@@ -189,7 +199,20 @@ class Server:
         for name in restart:
             log.warning("reload: %s changed in the configuration; it takes effect at the next restart", name)
         log.info("configuration reloaded%s", f"; changed: {', '.join(changed)}" if changed else "; nothing changed")
-        return {"changed": changed, "restart_required": restart}
+        outcome: dict[str, Any] = {"changed": changed, "restart_required": restart}
+        if change is not None:
+            outcome["proxies"] = self._apply(change)
+        return outcome
+
+    def _apply(self, change: Change) -> dict:
+        """Swap in a prepared declared set (logged by the table); the removed proxies' connections closed."""
+        removed = {p.name for p in change.removed}
+        summary: dict[str, Any] = self.proxies.commit(change)
+        for proxy in change.added + [new for _, new in change.changed]:
+            self.tally.known(proxy.name, proxy.agent_id)
+        summary["closed_connections"] = self.router.close_connections(
+            lambda p: p.file is not None and p.name in removed, "proxy removed from its file") if removed else 0
+        return summary
 
     def begin_drain(self) -> None:
         """Stop accepting clients; live and pending connections may finish (the agent port stays open for them)."""
@@ -298,7 +321,7 @@ class Server:
         return self.proxies.find(key)
 
     def delete_proxy(self, key: str) -> tuple[Proxy, int]:
-        proxy = self.proxies.find(key)
+        proxy = self.proxies.find_made_by_api(key, "remove")
         del self.proxies.by_name[proxy.name]
         try:
             self._save(deleted=(proxy.name,))
@@ -306,28 +329,15 @@ class Server:
             self.proxies.by_name[proxy.name] = proxy
             raise self._not_saved(exc) from None
         self.proxies.close_listeners(proxy)
-        closed = self.router.close_connections(lambda p: p is proxy, "proxy deleted")
+        closed = self.router.close_connections(lambda p: p.name == proxy.name, "proxy deleted")
         log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
         return proxy, closed
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
-        """Enable or disable a proxy.  Enabling a failed one tries its port now: Conflict with the reason if it is still busy."""
-        proxy = self.proxies.find(key)
-        if enabled and proxy.enabled and proxy.failed and self.proxies.accepting:
-            if not self.proxies.try_listen(proxy):
-                raise Conflict(f"proxy {proxy.name} is still not serving: {proxy.failed}; retried every "
-                               f"{PROXY_RETRY:g} s")
-            log.info("proxy %s enabled: remote port %d bound; serving (agent %s → %s)", proxy.name, proxy.remote_port,
-                     proxy.agent_id, proxy.target)
+        """Enable or disable a proxy made through the API (ProxyTable.set_enabled), saved."""
+        proxy = self.proxies.find_made_by_api(key, f"set enabled = {'true' if enabled else 'false'}")
+        if not self.proxies.set_enabled(proxy, enabled):
             return proxy
-        if proxy.enabled == enabled:
-            return proxy
-        if enabled and self.proxies.accepting:
-            self.proxies.listen(proxy)
-        elif not enabled:
-            self.proxies.close_listeners(proxy)
-            proxy.failed = None
-        proxy.enabled = enabled
         try:
             self._save()
         except (OSError, state.StateError) as exc:

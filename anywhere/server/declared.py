@@ -1,24 +1,14 @@
 """Proxies declared in files (issue 16, proxies.d): reading and checking a directory of them.
 
-Every `*.conf` file of the directory is INI, read with configobj and checked with validate like
-anywhered.conf (config.py); every section is one proxy, named by the section:
-
-    [web]
-    agent = agent-1
-    local_ip = 10.0.0.2
-    local_port = 80
-    remote_port = 8080
-    #whitelist = 203.0.113.0/24, 2001:db8::/32
-    #idle_timeout = 0
-    #enabled = true
+Every `*.conf` file of the directory is INI in the format of proxyfile.py (one section per proxy,
+named by the section), read with configobj and checked with validate like anywhered.conf.
 
 `read_dir` returns the declared proxies as API-shaped specs (the keys `proxies.validate_proxy`
 takes), each with the file it came from, or raises ConfigError listing every problem of every
 file at once, each naming file, section, key and value (a malformed file, an unknown key, a bad
-value, a name or remote port declared twice across files).  It reads files only: binding, and
-applying the set as a diff against the running proxies, are the server's.
-
-Not wired into the daemon yet: the next step of issue 16 applies it at start and on reload.
+value, a name or remote port declared twice across files).  It reads files only: checking the set
+against the running proxies, binding, and applying it as a diff are the ProxyTable's and the
+server's (proxies.py `ProxyTable.prepare` / `commit`, core.py).
 """
 
 from __future__ import annotations
@@ -30,22 +20,8 @@ from typing import Any
 
 from .. import config as configuration
 from ..errors import ConfigError, Invalid
+from ..proxyfile import PROXY_SPEC, to_api
 from .proxies import NAME_RE, validate_proxy
-
-DEFAULT_PROXIES_DIR = "/etc/anywhere/proxies.d"
-
-# one section per proxy; the keys without a default are required
-PROXY_SPEC = """
-[__many__]
-agent = agentid()
-local_ip = host()
-local_port = port()
-remote_port = port()
-whitelist = networks(default=list())
-idle_timeout = seconds_or_off(at_most=604800, default=0)
-enabled = boolean(default=True)
-""".strip().splitlines()
-
 
 @dataclass
 class Declared:
@@ -79,10 +55,7 @@ def read_dir(directory: str) -> list[Declared]:
                 problems.append(f"{path} [{name}]: the section names the proxy: 1-64 letters, digits, '.', '_', ':' "
                                 f"or '-', not all digits")
                 continue
-            spec = {"name": name, "agent_id": values["agent"], "local_ip": values["local_ip"],
-                    "local_port": values["local_port"], "remote_port": values["remote_port"],
-                    "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
-                    "enabled": values["enabled"]}
+            spec = to_api(name, values)
             try:
                 validate_proxy(spec)  # the API's own checks: what a file declares, the API would accept
             except Invalid as exc:

@@ -11,6 +11,16 @@ saved first, then reported done).
 A stored proxy whose port cannot be bound at start (busy, or the agent port now) stays, marked
 failed with the reason: listed, counted, saved, retried every `PROXY_RETRY` seconds until its
 port is free, and ``enable`` tries it at once.
+
+Proxies come from two sources: the API (`file` None; stored in the state directory) and the files
+of proxies_dir (`file` set; never stored: the files are their home; see declared.py).  A declared
+set is applied in two steps so that a reload is all or nothing: `prepare` checks it against the
+running proxies and binds every port it newly needs (any problem: nothing bound, nothing changed,
+ConfigError naming file, section, key and value), then `commit` swaps it in, handing a port's
+listening sockets over from the proxy that had it to the one that keeps it, and closing the ports
+no longer wanted (so a moved proxy's new port is bound before its old one closes).  A proxy whose
+target changed is a new object: the live connections keep the old one, with the target they were
+opened to.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..common import printable, valid_agent_id
-from ..errors import Conflict, Invalid, NotFound
+from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
 from ..state import entry_name
@@ -72,6 +82,15 @@ class Proxy:
     nets: list[Network] = field(repr=False, default_factory=list)
     listeners: list[Acceptor] = field(repr=False, default_factory=list)
     failed: str | None = None  # enabled but not listening: why (retried; not stored)
+    file: str | None = None  # declared in this proxies.d file; None: made through the API
+
+    @property
+    def source(self) -> str:
+        return "api" if self.file is None else f"file:{self.file}"
+
+    def where(self, key: str = "") -> str:
+        """How a problem with a declared proxy names it: FILE [NAME] KEY = VALUE."""
+        return f"{self.file} [{self.name}]" + (f" {key} = {getattr(self, key)}" if key else "")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
@@ -121,6 +140,28 @@ def validate_proxy(spec: Any) -> Proxy:
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle))
 
 
+@dataclass
+class Change:
+    """A declared set checked against the running proxies, the ports it newly needs bound (not yet
+    accepting): `ProxyTable.commit` applies it, `release` drops it."""
+
+    added: list[Proxy] = field(default_factory=list)
+    removed: list[Proxy] = field(default_factory=list)
+    changed: list[tuple[Proxy, Proxy]] = field(default_factory=list)  # (running, declared)
+    unchanged: list[Proxy] = field(default_factory=list)
+    bound: dict[int, list[socket.socket]] = field(default_factory=dict)
+
+    def release(self) -> None:
+        for socks in self.bound.values():
+            for sock in socks:
+                sock.close()
+        self.bound.clear()
+
+    def summary(self) -> dict[str, list[str]]:
+        return {"added": [p.name for p in self.added], "removed": [p.name for p in self.removed],
+                "changed": [new.name for _, new in self.changed], "unchanged": [p.name for p in self.unchanged]}
+
+
 class ProxyTable:
     """The proxies by name, their listeners, and the stored entries that are not valid."""
 
@@ -151,12 +192,22 @@ class ProxyTable:
                            else f"no proxy named {key}")
         return proxy
 
+    def find_made_by_api(self, key: str, what: str) -> Proxy:
+        """`find`, for a change through the API: Conflict if the proxy is declared in a file."""
+        proxy = self.find(key)
+        if proxy.file is not None:
+            raise Conflict(f"proxy {proxy.name} is declared in {proxy.file}: {what} it there and reload "
+                           "(anywherectl reload)")
+        return proxy
+
     def _check_new(self, proxy: Proxy, what: str = "a proxy named {} already exists") -> None:
-        if proxy.name in self.by_name:
-            raise Conflict(what.format(proxy.name))
+        same = self.by_name.get(proxy.name)
+        if same is not None:
+            raise Conflict(what.format(proxy.name) + (f" (declared in {same.file})" if same.file else ""))
         other = next((p for p in self.by_name.values() if p.remote_port == proxy.remote_port), None)
         if other is not None:
-            raise Conflict(f"remote port {proxy.remote_port} is already used by proxy {other.name}")
+            raise Conflict(f"remote port {proxy.remote_port} is already used by proxy {other.name}"
+                           + (f" (declared in {other.file})" if other.file else ""))
 
     def add(self, proxy: Proxy) -> None:
         """Check, bind (if enabled) and list a new proxy; `Conflict` changes nothing."""
@@ -200,8 +251,111 @@ class ProxyTable:
             socks = listen(config.proxy_bind, proxy.remote_port)
         except OSError as exc:
             raise Conflict(f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
-        proxy.listeners = [Acceptor(self.loop, sock, lambda c, a, p=proxy: self.on_client(p, c, a),
-                                    f"port {proxy.remote_port}", ACCEPT_BUDGET) for sock in socks]
+        proxy.listeners = [self._acceptor(proxy, sock) for sock in socks]
+
+    def _acceptor(self, proxy: Proxy, sock: socket.socket) -> Acceptor:
+        return Acceptor(self.loop, sock, self._handler(proxy), f"port {proxy.remote_port}", ACCEPT_BUDGET)
+
+    def _handler(self, proxy: Proxy) -> Callable[[socket.socket, Any], None]:
+        return lambda conn, addr: self.on_client(proxy, conn, addr)
+
+    # -- proxies declared in files: a reload's diff, in two steps -----------------------------------
+    def prepare(self, declared: list[tuple[dict[str, Any], str]]) -> Change:
+        """Check the declared set (spec, file) against the running proxies and bind every port it
+        newly needs.  Raises ConfigError naming every problem; then nothing is bound or changed."""
+        wanted: dict[str, Proxy] = {}
+        problems: list[str] = []
+        port = self._config().port
+        api = [p for p in self.by_name.values() if p.file is None]
+        for spec, file in declared:
+            proxy = validate_proxy(spec)
+            proxy.file = file
+            wanted[proxy.name] = proxy
+            if any(p.name == proxy.name for p in api):
+                problems.append(f"{proxy.where()}: a proxy named {proxy.name} was made through the API; delete it "
+                                f"there (anywherectl proxy del {proxy.name}) or give this section another name")
+            other = next((p for p in api if p.remote_port == proxy.remote_port), None)
+            if other is not None:
+                problems.append(f"{proxy.where('remote_port')}: already used by proxy {other.name}, made through the API")
+            if proxy.remote_port == port:
+                problems.append(f"{proxy.where('remote_port')}: is the agent port")
+        if problems:
+            raise ConfigError(problems)
+        change = Change()
+        running = {p.name: p for p in self.by_name.values() if p.file is not None}
+        for name, proxy in wanted.items():
+            old = running.get(name)
+            if old is None:
+                change.added.append(proxy)
+            elif old.to_dict() == proxy.to_dict() and old.file == proxy.file:
+                change.unchanged.append(old)
+            else:
+                change.changed.append((old, proxy))
+        change.removed = [p for name, p in running.items() if name not in wanted]
+        held = {p.remote_port for p in running.values() if p.listeners}
+        for proxy in self._serving(change):
+            if proxy.remote_port in held or proxy.remote_port in change.bound:
+                continue
+            try:
+                change.bound[proxy.remote_port] = listen(self._config().proxy_bind, proxy.remote_port)
+            except OSError as exc:
+                problems.append(f"{proxy.where('remote_port')}: cannot listen: {exc.strerror or exc}")
+        if problems:
+            change.release()
+            raise ConfigError(problems)
+        return change
+
+    def _serving(self, change: Change) -> list[Proxy]:
+        """The proxies of the declared set that should be listening once it is applied."""
+        if not self.accepting:
+            return []
+        return [p for p in change.unchanged + [new for _, new in change.changed] + change.added if p.enabled]
+
+    def commit(self, change: Change) -> dict[str, Any]:
+        """Swap a prepared set in: listeners handed over by port, the ports no longer wanted closed;
+        each change logged.  Returns the names added, removed, changed and unchanged."""
+        held: dict[int, list[Acceptor]] = {}
+        for proxy in change.removed + [old for old, _ in change.changed] + change.unchanged:
+            if proxy.listeners:
+                held[proxy.remote_port] = proxy.listeners
+                proxy.listeners = []
+        for proxy in change.removed:
+            del self.by_name[proxy.name]
+        for old, new in change.changed:
+            old.idle_timeout = new.idle_timeout  # the live connections through it take the new timeout too
+            self.by_name[new.name] = new
+        for proxy in change.added:
+            self.by_name[proxy.name] = proxy
+        for proxy in self._serving(change):
+            listeners = held.pop(proxy.remote_port, None)
+            if listeners is None:
+                proxy.listeners = [self._acceptor(proxy, sock) for sock in change.bound.pop(proxy.remote_port)]
+                continue
+            for acceptor in listeners:
+                acceptor.handle, acceptor.what = self._handler(proxy), f"port {proxy.remote_port}"
+            proxy.listeners = listeners
+        for listeners in held.values():
+            for acceptor in listeners:
+                acceptor.close()
+        change.release()  # nothing is left there; safe if anything was
+        self._log(change)
+        return change.summary()
+
+    @staticmethod
+    def _log(change: Change) -> None:
+        for proxy in change.removed:
+            log.info("proxy %s removed (no longer declared in %s): port %d closed", proxy.name, proxy.file,
+                     proxy.remote_port)
+        for old, proxy in change.changed:
+            before, after = old.to_dict(), proxy.to_dict()
+            log.info("proxy %s changed (%s): %s", proxy.name, proxy.file, ", ".join(
+                f"{k} {before[k]} → {v}" for k, v in after.items() if before[k] != v) or f"moved from {old.file}")
+        for proxy in change.added:
+            log.info("proxy %s declared in %s: port %d → agent %s → %s%s", proxy.name, proxy.file, proxy.remote_port,
+                     proxy.agent_id, proxy.target, "" if proxy.enabled else " (disabled)")
+        if change.added or change.removed or change.changed:
+            log.info("proxies declared in files: %d added, %d removed, %d changed, %d unchanged", len(change.added),
+                     len(change.removed), len(change.changed), len(change.unchanged))
 
     def try_listen(self, proxy: Proxy) -> bool:
         """Bind an enabled proxy's port; if that fails the proxy is marked failed, and retried."""
@@ -213,6 +367,26 @@ class ProxyTable:
                 self._retry_timer = self.loop.call_later(PROXY_RETRY, self._retry_failed)
             return False
         proxy.failed = None
+        return True
+
+    def set_enabled(self, proxy: Proxy, enabled: bool) -> bool:
+        """Enable or disable; True if that changed the proxy (then it is to be saved).  Enabling a
+        failed one tries its port now: Conflict with the reason if it is still busy."""
+        if enabled and proxy.enabled and proxy.failed and self.accepting:
+            if not self.try_listen(proxy):
+                raise Conflict(f"proxy {proxy.name} is still not serving: {proxy.failed}; retried every "
+                               f"{PROXY_RETRY:g} s")
+            log.info("proxy %s enabled: remote port %d bound; serving (agent %s → %s)", proxy.name, proxy.remote_port,
+                     proxy.agent_id, proxy.target)
+            return False
+        if proxy.enabled == enabled:
+            return False
+        if enabled and self.accepting:
+            self.listen(proxy)
+        elif not enabled:
+            self.close_listeners(proxy)
+            proxy.failed = None
+        proxy.enabled = enabled
         return True
 
     def _retry_failed(self) -> None:
@@ -248,5 +422,7 @@ class ProxyTable:
         return "listening" if self.accepting else "draining"
 
     def stored(self) -> list[Any]:
-        """What the state file holds: the proxies by remote port, then the entries not valid, as they were."""
-        return [p.to_dict() for p in sorted(self.by_name.values(), key=lambda p: p.remote_port)] + self.unrestored
+        """What the state file holds: the proxies made through the API by remote port, then the entries
+        not valid, as they were (declared proxies live in their files)."""
+        made = [p for p in self.by_name.values() if p.file is None]
+        return [p.to_dict() for p in sorted(made, key=lambda p: p.remote_port)] + self.unrestored

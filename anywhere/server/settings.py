@@ -56,6 +56,8 @@ class ServerConfig:
                                "(none: open)")
     admin_socket: str = setting("path(default=/run/anywhere/anywhered.sock)", "admin API socket", restart=True)
     state_dir: str = setting("path(default=/var/lib/anywhere)", "where proxies are stored", restart=True)
+    proxies_dir: str = setting("path(default=/etc/anywhere/proxies.d)", "directory of proxies declared as files "
+                           "(*.conf, one section per proxy), applied at start and on every reload")
     stats_save_interval: float = setting("seconds(default=30)", "seconds between writes of the counters")
     data_timeout: float = setting("seconds(default=10)", "seconds to wait for the agent's data connection")
     handshake_timeout: float = setting("seconds(default=10)", "TLS handshake and hello timeout in seconds")

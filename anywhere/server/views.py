@@ -92,7 +92,7 @@ class View:
         for proxy in sorted(self.proxies_table, key=lambda p: p.remote_port):
             row = self.tally.proxy_row(proxy.name, by_proxy)
             item = proxy.to_dict()
-            item.update(state=self.proxies_table.state(proxy), failed=proxy.failed)
+            item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source)
             item.update(agent_online=proxy.agent_id in self.port.sessions, connections=row.active,
                         connections_total=row.connections_total, rejected=row.rejected,
                         bytes_in=row.bytes_in, bytes_out=row.bytes_out)
@@ -156,4 +156,4 @@ class View:
             self.router.tunnels[cid].relay.close("killed by the operator")
 
     def connection_ids(self, proxy: Proxy | None = None) -> list[int]:
-        return sorted(cid for cid, t in self.router.tunnels.items() if proxy is None or t.proxy is proxy)
+        return sorted(cid for cid, t in self.router.tunnels.items() if proxy is None or t.proxy.name == proxy.name)

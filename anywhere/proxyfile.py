@@ -1,0 +1,75 @@
+"""The proxies.d file format (issue 16): one INI section per proxy, named by the section.
+
+    [web]
+    agent = agent-1
+    local_ip = 10.0.0.2
+    local_port = 80
+    remote_port = 8080
+    #whitelist = 203.0.113.0/24, 2001:db8::/32
+    #idle_timeout = 0
+    #enabled = true
+
+Owns the keys of a section (`PROXY_SPEC`, a configobj spec checked with config.py's checks),
+how a section maps to the API's proxy fields (`to_api`) and back (`render`, which writes API
+proxies as such a file: `anywherectl proxy export`, and check-config's listing).  Shared by the
+server, which reads the files (server/declared.py), and by the operator's command, which writes
+them; it reads and writes no file itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# one section per proxy; the keys without a default are required
+PROXY_SPEC = """
+[__many__]
+agent = agentid()
+local_ip = host()
+local_port = port()
+remote_port = port()
+whitelist = networks(default=list())
+idle_timeout = seconds_or_off(at_most=604800, default=0)
+enabled = boolean(default=True)
+""".strip().splitlines()
+
+EXAMPLE = """# Proxies declared as files: every *.conf file of this directory is read at start and on every
+# reload (systemctl reload anywhered, anywherectl reload, SIGHUP) and applied as a diff against
+# the running proxies; a bad file refuses the whole reload and the running proxies keep serving.
+# One section per proxy, named by the section.  This file declares nothing: copy it to NAME.conf
+# and uncomment.  `anywherectl proxy export` writes proxies made with `proxy add` in this form.
+#
+#[web]
+#agent = agent-1                 # the agent that reaches the target
+#local_ip = 10.0.0.2             # the target, as the agent sees it (an IP address or host name)
+#local_port = 80
+#remote_port = 8080              # the public port on this server
+#whitelist = 203.0.113.0/24, 2001:db8::/32   # default: the server's whitelist
+#idle_timeout = 0                # seconds; 0: the server's idle_timeout
+#enabled = true
+"""
+
+
+def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A checked section (defaults filled) as the fields the API takes for a proxy."""
+    return {"name": name, "agent_id": values["agent"], "local_ip": values["local_ip"],
+            "local_port": values["local_port"], "remote_port": values["remote_port"],
+            "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
+            "enabled": values["enabled"]}
+
+
+def render(proxies: list[dict[str, Any]], header: str = "") -> str:
+    """API-shaped proxies as a proxies.d file: one section each, the optional keys only when they
+    differ from their default (so the file says what the operator chose)."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    for proxy in proxies:
+        if lines:
+            lines.append("")
+        lines += [f"[{proxy['name']}]", f"agent = {proxy['agent_id']}", f"local_ip = {proxy['local_ip']}",
+                  f"local_port = {proxy['local_port']}", f"remote_port = {proxy['remote_port']}"]
+        if proxy.get("whitelist"):
+            lines.append("whitelist = " + ", ".join(proxy["whitelist"]))
+        if proxy.get("idle_timeout"):
+            lines.append(f"idle_timeout = {proxy['idle_timeout']:g}")
+        if proxy.get("enabled") is False:
+            lines.append("enabled = false")
+    return "\n".join(lines) + "\n"
