@@ -299,7 +299,7 @@ class ProxyTable:
             try:
                 change.bound[proxy.remote_port] = listen(self._config().proxy_bind, proxy.remote_port)
             except OSError as exc:
-                problems.append(f"{proxy.where('remote_port')}: cannot listen: {exc.strerror or exc}")
+                problems.append(f"{proxy.where('remote_port')}: {exc.strerror or exc}")  # "cannot listen on ..."
         if problems:
             change.release()
             raise ConfigError(problems)
