@@ -13,7 +13,8 @@ Owns the keys of a section (`PROXY_SPEC`, a configobj spec checked with config.p
 how a section maps to the API's proxy fields (`to_api`) and back (`render`, which writes API
 proxies as such a file: `anywherectl proxy export`, and check-config's listing).  Shared by the
 server, which reads the files (server/declared.py), and by the operator's command, which writes
-them; it reads and writes no file itself.
+them; it reads and writes no file itself.  etc/proxies.d/example.conf, shipped in the packages,
+shows the format.
 """
 
 from __future__ import annotations
@@ -31,23 +32,6 @@ whitelist = networks(default=list())
 idle_timeout = seconds_or_off(at_most=604800, default=0)
 enabled = boolean(default=True)
 """.strip().splitlines()
-
-EXAMPLE = """# Proxies declared as files: every *.conf file of this directory is read at start and on every
-# reload (systemctl reload anywhered, anywherectl reload, SIGHUP) and applied as a diff against
-# the running proxies; a bad file refuses the whole reload and the running proxies keep serving.
-# One section per proxy, named by the section.  This file declares nothing: copy it to NAME.conf
-# and uncomment.  `anywherectl proxy export` writes proxies made with `proxy add` in this form.
-#
-#[web]
-#agent = agent-1                 # the agent that reaches the target
-#local_ip = 10.0.0.2             # the target, as the agent sees it (an IP address or host name)
-#local_port = 80
-#remote_port = 8080              # the public port on this server
-#whitelist = 203.0.113.0/24, 2001:db8::/32   # default: the server's whitelist
-#idle_timeout = 0                # seconds; 0: the server's idle_timeout
-#enabled = true
-"""
-
 
 def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """A checked section (defaults filled) as the fields the API takes for a proxy."""

@@ -6,6 +6,9 @@ valid comes back as the specs the API takes, each with its file.  Real files in 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from anywhere.errors import ConfigError
@@ -85,3 +88,43 @@ def test_a_name_or_port_declared_twice_across_files_is_refused(tmp_path):
     assert found == [f"{tmp_path / 'b.conf'} [web]: proxy web is declared in {tmp_path / 'a.conf'} too",
                      f"{tmp_path / 'c.conf'} [web2] remote_port = 8080: already used by proxy web in "
                      f"{tmp_path / 'a.conf'}"]
+
+
+def test_the_shipped_example_declares_nothing_and_uncommented_declares_web(tmp_path):
+    example = (Path(__file__).resolve().parent.parent / "etc" / "proxies.d" / "example.conf").read_text()
+    (tmp_path / "example.conf").write_text(example)
+    assert read_dir(str(tmp_path)) == []
+    (tmp_path / "example.conf").write_text("\n".join(line[1:] if line.startswith("#[") or line.startswith("#") and
+                                                     " = " in line.split("#", 2)[1] else line
+                                                     for line in example.splitlines()))
+    [web] = read_dir(str(tmp_path))
+    assert web.spec == {"name": "web", "agent_id": "agent-1", "local_ip": "10.0.0.2", "local_port": 80,
+                        "remote_port": 8080, "whitelist": ["203.0.113.0/24", "2001:db8::/32"], "idle_timeout": 0.0,
+                        "enabled": True}
+
+
+def test_an_unreadable_directory_is_an_error_not_an_empty_set(tmp_path):
+    (tmp_path / "web.conf").write_text(WEB)
+    (tmp_path / ".hidden.conf").write_text("not read: editors and tools keep their temporary files hidden\n")
+    assert [d.spec["name"] for d in read_dir(str(tmp_path))] == ["web"]
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to read the directory as user nobody")
+    # as user nobody (a forked child), the directory cannot be listed: an error, not "no proxies"
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                read_dir(str(tmp_path))
+                os.write(wfd, b"no error")
+            except ConfigError as exc:
+                os.write(wfd, str(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        said = f.read().decode()
+    os.waitpid(pid, 0)
+    assert said == f"{tmp_path}: cannot read: Permission denied"

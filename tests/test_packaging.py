@@ -196,7 +196,7 @@ def complete(words: list[str]) -> list[str]:
 
 def test_completion_in_bash(test_tools):
     assert complete(["anywherectl", ""]) == ["proxy", "agent", "conn", "status", "reload", "credentials"]
-    assert complete(["anywherectl", "proxy", ""]) == ["add", "list", "del", "delete", "rm", "enable", "disable"]
+    assert complete(["anywherectl", "proxy", ""]) == ["add", "list", "export", "del", "delete", "rm", "enable", "disable"]
     assert complete(["anywherectl", "conn", "kill", "--p"]) == ["--proxy"]
     assert set(complete(["anywherectl", "proxy", "add", "--"])) >= {"--agent-id", "--local-port", "--remote-port",
                                                                     "--admin-socket", "--json"}
@@ -294,7 +294,8 @@ def test_tarball_layout(tarball):
     members = unpacked_members(tarball / "dist-a" / "anywhere.tar.gz")
     names = set(members)
     expected = {"bin/anywhered", "bin/anywhere", "bin/anywherectl", "bin/_internal", "etc/anywhered.conf",
-                "etc/agents/agent.conf.example", "systemd/anywhered.service", "systemd/anywhere-agent@.service",
+                "etc/agents/agent.conf.example", "etc/proxies.d/example.conf", "systemd/anywhered.service",
+                "systemd/anywhere-agent@.service",
                 "systemd/anywhere-agents.target", "systemd/anywhere.sysusers", "share/man/man8/anywhered.8",
                 "share/man/man8/anywhere.8", "share/man/man8/anywherectl.8",
                 "share/bash-completion/completions/anywhere", "README.md"}
@@ -462,6 +463,7 @@ def test_deb_contents(debs):
                        "/lib/systemd/system/anywhere-agents.target": "-rw-r--r--",
                        "/usr/lib/sysusers.d/anywhere.conf": "-rw-r--r--", "/etc/anywhere/anywhered.conf": "-rw-r--r--",
                        "/etc/anywhere/agents/agent.conf.example": "-rw-r--r--",
+                       "/etc/anywhere/proxies.d/example.conf": "-rw-r--r--",
                        "/usr/share/man/man8/anywhered.8.gz": "-rw-r--r--", "/usr/share/man/man8/anywhere.8.gz": "-rw-r--r--",
                        "/usr/share/man/man8/anywherectl.8.gz": "-rw-r--r--",
                        "/usr/share/bash-completion/completions/anywhere": "-rw-r--r--",
@@ -472,7 +474,8 @@ def test_deb_contents(debs):
     control = subprocess.run(["dpkg-deb", "-e", str(deb), str(debs / "control")], capture_output=True, timeout=60)
     assert control.returncode == 0
     conffiles = (debs / "control" / "conffiles").read_text().split()
-    assert conffiles == ["/etc/anywhere/agents/agent.conf.example", "/etc/anywhere/anywhered.conf"], conffiles
+    assert conffiles == ["/etc/anywhere/agents/agent.conf.example", "/etc/anywhere/anywhered.conf",
+                         "/etc/anywhere/proxies.d/example.conf"], conffiles
     fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends", "Architecture"], capture_output=True, text=True,
                             timeout=60).stdout
     for dist in pyproject_dependencies():
@@ -578,8 +581,8 @@ class Sys:
         res = self.run("anywherectl", "agent", "list", "--json", check=False)
         return res.returncode == 0 and any(a["agent_id"] == "agent-1" for a in json.loads(res.stdout)["agents"])
 
-    def tunnel_works(self) -> bool:
-        res = self.guest.run(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:8080/index.html"], check=False,
+    def tunnel_works(self, port: int = 8080) -> bool:
+        res = self.guest.run(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/index.html"], check=False,
                              timeout=30)
         return res.returncode == 0 and res.stdout == "hello from the target\n"
 
@@ -629,10 +632,25 @@ def test_deb_install_tunnel_upgrade_purge(guest, debs):
           "--remote-port", "8080")
     s.wait(s.tunnel_works, 30, "a request through the tunnel")
 
+    # proxies as files: the package's proxies.d holds only its example, which declares nothing; a
+    # file dropped in serves after `systemctl reload`, a bad one fails the reload and changes nothing
+    assert s.run("ls", "/etc/anywhere/proxies.d").stdout.split() == ["example.conf"]
+    assert "# /etc/anywhere/proxies.d: OK; 0 proxies declared" in s.run("anywhered", "check-config").stdout
+    web = "[web]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = 8000\nremote_port = 8081\n"
+    s.guest.write("/etc/anywhere/proxies.d/web.conf", web)
+    s.run("systemctl", "reload", "anywhered.service")
+    s.wait(lambda: s.tunnel_works(8081), 30, "a request through the proxy declared in web.conf")
+    s.guest.write("/etc/anywhere/proxies.d/bad.conf", web.replace("web", "bad").replace("8081", "70000"))
+    res = s.run("systemctl", "reload", "anywhered.service", check=False)
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "/etc/anywhere/proxies.d/bad.conf [bad] remote_port = 70000: must be 1..65535" in s.journal(), s.journal()
+    assert s.prop("anywhered.service", "ActiveState") == "active" and s.tunnel_works(8081) and s.tunnel_works()
+    s.run("rm", "/etc/anywhere/proxies.d/bad.conf")
+
     # anywherectl for members of group anywhere, nobody else
     s.run("useradd", "--no-create-home", "--groups", "anywhere", "operator1")
     status = json.loads(s.run("anywherectl", "status", "--json", user="operator1").stdout)
-    assert status["agents"] == 1 and status["proxies"] == 1, status
+    assert status["agents"] == 1 and status["proxies"] == 2, status
     denied = s.run("anywherectl", "status", user="nobody", check=False)
     assert denied.returncode == 1 and "permission denied" in denied.stderr, denied
 
@@ -645,6 +663,7 @@ def test_deb_install_tunnel_upgrade_purge(guest, debs):
         assert s.prop(unit, "InvocationID") != invocation, f"{unit} was not restarted by the upgrade"
     s.wait(s.agent_connected, 30, "agent-1 to reconnect after the upgrade")
     s.wait(s.tunnel_works, 30, "the tunnel after the upgrade")
+    s.wait(lambda: s.tunnel_works(8081), 30, "the declared proxy after the upgrade")
 
     # purge: every unit stopped, nothing of user anywhere left running, the package's files gone
     s.run("dpkg", "--purge", "anywhere", timeout=300)
@@ -655,6 +674,8 @@ def test_deb_install_tunnel_upgrade_purge(guest, debs):
     leftovers = s.run("/bin/sh", "-c", "ls -d /usr/bin/anywhere* /etc/anywhere/credential /etc/anywhere/anywhered.conf "
                                        "/var/lib/anywhere /lib/systemd/system/anywhere* 2>/dev/null", check=False).stdout
     assert leftovers == "", leftovers
+    # the package's example went with it; the operator's own file stays
+    assert s.run("ls", "/etc/anywhere/proxies.d").stdout.split() == ["web.conf"]
     assert s.run("dpkg-statoverride", "--list").stdout.count("anywhere") == 0
     assert not s.tunnel_works()
 
@@ -697,6 +718,8 @@ def test_rpm_files_modes_and_config(rpm):
         "/etc/anywhere": ("drwxr-xr-x", "root", "root", ""),
         "/etc/anywhere/anywhered.conf": ("-rw-r-----", "root", "anywhere", "cn"),
         "/etc/anywhere/agents/agent.conf.example": ("-rw-r--r--", "root", "root", "cn"),
+        "/etc/anywhere/proxies.d": ("drwxr-xr-x", "root", "root", ""),
+        "/etc/anywhere/proxies.d/example.conf": ("-rw-r--r--", "root", "root", "cn"),
         "/etc/anywhere/credential": ("drwxr-x---", "root", "anywhere", ""),
         "/var/lib/anywhere": ("drwxr-x---", "anywhere", "anywhere", ""),
         "/usr/share/man/man8/anywhered.8.gz": ("-rw-r--r--", "root", "root", "d"),

@@ -12,7 +12,7 @@ In order, the tests check:
  * a request tunneled server → agent → target works; a member of group anywhere may use
    anywherectl, another user may not;
  * `systemctl reload anywhered` applies a change; with a broken file it exits non-zero and the
-   daemon keeps running on the old configuration;
+   daemon keeps running on the old configuration; the same for a file in proxies.d;
  * a loop stopped with SIGSTOP misses its watchdog pings, is killed and restarted, and comes back
    with its proxies;
  * `systemctl stop anywhered` drains: a request in flight completes, new ones are refused, the
@@ -305,6 +305,37 @@ def test_reload(system: System):
         assert system.tunnel_works(), system.journal(AGENT)
     finally:
         system.guest.write("/etc/anywhere/agents/agent-1.conf", AGENT_CONF, mode="0640", owner="root:anywhere")
+
+
+def test_proxies_dir_reload(system: System):
+    """A file dropped into /etc/anywhere/proxies.d serves after `systemctl reload`; a bad one makes the
+    reload fail, naming file, section, key and value, and the running set keeps serving."""
+    system.ensure_up()
+    pid = system.show(SERVER, "MainPID")["MainPID"]
+    web = "[web]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = 8000\nremote_port = 8081\n"
+    system.run("mkdir", "-p", "/etc/anywhere/proxies.d")
+    system.guest.write("/etc/anywhere/proxies.d/web.conf", web, mode="0640", owner="root:anywhere")
+    try:
+        system.run("systemctl", "reload", SERVER)
+        res = system.curl("/", port=8081)
+        assert res.returncode == 0 and res.stdout == "hello from the target\n", f"{res}\n{system.journal()}"
+        web_proxy = next(p for p in system.ctl_json("proxy", "list")["proxies"] if p["name"] == "web")
+        assert web_proxy["source"] == "file:/etc/anywhere/proxies.d/web.conf", web_proxy
+
+        system.guest.write("/etc/anywhere/proxies.d/bad.conf", web.replace("[web]", "[bad]").replace("8081", "70000"),
+                           mode="0640", owner="root:anywhere")
+        res = system.run("systemctl", "reload", SERVER, check=False)
+        assert res.returncode != 0, f"reload with a bad proxies file exited 0:\n{res.stdout}{res.stderr}"
+        assert system.show(SERVER, "MainPID", "ActiveState") == {"MainPID": pid, "ActiveState": "active"}
+        assert "/etc/anywhere/proxies.d/bad.conf [bad] remote_port = 70000: must be 1..65535" in system.messages()
+        res = system.curl("/", port=8081)
+        assert res.returncode == 0 and res.stdout == "hello from the target\n", f"{res}\n{system.journal()}"
+        assert system.tunnel_works()
+    finally:
+        system.run("rm", "-f", "/etc/anywhere/proxies.d/bad.conf", "/etc/anywhere/proxies.d/web.conf")
+    system.run("systemctl", "reload", SERVER)
+    assert system.curl("/", port=8081, timeout=3).returncode != 0  # removed with its file
+    assert system.tunnel_works()
 
 
 def test_watchdog_restarts_a_hung_loop(system: System):

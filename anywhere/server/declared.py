@@ -13,7 +13,6 @@ server's (proxies.py `ProxyTable.prepare` / `commit`, core.py).
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,13 +37,17 @@ class Declared:
 def read_dir(directory: str) -> list[Declared]:
     """The proxies declared in `directory`'s *.conf files, in file then section order; none if the
     directory does not exist.  Raises ConfigError with every problem found, all files read."""
-    if not os.path.isdir(directory):
-        if os.path.exists(directory):
-            raise ConfigError([f"{directory}: not a directory"])
+    try:  # not glob: it would take an unreadable directory for an empty one, and drop every proxy
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".conf") and not n.startswith("."))
+    except FileNotFoundError:
         return []
+    except NotADirectoryError:
+        raise ConfigError([f"{directory}: not a directory"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{directory}: cannot read: {exc.strerror}"]) from None
     problems: list[str] = []
     declared: list[Declared] = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(directory), "*.conf"))):
+    for path in (os.path.join(directory, name) for name in names):
         try:
             sections = configuration.read(path, PROXY_SPEC)
         except ConfigError as exc:
