@@ -136,7 +136,8 @@ class Listener:
     sock: socket.socket
     acceptor: Acceptor | None
     token: Callable[[], str | None] | None = None  # None: no token needed (the Unix socket)
-    public: Callable[[], tuple[str, ...]] = tuple  # paths served without the token (read per request)
+    public: Callable[[], tuple[str, ...]] = tuple  # paths served without the token (read per request;
+    # a "*" segment matches any one segment: /v1/proxies/*/health)
 
 
 Handler = Callable[[Request], tuple[int, Any]]
@@ -485,7 +486,7 @@ class _AdminConn:
 
     def _authorize(self, request: Request) -> None:
         token_of = self.listener.token
-        if token_of is None or request.path in self.listener.public():
+        if token_of is None or any(_matches(request.path, pattern) for pattern in self.listener.public()):
             return
         expected = token_of()
         given = ""
@@ -568,3 +569,9 @@ def _content_length(request: h11.Request) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """`path` is `pattern`, where a "*" segment of the pattern stands for exactly one segment."""
+    got, want = path.split("/"), pattern.split("/")
+    return len(got) == len(want) and all(w == "*" and g != "" or g == w for g, w in zip(got, want))

@@ -128,6 +128,31 @@ def check_agent_id(value: Any, default: Any = None) -> str:
     return text
 
 
+MAX_AGENTS_PER_PROXY = 16
+BALANCE_MODES = ("least-connections", "round-robin", "failover")
+
+
+def check_agent_ids(value: Any, default: Any = None) -> list[str]:
+    items = _list(value)
+    if not 1 <= len(items) <= MAX_AGENTS_PER_PROXY:
+        raise _Bad(f"must be 1 to {MAX_AGENTS_PER_PROXY} agent ids, comma-separated")
+    for item in items:
+        if not valid_agent_id(item):
+            raise _Bad(f"{item!r} is not an agent id: 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                       "or digit")
+    twice = sorted({i for i in items if items.count(i) > 1})
+    if twice:
+        raise _Bad(f"names {', '.join(twice)} twice")
+    return items
+
+
+def check_balance(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if text not in BALANCE_MODES:
+        raise _Bad(f"must be one of {', '.join(BALANCE_MODES)}")
+    return text
+
+
 def check_host(value: Any, default: Any = None) -> str:
     text = _text(value)
     if not (is_ip(text) or HOSTNAME_RE.fullmatch(text)):
@@ -218,7 +243,7 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 
 CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
-    "agentid": check_agent_id, "host": check_host, "addresses": check_addresses,
+    "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,
     "allowlist": check_allowlist, "size": check_size,

@@ -69,23 +69,35 @@ def _emit(args: argparse.Namespace, data: Any, render: Callable[[Any], str]) -> 
 
 # -- verbs -------------------------------------------------------------------------------------------
 def cmd_proxy_add(args: argparse.Namespace) -> None:
-    body: dict[str, Any] = {"agent_id": args.agent_id, "local_ip": args.local_ip, "local_port": args.local_port,
-                            "remote_port": args.remote_port}
+    agents = [a.strip() for a in args.agent_id.split(",") if a.strip()]
+    body: dict[str, Any] = {"local_ip": args.local_ip, "local_port": args.local_port, "remote_port": args.remote_port}
+    if len(agents) == 1:
+        body["agent_id"] = agents[0]
+    else:  # several agents: each client goes to one of them (--balance)
+        body["agent_ids"] = agents
+    if args.balance:
+        body["balance"] = args.balance
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
         body["name"] = args.name
     data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
     p = data["proxy"]
-    _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {p['agent_id']} → "
+    agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
+    _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
                                  f"{p['local_ip']}:{p['local_port']}")
 
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/proxies")
     rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=human_bytes(p.get("bytes_in", 0)),
-                 bytes_out=human_bytes(p.get("bytes_out", 0))) for p in data["proxies"]]
+                 bytes_out=human_bytes(p.get("bytes_out", 0)), agent_id=",".join(p.get("agent_ids") or [p["agent_id"]]))
+            for p in data["proxies"]]
     failed = [f"proxy {p['name']} failed: {p['failed']}" for p in data["proxies"] if p.get("failed")]
+    failed += [f"proxy {p['name']} ({p['balance']}): " + ", ".join(
+        f"{a['agent_id']} {a['state']}" + (f" {a['backoff']:g} s" if a["state"] == "backing off" else "")
+        + f" ({a['connections']} live, {a['connections_total']} total)" for a in p["agents"])
+        for p in data["proxies"] if len(p.get("agents", ())) > 1]
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
@@ -249,7 +261,11 @@ def add_admin_commands(sub: Any) -> None:
     common = _common()
     proxy = sub.add_parser("proxy", help="add, list or delete proxies").add_subparsers(dest="verb", metavar="VERB", required=True)
     add = proxy.add_parser("add", parents=[common], help="add a proxy: REMOTE PORT on the server → agent → LOCAL IP:PORT")
-    add.add_argument("--agent-id", required=True, help="the agent that reaches the target")
+    add.add_argument("--agent-id", required=True, help="the agent that reaches the target; several, comma-separated: "
+                     "each client goes to one of them, and to the next if it fails")
+    add.add_argument("--balance", choices=("least-connections", "round-robin", "failover"),
+                     help="with several agents: how a client's agent is chosen (default least-connections; "
+                          "failover: the first listed that can serve)")
     add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
     add.add_argument("--local-port", required=True, type=_port, help="the target's port")
     add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from typing import Any
 
-# one section per proxy; the keys without a default are required
+# one section per proxy; the keys without a default are required, and one of agent or agents
 PROXY_SPEC = """
 [__many__]
-agent = agentid()
+agent = agentid(default=None)
+agents = agentids(default=None)
+balance = balance(default=least-connections)
 local_ip = host()
 local_port = port()
 remote_port = port()
@@ -33,9 +35,20 @@ idle_timeout = seconds_or_off(at_most=604800, default=0)
 enabled = boolean(default=True)
 """.strip().splitlines()
 
+def agents_problem(values: dict[str, Any]) -> str | None:
+    """What is wrong with a checked section's agent keys: exactly one of agent and agents."""
+    if values["agent"] is None and values["agents"] is None:
+        return "agent: is required (or agents = ID, ID, ... for several)"
+    if values["agent"] is not None and values["agents"] is not None:
+        return f"agent = {values['agent']}: give agent or agents, not both"
+    return None
+
+
 def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A checked section (defaults filled) as the fields the API takes for a proxy."""
-    return {"name": name, "agent_id": values["agent"], "local_ip": values["local_ip"],
+    """A checked section (defaults filled, `agents_problem` None) as the fields the API takes."""
+    agents = values["agents"] or [values["agent"]]
+    return {"name": name, "agent_id": agents[0], "agent_ids": list(agents), "balance": values["balance"],
+            "local_ip": values["local_ip"],
             "local_port": values["local_port"], "remote_port": values["remote_port"],
             "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
             "enabled": values["enabled"]}
@@ -48,8 +61,13 @@ def render(proxies: list[dict[str, Any]], header: str = "") -> str:
     for proxy in proxies:
         if lines:
             lines.append("")
-        lines += [f"[{proxy['name']}]", f"agent = {proxy['agent_id']}", f"local_ip = {proxy['local_ip']}",
-                  f"local_port = {proxy['local_port']}", f"remote_port = {proxy['remote_port']}"]
+        agents = proxy.get("agent_ids") or [proxy["agent_id"]]
+        lines.append(f"[{proxy['name']}]")
+        lines.append(f"agents = {', '.join(agents)}" if len(agents) > 1 else f"agent = {agents[0]}")
+        if proxy.get("balance", "least-connections") != "least-connections":
+            lines.append(f"balance = {proxy['balance']}")
+        lines += [f"local_ip = {proxy['local_ip']}", f"local_port = {proxy['local_port']}",
+                  f"remote_port = {proxy['remote_port']}"]
         if proxy.get("whitelist"):
             lines.append("whitelist = " + ", ".join(proxy["whitelist"]))
         if proxy.get("idle_timeout"):

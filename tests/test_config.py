@@ -53,6 +53,7 @@ SERVER_BAD = [
     ("deny", "agent 1", "is neither an agent id nor serial:HEX"),
     ("admin_group", '""', "must be 1-64 printable characters"),
     ("proxies_dir", '""', "must be a path"),
+    ("health_public", "maybe", "must be true or false"),
     ("log_level", "loud", "must be one of debug, info, warning, error"),
 ]
 

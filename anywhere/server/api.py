@@ -11,6 +11,8 @@
 | DELETE /v1/proxies/NAME                   | delete one, closing its listener and connections       |
 | POST   /v1/proxies/NAME/disable|enable    | stop / resume accepting without deleting; enable binds |
 |                                           | a failed proxy's port now (409 if it is still busy)    |
+| GET    /v1/proxies/NAME/health            | 200 if the proxy can serve a client now, else 503; a   |
+|                                           | one-line JSON reason (health_public: without token)    |
 | GET    /v1/connections                    | live connections                                       |
 | DELETE /v1/connections/ID                 | kill one connection                                    |
 | DELETE /v1/connections?proxy=NAME         | kill every connection of a proxy                       |
@@ -52,6 +54,7 @@ class Operations(Protocol):
     def set_proxy_enabled(self, key: str, enabled: bool) -> Any: ...
     def disconnect_agent(self, agent_id: str) -> int: ...
     def find_proxy(self, key: str) -> Any: ...
+    def health(self, proxy: Any) -> str | None: ...
     def connection_ids(self, proxy: Any = None) -> list[int]: ...
     def kill(self, conn_ids: list[int]) -> None: ...
 
@@ -107,6 +110,7 @@ class Api:
             ("DELETE", "proxies", 1, ""): lambda: self.delete_proxy(rest[0]),
             ("POST", "proxies", 2, "disable"): lambda: self.enable_proxy(rest[0], False),
             ("POST", "proxies", 2, "enable"): lambda: self.enable_proxy(rest[0], True),
+            ("GET", "proxies", 2, "health"): lambda: self.health(rest[0]),
             ("GET", "connections", 0, ""): self.connections,
             ("DELETE", "connections", 1, ""): lambda: self.kill_connection(rest[0]),
             ("DELETE", "connections", 0, ""): lambda: self.kill_proxy_connections(request.query.get("proxy")),
@@ -132,6 +136,13 @@ class Api:
 
     def connections(self) -> tuple[int, Any]:
         return 200, {"connections": self.server.connections()}
+
+    def health(self, key: str) -> tuple[int, Any]:
+        proxy = self.server.find_proxy(key)
+        why = self.server.health(proxy)
+        if why is None:
+            return 200, {"proxy": proxy.name, "status": "ok"}
+        return 503, {"proxy": proxy.name, "status": "unavailable", "reason": why}
 
     # -- changing --------------------------------------------------------------------------------------
     def add_proxy(self, body: Any) -> tuple[int, Any]:

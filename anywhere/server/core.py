@@ -150,7 +150,8 @@ class Server:
             for sock in listen([host.strip("[]")], int(port)):
                 where = format_addr(sock.getsockname())
                 self.admin.add_listener(sock, token=lambda: self.api_token,
-                                        public=lambda: ("/metrics",) if self.config.metrics_public else ())
+                                        public=lambda: (("/metrics",) if self.config.metrics_public else ())
+                                        + (("/v1/proxies/*/health",) if self.config.health_public else ()))
                 bound = sock.getsockname()[0]
                 if bound in ("::", "0.0.0.0") or not ipaddress.ip_address(bound.split("%")[0]).is_loopback:
                     log.warning("REST API on %s without TLS: the bearer token and the answers cross the network in "
@@ -211,7 +212,7 @@ class Server:
         for proxy in change.added + [new for _, new in change.changed]:
             self.tally.known(proxy.name, proxy.agent_id)
         summary["closed_connections"] = self.router.close_connections(
-            lambda p: p.file is not None and p.name in removed, "proxy removed from its file") if removed else 0
+            lambda p, _a: p.file is not None and p.name in removed, "proxy removed from its file") if removed else 0
         return summary
 
     def begin_drain(self) -> None:
@@ -279,7 +280,7 @@ class Server:
             if denied:
                 session.conn.send_and_close("error", "revoked", code="revoked",
                                             reason=f"this agent's certificate is revoked on this server ({denied})")
-                closed = self.router.close_connections(lambda p, a=agent_id: p.agent_id == a, "agent revoked")
+                closed = self.router.close_connections(lambda _p, a, gone=agent_id: a == gone, "agent revoked")
                 log.warning("agent %s is denied now (%s): session dropped, %d connection(s) closed", agent_id, denied, closed)
         self.warm_path.close_denied()
         self.trunk_path.close_denied()
@@ -290,7 +291,7 @@ class Server:
             raise NotFound(f"agent {agent_id} is not connected")
         session.conn.send_and_close("error", "disconnected by the operator", reason="disconnected by the operator",
                                     code="disconnected")
-        closed = self.router.close_connections(lambda p: p.agent_id == agent_id, "agent disconnected by the operator")
+        closed = self.router.close_connections(lambda _p, a: a == agent_id, "agent disconnected by the operator")
         log.info("agent %s disconnected by the operator; %d connection(s) closed", agent_id, closed)
         return closed
 
@@ -329,7 +330,7 @@ class Server:
             self.proxies.by_name[proxy.name] = proxy
             raise self._not_saved(exc) from None
         self.proxies.close_listeners(proxy)
-        closed = self.router.close_connections(lambda p: p.name == proxy.name, "proxy deleted")
+        closed = self.router.close_connections(lambda p, _a: p.name == proxy.name, "proxy deleted")
         log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
         return proxy, closed
 

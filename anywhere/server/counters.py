@@ -83,7 +83,7 @@ def live(tunnels: Iterable[Live]) -> tuple[dict[str, list[int]], dict[str, list[
     by_agent: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     for tunnel in tunnels:
         relay = tunnel.relay
-        for row in (by_proxy[tunnel.proxy.name], by_agent[tunnel.proxy.agent_id]):
+        for row in (by_proxy[tunnel.proxy.name], by_agent[tunnel.agent_id]):
             row[0] += relay.bytes_a_to_b
             row[1] += relay.bytes_b_to_a
             row[2] += 1

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import config as configuration
 from ..errors import ConfigError, Invalid
-from ..proxyfile import PROXY_SPEC, to_api
+from ..proxyfile import PROXY_SPEC, agents_problem, to_api
 from .proxies import NAME_RE, validate_proxy
 
 @dataclass
@@ -57,6 +57,10 @@ def read_dir(directory: str) -> list[Declared]:
             if not NAME_RE.fullmatch(name) or (name.isascii() and name.isdigit()):
                 problems.append(f"{path} [{name}]: the section names the proxy: 1-64 letters, digits, '.', '_', ':' "
                                 f"or '-', not all digits")
+                continue
+            wrong = agents_problem(values)
+            if wrong:
+                problems.append(f"{path} [{name}] {wrong}")
                 continue
             spec = to_api(name, values)
             try:

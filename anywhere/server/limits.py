@@ -29,7 +29,8 @@ class Limits:
         self.rates: dict[tuple, tuple[float, float]] = {}  # (proxy, source ip) → (tokens, when counted)
         self.log_throttle: dict[tuple, tuple[float, int]] = {}
 
-    def over_limit(self, proxy: Any, ip: Any, live_total: int, live_proxy: int, pending_agent: int) -> str | None:
+    def over_limit(self, proxy: Any, ip: Any, live_total: int, live_proxy: int, pending_agent: int,
+                   agent_id: str | None = None) -> str | None:
         """Why a new client of `proxy` from `ip` must be refused, or None."""
         cfg = self._config()
         if live_total >= cfg.max_connections:
@@ -37,7 +38,7 @@ class Limits:
         if live_proxy >= cfg.max_connections_per_proxy:
             return f"max_connections_per_proxy = {cfg.max_connections_per_proxy} reached"
         if pending_agent >= cfg.max_pending_per_agent:
-            return f"agent {proxy.agent_id} already has {cfg.max_pending_per_agent} clients waiting (max_pending_per_agent)"
+            return f"agent {agent_id or proxy.agent_id} already has {cfg.max_pending_per_agent} clients waiting (max_pending_per_agent)"
         if cfg.rate_limit:
             # a token bucket per (proxy, source address): rate_limit a minute sustained, bursts of
             # rate_burst (never more than rate_limit); a source that has been quiet has a full bucket

@@ -49,6 +49,7 @@ class Routing(Protocol):
     def join(self, pending: Any, conn: FramedConn) -> None: ...
     def ask_agent(self, pending: Any, session: AgentSession) -> None: ...
     def on_agent_fail(self, agent_id: str, conn_id: int, reason: str) -> None: ...
+    def attempt_failed(self, pending: Any, reason: str, kind: str) -> None: ...
     def on_stream_close(self, conn_id: int, stream: Stream, reason: str) -> None: ...
 
 
@@ -135,8 +136,8 @@ class TrunkPath:
         session = self.port.online(agent_id)
         for conn_id in waiting:
             pending = self.router.pending.get(conn_id)
-            if pending is None or pending.stream is not None or pending.warm is not None:
-                continue  # gone, or served another way meanwhile
+            if pending is None or pending.stream is not None or pending.warm is not None or pending.agent_id != agent_id:
+                continue  # gone, or served another way (or by another agent) meanwhile
             if session is None:
                 self.waiting.setdefault(agent_id, []).append(conn_id)  # until data_timeout
                 continue
@@ -145,14 +146,14 @@ class TrunkPath:
     def offer(self, pending: Any) -> bool:
         """Place `pending` on a live trunk of its agent, or hold it while all are stale; False if the
         agent has no trunk at all."""
-        proxy = pending.proxy
-        trunks = self.trunks.get(proxy.agent_id)
+        proxy, agent_id = pending.proxy, pending.agent_id
+        trunks = self.trunks.get(agent_id)
         if not trunks:
             return False
         now, hb = self.loop.time(), self._config().heartbeat
         live = [t for t in trunks if not t.stale(now, hb)]
         if not live:  # never on a trunk known to be stale: held for a live one (or data_timeout)
-            self.waiting.setdefault(proxy.agent_id, []).append(pending.conn_id)
+            self.waiting.setdefault(agent_id, []).append(pending.conn_id)
             return True
         if not live[0].fast:  # a slow link, or not known to be fast yet: one trunk carries all (trunk.py, Scheduling)
             trunk = live[0]
@@ -162,12 +163,15 @@ class TrunkPath:
         stream = Stream(trunk, trunk.new_stream_id(), name=f"client {pending.peer}",
                         on_close=lambda st, reason: router.on_stream_close(conn_id, st, reason))
         stream.on_ready = lambda: self._on_ready(conn_id, stream)
-        stream.on_fail = lambda reason: router.on_agent_fail(proxy.agent_id, conn_id, reason)
+        stream.on_fail = lambda reason: router.on_agent_fail(agent_id, conn_id, reason)
         stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
         pending.stream = stream
         window = stream.grant_first_window() if trunk.takes_window else None  # under the buffer budget
         trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window))
-        stream.attach(pending.sock, read_now=False)  # no round trip: the client's first bytes follow OPEN
+        if len(proxy.agent_ids) == 1:  # no round trip: the client's first bytes follow OPEN
+            stream.attach(pending.sock, read_now=False)
+        # else the client is read only once an agent has its target (READY): until then another
+        # agent may take it over, and none of its bytes may have gone to the one that failed
         return True
 
     def _on_ready(self, conn_id: int, stream: Stream) -> None:
@@ -179,6 +183,8 @@ class TrunkPath:
             pending.timer.cancel()
         pending.stream = None
         self.router.add_tunnel(pending, stream)
+        if stream.sock is None:  # held back until now (a proxy of several agents)
+            stream.attach(pending.sock)
         stream.open_window(mux.WINDOW_SIZE - mux.EARLY_WINDOW)
 
     def sweep(self, now: float) -> None:
@@ -230,7 +236,7 @@ class WarmPath:
         conns.append(conn)
 
     def offer(self, pending: Any) -> bool:
-        conns = self.warm.get(pending.proxy.agent_id)
+        conns = self.warm.get(pending.agent_id)
         if not conns:
             return False
         conn = conns.pop()
@@ -265,8 +271,8 @@ class WarmPath:
         elif kind == "fail" and msg["conn"] == conn_id:
             del self.asked[conn]
             pending.warm = None
-            self.add(conn, pending.proxy.agent_id)
-            self.router.on_agent_fail(pending.proxy.agent_id, conn_id, msg["reason"])
+            self.add(conn, pending.agent_id)
+            self.router.on_agent_fail(pending.agent_id, conn_id, msg["reason"])
         else:
             log.warning("agent %s answered %r to open on a data connection; closing it", conn.identity, kind)
             conn.close(f"unexpected {kind}")
@@ -277,12 +283,12 @@ class WarmPath:
         if pending is None or pending.warm is not conn:
             return
         pending.warm = None
-        session = self.port.online(pending.proxy.agent_id)
+        session = self.port.online(pending.agent_id)
         if session is None:
-            self.router.drop_pending(pending, f"agent {pending.proxy.agent_id} went offline", "agent_offline")
+            self.router.attempt_failed(pending, f"agent {pending.agent_id} went offline", "agent_offline")
             return
         log.info("connection %d: warm data connection lost (%s); asking agent %s again", conn_id, reason,
-                 pending.proxy.agent_id)
+                 pending.agent_id)
         self.router.ask_agent(pending, session)
 
     def sweep(self) -> None:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..common import printable, valid_agent_id
+from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
@@ -44,7 +45,8 @@ log = logging.getLogger("anywhere.server")
 ACCEPT_BUDGET = 64  # connections accepted per listener per loop pass
 PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-FIELDS = ("name", "agent_id", "local_ip", "local_port", "remote_port", "whitelist", "enabled", "idle_timeout")
+FIELDS = ("name", "agent_id", "agent_ids", "balance", "local_ip", "local_port", "remote_port", "whitelist", "enabled",
+          "idle_timeout")
 
 
 
@@ -83,6 +85,12 @@ class Proxy:
     listeners: list[Acceptor] = field(repr=False, default_factory=list)
     failed: str | None = None  # enabled but not listening: why (retried; not stored)
     file: str | None = None  # declared in this proxies.d file; None: made through the API
+    agent_ids: list[str] = field(default_factory=list)  # every agent, agent_id first (balance.py)
+    balance: str = "least-connections"
+
+    def __post_init__(self) -> None:
+        if not self.agent_ids:
+            self.agent_ids = [self.agent_id]
 
     @property
     def source(self) -> str:
@@ -93,9 +101,12 @@ class Proxy:
         return f"{self.file} [{self.name}]" + (f" {key} = {getattr(self, key)}" if key else "")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
+        spec = {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
                 "local_port": self.local_port, "remote_port": self.remote_port, "whitelist": list(self.whitelist),
                 "enabled": self.enabled, "idle_timeout": self.idle_timeout}
+        if len(self.agent_ids) > 1:  # a proxy of one agent keeps the form older versions read
+            spec.update(agent_ids=list(self.agent_ids), balance=self.balance)
+        return spec
 
     @property
     def target(self) -> str:
@@ -109,9 +120,11 @@ def validate_proxy(spec: Any) -> Proxy:
     unknown = sorted(set(spec) - set(FIELDS))
     if unknown:
         raise Invalid(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(FIELDS))}")
-    agent_id = spec.get("agent_id")
-    if not isinstance(agent_id, str) or not valid_agent_id(agent_id):
-        raise Invalid(f"agent_id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
+    agent_ids = _agent_ids(spec)
+    agent_id = agent_ids[0]
+    balance = spec.get("balance", "least-connections")
+    if balance not in BALANCE_MODES:
+        raise Invalid(f"balance {balance!r} must be one of {', '.join(BALANCE_MODES)}")
     local_ip = spec.get("local_ip")
     if not isinstance(local_ip, str) or not (is_ip(local_ip) or HOSTNAME_RE.fullmatch(local_ip)):
         raise Invalid(f"local_ip {local_ip!r} is not an IP address or host name")
@@ -137,7 +150,27 @@ def validate_proxy(spec: Any) -> Proxy:
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 86400 * 7:
         raise Invalid(f"idle_timeout {idle!r} must be a number of seconds 0..604800 (0: the server's default)")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
-                 remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle))
+                 remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
+                 agent_ids=agent_ids, balance=balance)
+
+
+def _agent_ids(spec: dict) -> list[str]:
+    """The proxy's agents: "agent_ids" (a list), or "agent_id" (one); both: agent_id comes first."""
+    agent_id, agent_ids = spec.get("agent_id"), spec.get("agent_ids")
+    if agent_ids is None:
+        if not isinstance(agent_id, str) or not valid_agent_id(agent_id):
+            raise Invalid(f"agent_id {agent_id!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
+        return [agent_id]
+    if not isinstance(agent_ids, list) or not 1 <= len(agent_ids) <= MAX_AGENTS_PER_PROXY:
+        raise Invalid(f"agent_ids must be a list of 1 to {MAX_AGENTS_PER_PROXY} agent ids")
+    for item in agent_ids:
+        if not isinstance(item, str) or not valid_agent_id(item):
+            raise Invalid(f"agent_ids: {item!r} is not valid: 1-64 letters, digits, '.', '_' or '-'")
+    if len(set(agent_ids)) != len(agent_ids):
+        raise Invalid("agent_ids names an agent twice")
+    if agent_id is not None and agent_id != agent_ids[0]:
+        raise Invalid(f"agent_id {agent_id!r} must be the first of agent_ids (or leave agent_id out)")
+    return list(agent_ids)
 
 
 @dataclass

@@ -94,6 +94,8 @@ class ServerConfig:
     api_listen: list[str] = setting("endpoints(default=list())", "REST port: HOST:PORT, ...; empty: off", restart=True)
     api_token_file: str | None = setting("path(default=None)", "file (mode 0600) holding the REST API's bearer token")
     metrics_public: bool = setting("boolean(default=False)", "/metrics on the REST port without the token")
+    health_public: bool = setting("boolean(default=False)", "GET /v1/proxies/NAME/health on the REST port without "
+                              "the token (for load balancers' health checks)")
     log_level: str = setting("loglevel(default=info)", "log level")
 
     def __post_init__(self) -> None:

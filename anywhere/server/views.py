@@ -92,12 +92,29 @@ class View:
         for proxy in sorted(self.proxies_table, key=lambda p: p.remote_port):
             row = self.tally.proxy_row(proxy.name, by_proxy)
             item = proxy.to_dict()
-            item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source)
-            item.update(agent_online=proxy.agent_id in self.port.sessions, connections=row.active,
+            item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source,
+                        health=self.health(proxy))
+            agents = self.router.balancer.states(proxy)
+            item.update(agent_ids=list(proxy.agent_ids), balance=proxy.balance, agents=agents,
+                        agent_online=any(a["state"] in ("online", "backing off") for a in agents),
+                        connections=row.active,
                         connections_total=row.connections_total, rejected=row.rejected,
                         bytes_in=row.bytes_in, bytes_out=row.bytes_out)
             out.append(item)
         return out
+
+    def health(self, proxy: Proxy) -> str | None:
+        """None if the proxy can serve a client now (enabled, listening, an agent online with a live
+        trunk or a data path); else why not, in one line (for load balancers: GET .../health)."""
+        if not proxy.enabled:
+            return "proxy disabled"
+        state = self.proxies_table.state(proxy)
+        if state != "listening":
+            return f"proxy {state}" + (f": {proxy.failed}" if proxy.failed else "")
+        why = {a: self.router.unusable(a) for a in proxy.agent_ids}
+        if any(reason is None for reason in why.values()):
+            return None
+        return "no agent can serve: " + ", ".join(f"{a} {reason}" for a, reason in why.items())
 
     def connections(self) -> list[dict]:
         now = self.loop.time()
