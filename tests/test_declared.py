@@ -95,14 +95,21 @@ def test_the_shipped_example_declares_nothing_and_uncommented_declares_web(tmp_p
     example = (Path(__file__).resolve().parent.parent / "etc" / "proxies.d" / "example.conf").read_text()
     (tmp_path / "example.conf").write_text(example)
     assert read_dir(str(tmp_path)) == []
-    (tmp_path / "example.conf").write_text("\n".join(line[1:] if line.startswith("#[") or line.startswith("#") and
-                                                     " = " in line.split("#", 2)[1] else line
-                                                     for line in example.splitlines()))
+
+    def uncommented(skip: str) -> str:  # the section and every key but `skip` (agent or agents)
+        keep = lambda line: line.startswith("#[") or (line.startswith("#") and " = " in line.split("#", 2)[1]
+                                                       and not line.startswith(f"#{skip} "))
+        return "\n".join(line[1:] if keep(line) else line for line in example.splitlines())
+
+    (tmp_path / "example.conf").write_text(uncommented("agents"))
     [web] = read_dir(str(tmp_path))
-    assert web.spec == {"name": "web", "agent_id": "agent-1", "agent_ids": ["agent-1"],
-                               "balance": "least-connections", "local_ip": "10.0.0.2", "local_port": 80,
+    assert web.spec == {"name": "web", "agent_id": "agent-1", "agent_ids": ["agent-1"], "balance": "least-connections",
+                        "local_ip": "10.0.0.2", "local_port": 80,
                         "remote_port": 8080, "whitelist": ["203.0.113.0/24", "2001:db8::/32"], "idle_timeout": 0.0,
                         "enabled": True}
+    (tmp_path / "example.conf").write_text(uncommented("agent"))
+    [web] = read_dir(str(tmp_path))
+    assert web.spec["agent_ids"] == ["agent-1", "agent-2"]
 
 
 def test_an_unreadable_directory_is_an_error_not_an_empty_set(tmp_path):
@@ -130,3 +137,23 @@ def test_an_unreadable_directory_is_an_error_not_an_empty_set(tmp_path):
         said = f.read().decode()
     os.waitpid(pid, 0)
     assert said == f"{tmp_path}: cannot read: Permission denied"
+
+
+@pytest.mark.parametrize("lines,expected", [
+    ("agents = agent-1, agent-2\n", "[web] agent = agent-1: give agent or agents, not both"),
+    (None, "[web] agent: is required (or agents = ID, ID, ... for several)"),
+    ("balance = random\n", "[web] balance = random: must be one of least-connections, round-robin, failover"),
+])
+def test_agent_agents_and_balance_are_checked(tmp_path, lines, expected):
+    text = WEB if lines is not None else WEB.replace("agent = agent-1\n", "")
+    (tmp_path / "web.conf").write_text(text + (lines or ""))
+    assert problems(tmp_path) == [f"{tmp_path / 'web.conf'} {expected}"]
+
+
+def test_several_agents_with_a_balance_mode(tmp_path):
+    (tmp_path / "web.conf").write_text(WEB.replace("agent = agent-1\n", "agents = agent-2, agent-1\nbalance = failover\n"))
+    [web] = read_dir(str(tmp_path))
+    assert (web.spec["agent_id"], web.spec["agent_ids"], web.spec["balance"]) == ("agent-2", ["agent-2", "agent-1"],
+                                                                                  "failover")
+    (tmp_path / "web.conf").write_text(WEB.replace("agent = agent-1\n", "agents = agent-1, agent-1\n"))
+    assert problems(tmp_path) == [f"{tmp_path / 'web.conf'} [web] agents = agent-1, agent-1: names agent-1 twice"]

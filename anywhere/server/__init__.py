@@ -9,7 +9,10 @@ The package, by what each module owns (each module's docstring states its rules)
                heartbeats, the deny list (AgentPort)
   paths.py     the data paths that place a waiting client: trunk streams (the default), warm data
                connections, `open` on the admin connection
-  routing.py   clients from accept to close: whitelist, limits, pending, joined (Router)
+  routing.py   clients from accept to close: whitelist, limits, pending, joined (Router); the next
+               agent of a proxy of several when one fails
+  balance.py   which of a proxy's agents takes a client; passive health (back-off) per agent
+  declared.py  proxies declared in proxies_dir's files: read and checked
   limits.py    rate limits and caps, throttled warnings
   counters.py  per-proxy and per-agent counters, stored and live; refusals audited in aggregate
   views.py     the read side and the operations the API may use (View), over the parts
