@@ -72,7 +72,8 @@ def test_flag_takes_several_entries_and_p_is_their_default_port(creds):
 @pytest.mark.parametrize("value, message", [
     ("a.example.net, A.example.net:1111", "a.example.net:1111 is listed twice (an entry without a port is on port 1111)"),
     ("2001:db8::1, [2001:db8:0::1]:1111", "[2001:db8::1]:1111 is listed twice (an entry without a port is on port 1111)"),
-    ("127.0.0.1:5, 127.0.0.1:5", "127.0.0.1:5 is listed twice (an entry without a port is on port 1111)"),
+    ("127.0.0.1:5, 127.0.0.1:5", "127.0.0.1:5 is listed twice"),
+    ("127.0.0.1:1111, 127.0.0.1", "127.0.0.1:1111 is listed twice (an entry without a port is on port 1111)"),
 ])
 def test_duplicate_servers_are_refused_naming_file_section_key_value(tmp_path, creds, value, message):
     path = tmp_path / "agent-1.conf"
@@ -285,14 +286,16 @@ def test_reload_with_a_server_removed_and_one_added(world, other, third, status,
     agent = start_agent(world, status, "--config", str(conf))
     wait_ready(world, agent)
     b_before = wait_ready(other, agent)
-    b_port = add_proxy(other, echo_target.port)
+    a_port, b_port = add_proxy(world, echo_target.port), add_proxy(other, echo_target.port)
     assert echo(b_port, b"via b") == b"via b"
     b_trunks, mark = trunks_up(b_server), len(agent.log())
-    # a client connection through B, open across the reload
+    # a client connection through each of A and B, open across the reload
     held = socket.create_connection(("127.0.0.1", b_port), timeout=10)
+    held_a = socket.create_connection(("127.0.0.1", a_port), timeout=10)
     try:
-        held.sendall(b"before")
-        assert held.recv(100) == b"before"
+        for conn in (held, held_a):
+            conn.sendall(b"before")
+            assert conn.recv(100) == b"before"
 
         write(f"127.0.0.1:{other.port}, [::1]:{third.port}")  # A removed, C added, B kept
         agent.signal(signal.SIGHUP)
@@ -308,9 +311,16 @@ def test_reload_with_a_server_removed_and_one_added(world, other, third, status,
         assert echo(b_port, b"via b still") == b"via b still"
         held.sendall(b"after")
         assert held.recv(100) == b"after"  # the stream through B went on through the reload
+        # the one through A too: A's session is closed, its trunk retired, its stream carries on
+        held_a.sendall(b"after")
+        assert held_a.recv(100) == b"after"
+        assert not log_lines(agent, f"server {a_name}: removed: its last connection has ended")
+        held_a.close()
+        wait_log_line(agent, f"server {a_name}: removed: its last connection has ended", start=mark, timeout=5)
         assert_untouched(other, b_before, b_trunks, agent, b_name, mark)
     finally:
         held.close()
+        held_a.close()
 
     # a reload that fails changes nothing: a duplicate
     mark = len(agent.log())

@@ -113,6 +113,7 @@ class Agent:
         for link in [link for link in self.leaving if link.idle]:
             self.leaving.remove(link)
             link.close("server removed from the configuration")
+            link.session.log.info("removed: its last connection has ended")
         if self.leaving and not self.closed:
             self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_leaving)
 

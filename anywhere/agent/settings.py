@@ -138,15 +138,16 @@ def agent_config(path: str, name: str | None, overrides: dict[str, Any], require
 def server_addresses(text: str, port: int) -> list[ServerAddress]:
     """The servers of a ``server`` value (checked by config.check_servers), in order, an entry
     without a port on `port`.  ValueError naming an entry listed twice."""
-    servers: list[ServerAddress] = []
+    servers: dict[ServerAddress, bool] = {}  # whether its entry gave a port
     for item in (part for part in text.split(",") if part.strip()):
         host, own_port = split_hostport(item)
         host = str(ipaddress.ip_address(host)) if is_ip(host) else host.lower()
         server = ServerAddress(host, own_port or port)
         if server in servers:
-            raise ValueError(f"{server} is listed twice (an entry without a port is on port {port})")
-        servers.append(server)
-    return servers
+            why = "" if own_port and servers[server] else f" (an entry without a port is on port {port})"
+            raise ValueError(f"{server} is listed twice{why}")
+        servers[server] = own_port is not None
+    return list(servers)
 
 
 def certificate_identity(cert_path: str) -> str | None:
