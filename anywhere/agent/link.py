@@ -80,7 +80,8 @@ class ServerLink:
         """This server's state, for STATUS=: e.g. "a.example.net:1111 connected (2 trunks)"."""
         session = self.session
         if session.state is SessionState.WELCOMED:
-            state = f"connected ({len(self.trunks.current)} trunks)"
+            count = len(self.trunks.current)
+            state = f"connected ({count} trunk{'' if count == 1 else 's'})"
         elif session.state is SessionState.CLOSED:
             state = "removed"
         elif session.retry_in is not None:
