@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 An agent keeps one `Session` per server it is configured with (``server``, `ServerAddress`);
-they know nothing of each other.  `Session` dials its server, resolving its name again on every attempt (it may have moved),
-wraps the connection in TLS with the server's certificate checked against the CA and the
-expected name, says ``hello`` and waits for ``welcome``.  Any failure, and the loss of a
-welcomed session, schedules a new attempt after `backoff_delay` (1 s doubling up to 30 s, each
-delay drawn from its upper half), reset once a session is welcomed.  A server that says another
+they know nothing of each other.  `Session` dials its server, resolving its name again on every
+attempt (it may have moved), wraps the connection in TLS with the server's certificate checked
+against the CA and the expected name, says ``hello`` and waits for ``welcome``.  Any failure,
+and the loss of a welcomed session, schedules a new attempt after `backoff_delay` (1 s doubling
+up to 30 s, each delay drawn from its upper half), reset once a session is welcomed.  A server that says another
 process with this agent id replaced us is not fought every second: the next delay is the longest.
 
 Once welcomed, a `heartbeat.Heartbeat` pings every interval the server announced and closes the
@@ -66,10 +66,11 @@ class ServerLog(logging.LoggerAdapter):
 
     def __init__(self, server: ServerAddress) -> None:
         super().__init__(logging.getLogger("anywhere.agent"), {})
-        self.prefix = f"server {server}: ".replace("%", "%%")  # an IPv6 zone, fe80::1%eth0
+        self.prefix = f"server {server}: "
 
-    def process(self, msg: object, kwargs: Any) -> tuple[str, Any]:
-        return self.prefix + str(msg), kwargs
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):  # the prefix as an argument: a '%' in it (fe80::1%eth0) is no format
+            self.logger.log(level, "%s" + str(msg), self.prefix, *args, **kwargs)
 
 
 class SessionState(enum.Enum):
