@@ -7,7 +7,7 @@ flags' help shows), the agent is agent/core.py's `Agent`, the loop and signals s
 Settings may also come from an INI file (`--config /etc/anywhere/agents/NAME.conf`, as the
 systemd template `anywhere-agent@NAME` runs it); flags given override the file, and the agent
 id defaults to NAME.  `anywhere check-config --config PATH` validates a file and prints the
-effective settings.  Under systemd: READY=1 once started, STATUS= with the connection state,
+effective settings.  Under systemd: READY=1 once started, STATUS= with each server's state,
 watchdog pings from the loop; SIGHUP reloads the file (relays are kept).
 """
 
@@ -47,10 +47,13 @@ def build_parser(check: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_line("anywhere agent"))
     parser.add_argument("--config", metavar="PATH", help="configuration file, e.g. /etc/anywhere/agents/NAME.conf")
     parser.add_argument("-i", "--agent-id", help="this agent's id (default: NAME of the config file, else the certificate's identity)")
-    parser.add_argument("-s", "--server-ip", help="the server's name or address (v4 or v6)")
+    parser.add_argument("-s", "--server-ip", type=_checked("server"), metavar="HOSTS",
+                        help="the server's name or address (v4 or v6), optionally with :PORT ([v6]:PORT); several "
+                             "servers comma-separated, each with a session of its own")
     parser.add_argument("-p", "--server-port", type=_checked("server_port"),
-                        help=f"the server's agent port ({_range('server_port')})")
-    parser.add_argument("--server-name", help="the name to expect in the server's certificate (default: --server-ip)")
+                        help=f"the servers' agent port, for those given without one ({_range('server_port')})")
+    parser.add_argument("--server-name", help="the name to expect in the servers' certificates (default: each "
+                        "server's own name or address)")
     parser.add_argument("--ca", help=f"CA certificate (default {credential['ca']})")
     parser.add_argument("--cert", help=f"this agent's certificate (default {credential['cert']})")
     parser.add_argument("--key", help=f"this agent's private key (default {credential['key']})")
@@ -93,7 +96,7 @@ def cmd_check_config(argv: list[str]) -> int:
         return 1
     print(f"# {args.config or 'command line'}: OK; effective settings, flags applied:")
     print(f"[{settings.SECTION}]")
-    print(configuration.render(dict(vars(config))))
+    print(configuration.render(dict(vars(config), servers=[str(server) for server in config.servers])))
     return 0
 
 

@@ -34,7 +34,7 @@ from validate import ValidateError, Validator
 from . import wire
 from .errors import ConfigError
 from .common import valid_agent_id
-from .net import HOSTNAME_RE, is_ip, parse_networks
+from .net import HOSTNAME_RE, is_ip, parse_networks, split_hostport
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SECONDS = 86400  # a timeout of more than a day is a typo
@@ -160,6 +160,21 @@ def check_host(value: Any, default: Any = None) -> str:
     return text
 
 
+def check_servers(value: Any, default: Any = None) -> str:
+    """One or more servers, comma-separated, each HOST or HOST:PORT (net.split_hostport).  Returns
+    the text as given (a file's list joined by ", "); the port of an entry without one, and
+    duplicates, are the role's business."""
+    items = [part.strip() for item in _list(value) for part in item.split(",") if part.strip()]
+    if not items:
+        raise _Bad("must name a server: a host name or an IP address, optionally with :PORT")
+    for item in items:
+        try:
+            split_hostport(item)
+        except ValueError as exc:
+            raise _Bad(f"{item!r}: {exc}" if len(items) > 1 else str(exc)) from None
+    return value.strip() if isinstance(value, str) else ", ".join(items)
+
+
 def check_addresses(value: Any, default: Any = None) -> list[str]:
     items = _list(value)
     for item in items:
@@ -243,7 +258,8 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 
 CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
-    "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host, "addresses": check_addresses,
+    "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host,
+    "servers": check_servers, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,
     "allowlist": check_allowlist, "size": check_size,

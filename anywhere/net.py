@@ -63,6 +63,32 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def split_hostport(text: str) -> tuple[str, int | None]:
+    """The inverse of `hostport`, with the port optional: ``name``, ``name:1111``, ``192.0.2.1``,
+    ``192.0.2.1:1111``, ``2001:db8::1``, ``[2001:db8::1]``, ``[2001:db8::1]:1111`` -> (host, port
+    or None); brackets only around an IPv6 address.  ValueError saying what is wrong, for the caller
+    to put after the entry it names."""
+    text = text.strip()
+    port: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not is_ip(host.split("%", 1)[0]) or ":" not in host or (rest and not rest.startswith(":")):
+            raise ValueError("in brackets goes an IPv6 address, e.g. [2001:db8::1] or [2001:db8::1]:1111")
+        port = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host = text
+    if not (is_ip(host.split("%", 1)[0]) or HOSTNAME_RE.fullmatch(host)):
+        raise ValueError("the host must be a host name or an IP address (an IPv6 address with a port in "
+                         "brackets: [2001:db8::1]:1111)")
+    if port is None:
+        return host, None
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError("the port must be 1..65535")
+    return host, int(port)
+
+
 def format_addr(addr: Address) -> str:
     """A socket address as logs and the API show it; an IPv4 client on a dual-stack socket as IPv4."""
     host, port = addr[0], addr[1]

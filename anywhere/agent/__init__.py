@@ -1,8 +1,8 @@
-"""anywhere (the agent): keep a session with the server, reach the targets it asks for.
+"""anywhere (the agent): keep a session with each server, reach the targets they ask for.
 
-The agent runs on a host inside a private network.  It keeps one admin connection to anywhered
-and carries the server's clients to targets in its network, each checked against its
-allowlist.  A client reaches it by one of three data paths:
+The agent runs on a host inside a private network.  It keeps one admin connection to each
+anywhered it is configured with (one or more, independent of each other) and carries the
+servers' clients to targets in its network, each checked against its allowlist.  A client reaches it by one of three data paths:
 
 1. a stream on a trunk, the default (trunks.py): a few long-lived TLS connections per session,
    each carrying many clients;
@@ -15,10 +15,11 @@ The modules, each owning one thing:
 
 * settings.py: `AgentConfig`, the one home of every default and range; the [agent] spec, files
   and flags resolved into settings;
-* session.py: the admin connection: hello/welcome, heartbeats, reconnecting with backoff;
+* session.py: the admin connection to one server: hello/welcome, heartbeats, reconnecting with backoff;
 * trunks.py: path 1; dataconns.py: paths 2 and 3;
-* target.py: dialing a target, within the allowlist;
-* core.py: `Agent`, which wires those together (start, reload, status, stop).
+* link.py: `ServerLink`, one server's session, trunks and data connections, wired together;
+* target.py: dialing a target, within the allowlist (one for every server);
+* core.py: `Agent`, a link per server (start, reload, status, stop).
 
 agent_cli.py parses the flags and builds these; nothing here imports it, nor the server.
 """

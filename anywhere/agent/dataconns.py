@@ -40,9 +40,6 @@ from ..wire import PROTO_VERSION
 from .session import Session
 from .target import Targets, target_name
 
-log = logging.getLogger("anywhere.agent")
-
-
 class DataState(enum.Enum):
     CONNECTING = "connecting"  # requested by ``open``: dialing the target, then the server; waiting for ``ready``
     WARM = "warm"  # idle, waiting for the server's next ``open`` on this connection
@@ -81,7 +78,7 @@ class DataConn:
         self.dialer = None
         if sock is None:
             reason = error or "unknown error"
-            log.warning("connection %d: cannot reach %s: %s", self.conn_id, self.target, reason)
+            self.session.log.warning("connection %d: cannot reach %s: %s", self.conn_id, self.target, reason)
             if self.state is DataState.DIALING and self.data is not None:  # answer here and stay warm
                 self.data.send("fail", conn=self.conn_id, reason=reason)
                 self._become_warm(self.data)
@@ -145,8 +142,8 @@ class DataConn:
     def _on_relay_close(self, relay: Relay, reason: str) -> None:
         self.relay = None
         level = logging.DEBUG if reason in ("done", "agent stopping") else logging.INFO
-        log.log(level, "connection %d to %s ended (%s): %d bytes to the target, %d back", self.conn_id, self.target,
-                reason, relay.bytes_b_to_a, relay.bytes_a_to_b)
+        self.session.log.log(level, "connection %d to %s ended (%s): %d bytes to the target, %d back", self.conn_id,
+                             self.target, reason, relay.bytes_b_to_a, relay.bytes_a_to_b)
         if relay.handoff is None or self.session.closed:
             self._finish()
             return
@@ -160,7 +157,7 @@ class DataConn:
             return
         self.data = None
         if self.state is DataState.WARM:
-            log.debug("warm data connection closed: %s", reason)
+            self.session.log.debug("warm data connection closed: %s", reason)
             self._finish()
             self.on_warm_left()
         else:
@@ -173,7 +170,8 @@ class DataConn:
         if self.state is DataState.DONE:
             return
         if reason is not None and reason != "agent stopping":
-            log.warning("data connection%s: %s", f" {self.conn_id} to {self.target}" if self.conn_id else "", reason)
+            self.session.log.warning("data connection%s: %s", f" {self.conn_id} to {self.target}" if self.conn_id else "",
+                                     reason)
         if self.dialer:
             self.dialer.cancel()
             self.dialer = None

@@ -1,12 +1,13 @@
-"""The agent's session with the server: its admin connection, kept up for as long as the agent runs.
+"""The agent's session with one server: its admin connection, kept up for as long as the agent runs.
 
 Theory of operation
 -------------------
-`Session` dials the server, resolving its name again on every attempt (it may have moved),
-wraps the connection in TLS with the server's certificate checked against the CA and the
-expected name, says ``hello`` and waits for ``welcome``.  Any failure, and the loss of a
-welcomed session, schedules a new attempt after `backoff_delay` (1 s doubling up to 30 s, each
-delay drawn from its upper half), reset once a session is welcomed.  A server that says another
+An agent keeps one `Session` per server it is configured with (``server``, `ServerAddress`);
+they know nothing of each other.  `Session` dials its server, resolving its name again on every
+attempt (it may have moved), wraps the connection in TLS with the server's certificate checked
+against the CA and the expected name, says ``hello`` and waits for ``welcome``.  Any failure,
+and the loss of a welcomed session, schedules a new attempt after `backoff_delay` (1 s doubling
+up to 30 s, each delay drawn from its upper half), reset once a session is welcomed.  A server that says another
 process with this agent id replaced us is not fought every second: the next delay is the longest.
 
 Once welcomed, a `heartbeat.Heartbeat` pings every interval the server announced and closes the
@@ -23,6 +24,9 @@ reach its server.
 
 The admin connection's role is `state` (`SessionState`), the one record of where it stands.
 
+Every line a session and its data paths log goes through its `log` (`ServerLog`), which names
+the server: ``server b.example.net:1111: connected to server ...``.
+
 Rules: the session carries no client data and holds no target; it never retires a trunk or
 closes a data connection itself (``on_lost`` is the owner's).  Messages from the server are
 quoted only through `printable`.
@@ -35,20 +39,19 @@ import logging
 import random
 import socket
 import ssl
-from typing import Callable
+from typing import Any, Callable
 
 from ..common import __version__, printable
 from ..framed import FramedConn
 from ..heartbeat import Heartbeat
 from ..loop import Loop, Timer
-from ..net import Dialer, format_addr, hostport
+from ..net import Dialer, format_addr
 from ..wire import PROTO_VERSION
-from .settings import AgentConfig
+from .settings import AgentConfig, ServerAddress
 
-log = logging.getLogger("anywhere.agent")
-
-# what reaching the server depends on: a reload that changes one of these reconnects at once
-RECONNECT_ON = frozenset({"agent_id", "server_host", "server_port", "server_name", "ca", "cert", "key"})
+# what reaching a server depends on besides its address (a session's identity): a reload that
+# changes one of these reconnects at once
+RECONNECT_ON = frozenset({"agent_id", "server_name", "ca", "cert", "key"})
 REPLACED_FAILURES = 30  # "replaced": wait as after this many failures, i.e. the longest delay
 
 
@@ -56,6 +59,18 @@ def backoff_delay(failures: int, low: float, high: float) -> float:
     """Exponential backoff with jitter: the n-th delay lies in [d/2, d], d = min(high, low * 2**(n-1))."""
     ceiling = min(high, low * (2 ** min(failures - 1, 30)))
     return max(low, random.uniform(ceiling / 2, ceiling))
+
+
+class ServerLog(logging.LoggerAdapter):
+    """The agent's logger, each line naming one server: ``server HOST:PORT: ...``."""
+
+    def __init__(self, server: ServerAddress) -> None:
+        super().__init__(logging.getLogger("anywhere.agent"), {})
+        self.prefix = f"server {server}: "
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):  # the prefix as an argument: a '%' in it (fe80::1%eth0) is no format
+            self.logger.log(level, "%s" + str(msg), self.prefix, *args, **kwargs)
 
 
 class SessionState(enum.Enum):
@@ -67,10 +82,12 @@ class SessionState(enum.Enum):
 
 
 class Session:
-    def __init__(self, loop: Loop, config: AgentConfig, *, on_welcome: Callable[[], None],
+    def __init__(self, loop: Loop, config: AgentConfig, server: ServerAddress, *, on_welcome: Callable[[], None],
                  on_lost: Callable[[], None], on_open: Callable[[dict], None]) -> None:
         self.loop = loop
         self.config = config
+        self.server = server
+        self.log = ServerLog(server)
         self.on_welcome = on_welcome
         self.on_lost = on_lost
         self.on_open = on_open
@@ -105,7 +122,14 @@ class Session:
 
     @property
     def server_name(self) -> str:
-        return self.config.server_name or self.config.server_host
+        return self.config.server_name or self.server.host
+
+    @property
+    def retry_in(self) -> float | None:
+        """Seconds until the next attempt, while one is scheduled."""
+        if self._retry is None or self._retry.cancelled:
+            return None
+        return max(0.0, self._retry.deadline - self.loop.time())
 
     def start(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
@@ -117,9 +141,9 @@ class Session:
         if self.closed:
             return
         self.state = SessionState.DIALING
-        log.debug("connecting to %s", hostport(self.config.server_host, self.config.server_port))
-        self.dialer = Dialer(self.loop, self.config.server_host, self.config.server_port,
-                             self.config.connect_timeout, self._on_dialled)
+        self.log.debug("connecting")
+        self.dialer = Dialer(self.loop, self.server.host, self.server.port, self.config.connect_timeout,
+                             self._on_dialled)
 
     def _on_dialled(self, sock: socket.socket | None, error: str | None) -> None:
         self.dialer = None
@@ -147,16 +171,16 @@ class Session:
             self.on_open(msg)
         elif kind == "error" and msg.get("code") == "replaced":
             # another process with our id took the session: do not fight it every second
-            log.error("server %s: %s; another agent is running with id %s? retrying in at most %g s",
-                      conn.peer, printable(msg["reason"]), self.config.agent_id, self.config.backoff_max)
+            self.log.error("%s (at %s); another agent is running with id %s? retrying in at most %g s",
+                           printable(msg["reason"]), conn.peer, self.config.agent_id, self.config.backoff_max)
             self.failures = max(self.failures, REPLACED_FAILURES)
             conn.close("replaced by another session")
         elif kind == "error":
             reason = printable(msg["reason"])
-            log.error("server %s refused this agent: %s", conn.peer, reason)
+            self.log.error("refused this agent (at %s): %s", conn.peer, reason)
             conn.close(f"refused by the server: {reason}")
         else:
-            log.warning("server %s sent an unexpected %r; closing the connection", conn.peer, kind)
+            self.log.warning("sent an unexpected %r (at %s); closing the connection", kind, conn.peer)
             conn.close(f"unexpected {kind}")
 
     def _on_welcome(self, conn: FramedConn, msg: dict) -> None:
@@ -176,12 +200,12 @@ class Session:
         token = msg.get("session")
         self.token = token if isinstance(token, int) and not isinstance(token, bool) else None
         self.trunk_ping = msg.get("trunk_ping") == 1
-        log.info("connected to server %s at %s as agent %s", self.server_id, conn.peer, self.config.agent_id)
+        self.log.info("connected to server %s at %s as agent %s", self.server_id, conn.peer, self.config.agent_id)
         self._heartbeat = Heartbeat(self.loop, conn, self.interval, on_timeout=self._on_silence)
         self.on_welcome()
 
     def _on_silence(self, silence: float) -> None:
-        log.warning("no heartbeat from the server for %.0f s; reconnecting", silence)
+        self.log.warning("no heartbeat from the server for %.0f s; reconnecting", silence)
 
     def _stop_heartbeat(self) -> None:
         if self._heartbeat is not None:
@@ -199,7 +223,7 @@ class Session:
         self.state = SessionState.WAITING
         self.on_lost()
         if was_welcomed:
-            log.warning("lost the server at %s: %s", conn.peer, reason)
+            self.log.warning("lost the server at %s: %s", conn.peer, reason)
         self._schedule_retry(reason if was_welcomed else f"connection to {conn.peer} failed: {reason}")
 
     def _schedule_retry(self, reason: str) -> None:
@@ -208,7 +232,7 @@ class Session:
         self.state = SessionState.WAITING
         self.failures += 1
         delay = backoff_delay(self.failures, self.config.backoff_min, self.config.backoff_max)
-        log.warning("%s; retrying in %.1f s", reason, delay)
+        self.log.warning("%s; retrying in %.1f s", reason, delay)
         self._retry = self.loop.call_later(delay, self._connect)
 
     def reconfigure(self, config: AgentConfig, ctx: ssl.SSLContext, changed: list[str]) -> bool:
@@ -219,7 +243,7 @@ class Session:
         reconnect = RECONNECT_ON & set(changed)
         if not reconnect or self.closed:
             return False
-        log.info("reload: %s changed; reconnecting to the server", ", ".join(sorted(reconnect)))
+        self.log.info("reload: %s changed; reconnecting to the server", ", ".join(sorted(reconnect)))
         self.failures = 0
         if self.conn is not None:
             conn, self.conn = self.conn, None

@@ -27,13 +27,15 @@ that names the file (or "the command line"), and for a key its section, key and 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import config as configuration
 from .. import tls
 from ..common import default_credential, valid_agent_id
+from ..net import hostport, is_ip, split_hostport
 from ..trunk import BUFFER_BUDGET
 
 SECTION = "agent"
@@ -49,12 +51,22 @@ def setting(check: str, default: Any = MISSING, *, key: str | None = None) -> An
     return field(default=default, metadata=metadata)
 
 
+class ServerAddress(NamedTuple):
+    """One server of the agent's: one entry of ``server``, with its port filled in."""
+
+    host: str  # as given, an IP address written the usual way, a name in lower case
+    port: int
+
+    def __str__(self) -> str:
+        return hostport(self.host, self.port)
+
+
 @dataclass
 class AgentConfig:
     agent_id: str = setting("agentid")  # required: the file's NAME, else the certificate's identity
-    server_host: str = setting("host", key="server")  # required
-    server_port: int = setting("port", 1111)
-    server_name: str | None = setting("host", None)  # None: server_host
+    servers: list[ServerAddress] = setting("servers", key="server")  # required: one session with each
+    server_port: int = setting("port", 1111)  # of an entry of ``server`` without one
+    server_name: str | None = setting("host", None)  # None: each server's own host
     ca: str | None = setting("path", None)  # None: CREDENTIALS, found by `resolve`
     cert: str | None = setting("path", None)
     key: str | None = setting("path", None)
@@ -123,6 +135,21 @@ def agent_config(path: str, name: str | None, overrides: dict[str, Any], require
     return values, path
 
 
+def server_addresses(text: str, port: int) -> list[ServerAddress]:
+    """The servers of a ``server`` value (checked by config.check_servers), in order, an entry
+    without a port on `port`.  ValueError naming an entry listed twice."""
+    servers: dict[ServerAddress, bool] = {}  # whether its entry gave a port
+    for item in (part for part in text.split(",") if part.strip()):
+        host, own_port = split_hostport(item)
+        host = str(ipaddress.ip_address(host)) if is_ip(host) else host.lower()
+        server = ServerAddress(host, own_port or port)
+        if server in servers:
+            why = "" if own_port and servers[server] else f" (an entry without a port is on port {port})"
+            raise ValueError(f"{server} is listed twice{why}")
+        servers[server] = own_port is not None
+    return list(servers)
+
+
 def certificate_identity(cert_path: str) -> str | None:
     """The commonName of a PEM certificate file, or None if it cannot be read."""
     try:
@@ -145,6 +172,11 @@ def resolve(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
     where = path or "the command line"
     if not values.get("server"):
         raise configuration.ConfigError([f"{where}: no server: give -s HOST" + (" or set server in [agent]" if path else "")])
+    try:
+        servers = server_addresses(values["server"], values["server_port"])
+    except ValueError as exc:
+        given = f"-s {values['server']}" if overrides.get("server") is not None else f"{path} [{SECTION}] server = {values['server']}"
+        raise configuration.ConfigError([f"{given}: {exc}"]) from None
     ca = values.get("ca") or default_credential(CREDENTIALS["ca"])
     if path and not values.get("cert"):
         base = os.path.join(os.path.dirname(ca), values["agent_id"])
@@ -163,6 +195,6 @@ def resolve(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
             f"{where}: agent id {agent_id!r} does not match the identity of {cert} ({identity!r}); the server "
             f"would refuse it. Issue a certificate for {agent_id!r} (anywherectl credentials issue {agent_id} DIR)"])
     settings = {f.name: values[key] for key, f in _keys()}
-    settings.update(agent_id=agent_id, ca=os.path.abspath(ca), cert=os.path.abspath(cert), key=os.path.abspath(key),
+    settings.update(agent_id=agent_id, servers=servers, ca=os.path.abspath(ca), cert=os.path.abspath(cert), key=os.path.abspath(key),
                     allow=list(values["allow"]))
     return AgentConfig(**settings)

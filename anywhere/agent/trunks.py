@@ -39,9 +39,6 @@ from ..wire import MAX_TRUNKS, PROTO_VERSION, encode
 from .session import Session, backoff_delay
 from .target import Targets, target_name
 
-log = logging.getLogger("anywhere.agent")
-
-
 class SetupState(enum.Enum):
     DIALING = "dialing"  # connecting to the server
     HANDSHAKING = "handshaking"  # TLS
@@ -72,7 +69,7 @@ class TrunkSetup:
             if sock is not None:
                 sock.close()
             else:
-                log.info("cannot open a trunk to the server: %s", error)
+                self.session.log.info("cannot open a trunk to the server: %s", error)
             return
         self.state = SetupState.HANDSHAKING
         self.session.secure(sock, on_message=lambda c, m: c.close("unexpected message"),
@@ -80,7 +77,7 @@ class TrunkSetup:
 
     def _failed(self, reason: str) -> None:
         self._finish()
-        log.info("trunk set-up failed: %s", reason)
+        self.session.log.info("trunk set-up failed: %s", reason)
 
     def _on_handshake(self, conn: FramedConn) -> None:
         if self.session.number != self.number or not self.session.welcomed:
@@ -157,8 +154,8 @@ class Trunks:
         if current:
             self.current.remove(trunk)
         if not self.closed:
-            log.log(logging.DEBUG if reason.startswith("agent") or trunk.retired else logging.INFO,
-                    "trunk %s closed: %s", trunk.name, reason)
+            self.session.log.log(logging.DEBUG if reason.startswith("agent") or trunk.retired else logging.INFO,
+                                 "trunk %s closed: %s", trunk.name, reason)
             if current:
                 config = self.session.config
                 self.loop.call_later(backoff_delay(1, config.backoff_min, config.backoff_max), self.refill)
@@ -168,9 +165,9 @@ class Trunks:
         target = target_name(host, port)
 
         def ended(st: Stream, reason: str) -> None:
-            log.log(logging.DEBUG if reason == "done" else logging.INFO,
-                    "stream %d to %s ended (%s): %d bytes to the target, %d back", sid, target, reason,
-                    st.nbytes_out, st.nbytes_in)
+            self.session.log.log(logging.DEBUG if reason == "done" else logging.INFO,
+                                 "stream %d to %s ended (%s): %d bytes to the target, %d back", sid, target, reason,
+                                 st.nbytes_out, st.nbytes_in)
         # the stream exists while its target is dialled, so an ABORT meanwhile cancels the dial
         stream = Stream(trunk, sid, name=f"target {target}", on_close=ended)
         if window is not None:
@@ -184,7 +181,7 @@ class Trunks:
                     sock.close()
                 return
             if sock is None:
-                log.warning("stream %d: cannot reach %s: %s", sid, target, error)
+                self.session.log.warning("stream %d: cannot reach %s: %s", sid, target, error)
                 trunk.control(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
                 stream.on_close = None
                 stream.close("target unreachable", notify=False)
