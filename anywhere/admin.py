@@ -29,6 +29,12 @@ Rules:
 * A request must arrive whole within the request timeout, and an answer must be taken by the
   peer within it (the timer restarts with each answer): a slow, silent or non-reading client is
   dropped.
+* A connection we close (after a 4xx that ends it) is closed gracefully: on TCP, closing with
+  bytes of the peer unread sends a reset, which destroys the answers it has not read yet (a
+  pipelining client loses the end of its answers, the 400 included).  So we shut our side down
+  (FIN after the last answer), then read and drop what the peer still sends until it has
+  acknowledged everything we sent, it closes, or `LINGER_TIME` passes (HTTP/1.1's "lingering
+  close", RFC 9112 9.6); then close.
 * Caps on connections, per listener kind: `MAX_UNIX_CONNS` on the Unix socket, `MAX_TCP_CONNS`
   on the REST port(s), and `MAX_TCP_PER_SOURCE` per client address there (an IPv6 client by its
   /64): clients of the REST port, which need no credential to connect, can never take the Unix
@@ -46,6 +52,7 @@ not know the API's routes or the daemon's state (the ``handler`` does; it answer
 from __future__ import annotations
 
 import errno
+import fcntl
 import grp
 import hmac
 import ipaddress
@@ -75,6 +82,9 @@ RECV_SIZE = 16 * 1024  # one read
 REQUEST_TIMEOUT = 10.0
 REFUSAL_LOG_EVERY = 10.0  # seconds: 401s are logged once per source address this often
 EVENTS_PER_PASS = 64  # h11 events handled per connection per loop pass
+LINGER_TIME = 2.0  # seconds a closing TCP connection waits for the peer to take our last answers
+LINGER_CHECK = 0.05  # seconds between looks at what the peer has not acknowledged yet
+SIOCOUTQ = 0x5411  # linux/sockios.h (TIOCOUTQ): bytes of a TCP socket's send queue not yet acknowledged
 MAX_UNIX_CONNS = 64
 MAX_TCP_CONNS = 64
 MAX_TCP_PER_SOURCE = 16
@@ -323,6 +333,8 @@ class _AdminConn:
         self.body = bytearray()
         self.closing = False  # close once `out` is sent; nothing more is read
         self.closed = False
+        self.linger: Timer | None = None  # set while closing gracefully (see the module's rules)
+        self.linger_end = 0.0
         self.resuming = False  # a _pump is scheduled for the next pass (the event budget ran out)
         self.buffered: int | None = None  # bytes h11 holds while we wait for a request head (None: not counted yet)
         self.mask = READ
@@ -333,6 +345,9 @@ class _AdminConn:
     # -- I/O -------------------------------------------------------------------------------------
     def _on_event(self, mask: int) -> None:
         if not mask:  # an error or hang-up while we wait for nothing: the scheduled _pump sees it
+            return
+        if self.linger is not None:
+            self._drop_input()
             return
         if mask & READ and not self.closing:
             self._read()
@@ -370,7 +385,7 @@ class _AdminConn:
                     self._watch(WRITE)
                     return
             if self.closing:
-                self.close()
+                self._close_gracefully()
                 return
             if budget == 0:
                 self._watch(0)
@@ -535,6 +550,49 @@ class _AdminConn:
             except h11.LocalProtocolError:
                 self.closing = True  # the client has not finished its request: close after replying
 
+    def _close_gracefully(self) -> None:
+        """Our last answer is in the kernel: FIN after it, then wait (dropping input) until the peer
+        has it all, closes, or LINGER_TIME passes.  The Unix socket closes at once (no reset there)."""
+        if self.sock.family == socket.AF_UNIX or self.closed:
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.timer.cancel()
+        self.linger_end = self.loop.time() + LINGER_TIME
+        self.linger = self.loop.call_later(0, self._linger_check)
+        self._watch(READ)
+
+    def _linger_check(self) -> None:
+        self.linger = None
+        if self.closed:
+            return
+        try:
+            unacknowledged = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            unacknowledged = 0
+        if unacknowledged == 0 or self.loop.time() >= self.linger_end:
+            self.close()
+            return
+        self.linger = self.loop.call_later(LINGER_CHECK, self._linger_check)
+
+    def _drop_input(self) -> None:
+        """While lingering: read and drop what the peer sends (a few reads per event); its EOF closes."""
+        for _ in range(8):
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            if not data:
+                self.close()
+                return
+
     def _on_timeout(self) -> None:
         if not self.closed:
             log.info("admin client %s timed out after %g s", self.peer, self.server.timeout)
@@ -545,6 +603,9 @@ class _AdminConn:
             return
         self.closed = True
         self.timer.cancel()
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
         self.loop.discard(self.sock)
         try:
             self.sock.close()

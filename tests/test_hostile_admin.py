@@ -364,3 +364,25 @@ def test_request_head_over_the_limit_gets_431(world, how):
     answers = responses(data)
     assert [status for status, _ in answers] == [200, 200], answers
     assert json.loads(answers[1][1])["server_id"] == "anywhered"
+
+
+def test_answers_before_a_bad_request_reach_a_client_that_reads_late(world):
+    """A client pipelines 200 requests, a malformed one and more bytes, and reads only later (its
+    receive buffer is small, so most answers wait in the server's send queue).  Closing with its
+    bytes unread would reset the connection and destroy those answers; closed gracefully (FIN
+    after the last answer, its input dropped until it has acknowledged everything), the client
+    gets every answer and the 400, in order."""
+    port, token = start_rest(world)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    s.bind(("127.0.0.1", 0))
+    s.connect(("127.0.0.1", port))
+    try:
+        s.sendall(get("/v1/status", token) * 200 + b"NOT HTTP AT ALL\r\n\r\n" + b"x" * 200_000)
+    except OSError:
+        pass  # the server may stop reading once it has answered the bad request: the test is what comes back
+    time.sleep(1.0)  # the server has answered everything it will answer, and closed (without this fix: reset)
+    data, how = until_closed(s, 10)
+    s.close()
+    answers = responses(data)
+    assert [status for status, _ in answers] == [200] * 200 + [400], (len(answers), how, answers[-2:])
