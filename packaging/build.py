@@ -294,6 +294,8 @@ def build_tarball(out: Path, work: Path, credentials: bool, server_name: str, se
     bins = root / "bin"
     (root / "etc" / "agents").mkdir(parents=True)
     (root / "etc" / "proxies.d").mkdir()
+    (root / "etc" / "examples").mkdir()
+    shutil.copy2(src / "etc" / "examples" / "haproxy.cfg", root / "etc" / "examples" / "haproxy.cfg")
     shutil.copy2(src / "etc" / "proxies.d" / "example.conf", root / "etc" / "proxies.d" / "example.conf")
     shutil.copy2(src / "etc" / "anywhered.conf", root / "etc" / "anywhered.conf")
     shutil.copy2(src / "etc" / "agents" / "agent.conf.example", root / "etc" / "agents" / "agent.conf.example")

@@ -294,7 +294,8 @@ def test_tarball_layout(tarball):
     members = unpacked_members(tarball / "dist-a" / "anywhere.tar.gz")
     names = set(members)
     expected = {"bin/anywhered", "bin/anywhere", "bin/anywherectl", "bin/_internal", "etc/anywhered.conf",
-                "etc/agents/agent.conf.example", "etc/proxies.d/example.conf", "systemd/anywhered.service",
+                "etc/agents/agent.conf.example", "etc/proxies.d/example.conf", "etc/examples/haproxy.cfg",
+                "systemd/anywhered.service",
                 "systemd/anywhere-agent@.service",
                 "systemd/anywhere-agents.target", "systemd/anywhere.sysusers", "share/man/man8/anywhered.8",
                 "share/man/man8/anywhere.8", "share/man/man8/anywherectl.8",
@@ -464,6 +465,7 @@ def test_deb_contents(debs):
                        "/usr/lib/sysusers.d/anywhere.conf": "-rw-r--r--", "/etc/anywhere/anywhered.conf": "-rw-r--r--",
                        "/etc/anywhere/agents/agent.conf.example": "-rw-r--r--",
                        "/etc/anywhere/proxies.d/example.conf": "-rw-r--r--",
+                       "/usr/share/doc/anywhere/examples/haproxy.cfg": "-rw-r--r--",
                        "/usr/share/man/man8/anywhered.8.gz": "-rw-r--r--", "/usr/share/man/man8/anywhere.8.gz": "-rw-r--r--",
                        "/usr/share/man/man8/anywherectl.8.gz": "-rw-r--r--",
                        "/usr/share/bash-completion/completions/anywhere": "-rw-r--r--",
@@ -720,6 +722,7 @@ def test_rpm_files_modes_and_config(rpm):
         "/etc/anywhere/agents/agent.conf.example": ("-rw-r--r--", "root", "root", "cn"),
         "/etc/anywhere/proxies.d": ("drwxr-xr-x", "root", "root", ""),
         "/etc/anywhere/proxies.d/example.conf": ("-rw-r--r--", "root", "root", "cn"),
+        "/usr/share/doc/anywhere/haproxy.cfg": ("-rw-r--r--", "root", "root", "d"),
         "/etc/anywhere/credential": ("drwxr-x---", "root", "anywhere", ""),
         "/var/lib/anywhere": ("drwxr-x---", "anywhere", "anywhere", ""),
         "/usr/share/man/man8/anywhered.8.gz": ("-rw-r--r--", "root", "root", "d"),
