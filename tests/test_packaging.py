@@ -722,7 +722,7 @@ def test_rpm_files_modes_and_config(rpm):
         "/etc/anywhere/agents/agent.conf.example": ("-rw-r--r--", "root", "root", "cn"),
         "/etc/anywhere/proxies.d": ("drwxr-xr-x", "root", "root", ""),
         "/etc/anywhere/proxies.d/example.conf": ("-rw-r--r--", "root", "root", "cn"),
-        "/usr/share/doc/anywhere/haproxy.cfg": ("-rw-r--r--", "root", "root", "d"),
+        f"/usr/share/doc/anywhere-{VERSION}/haproxy.cfg": ("-rw-r--r--", "root", "root", "d"),  # %doc: versioned dir
         "/etc/anywhere/credential": ("drwxr-x---", "root", "anywhere", ""),
         "/var/lib/anywhere": ("drwxr-x---", "anywhere", "anywhere", ""),
         "/usr/share/man/man8/anywhered.8.gz": ("-rw-r--r--", "root", "root", "d"),
