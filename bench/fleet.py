@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="60,1000,5000", help="agent counts, comma-separated (default 60,1000,5000)")
     p.add_argument("--quick", action="store_true", help="sizes 60,1000")
     p.add_argument("--workers", type=int, default=0, help="agent processes (default: one per 1,250 agents, at least 2)")
-    p.add_argument("--ramp-rate", type=float, default=250.0, help="agents started a second, in all (default 250)")
+    p.add_argument("--ramp-rate", type=float, default=100.0, help="agents started a second, in all (default 100)")
     p.add_argument("--ramp-timeout", type=float, default=0.0,
                    help="seconds for N agents to connect (default 60 + N/20)")
     p.add_argument("--restart-timeout", type=float, default=120.0,
@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window (default 10)")
     p.add_argument("--settle", type=float, default=3.0, help="seconds of quiet before the idle window (default 3)")
     p.add_argument("--repeat", type=int, default=5, help="admin requests timed per kind (default 5; median shown)")
-    p.add_argument("--max-rss-gib", type=float, default=8.0,
-                   help="stop adding agents when anywhered and the workers together pass this (default 8)")
+    p.add_argument("--max-rss-gib", type=float, default=6.0,
+                   help="stop adding agents when anywhered and the workers together pass this (default 6)")
     p.add_argument("--max-unauthenticated", type=int, default=2000,
                    help="the server's max_unauthenticated (default 2000; per source: half of it, 1,000, "
                    "which is what one address may have under the default of 1,000... see the output)")
@@ -326,6 +326,7 @@ class Fleet:
         self.workers = workers
         self.count = 0
         self.base_rss_kib = sum(w.call("report")["rss_kib"] for w in workers)  # before any agent
+        self.base_total_kib = self.base_rss_kib  # plus anywhered's alone (set by main)
 
     def add(self, upto: int, rate: float) -> None:
         per = rate / len(self.workers)
@@ -360,24 +361,36 @@ class Fleet:
 
 
 def wait_all_back(server: Server, fleet: Fleet, want: int, timeout: float, cap_kib: int | None, t0: float,
-                  what: str) -> tuple[float | None, dict, str]:
-    """Poll until `want` agents are welcomed with all their trunks; returns (seconds since t0 or None,
-    last report, why it stopped short)."""
+                  what: str, trunks: bool = False) -> tuple[float | None, dict, str]:
+    """Poll until `want` agents (and every one started) are welcomed, with all their trunks if
+    `trunks`; returns (seconds since t0 or None, last report, why it stopped short)."""
     deadline = time.monotonic() + timeout
     last_note = 0.0
     rep: dict = {}
     while True:
         rep = fleet.report()
         now = time.monotonic()
-        if rep["welcomed"] >= want and rep["trunks"] >= rep["trunks_wanted"]:
+        if rep["welcomed"] >= want and rep["pending"] == 0 and rep["welcomed"] == rep["started"] and \
+                (not trunks or rep["trunks"] >= rep["trunks_wanted"]):
             return now - t0, rep, ""
         if not server.alive():
             return None, rep, f"anywhered exited ({server.popen.returncode}): {server.log_tail(300)!r}"
         total = rss_kib([server.pid]) + rep["rss_kib"]
-        if cap_kib and total > cap_kib:
-            fleet.call_all("drop_pending")
+        # what the connections not open yet will add, at what each open one costs now (both sides)
+        conns = rep["welcomed"] + rep["trunks"]
+        per_conn = max(0, total - fleet.base_total_kib) / conns if conns else 0
+        projected = total + per_conn * (rep["trunks_wanted"] - rep["trunks"] + (1 + POOL_SIZE) *
+                                        (rep["started"] - rep["welcomed"]))
+        if cap_kib and projected > cap_kib:
+            closed = sum(w.call("close_unwelcomed")["closed"] for w in fleet.workers)
+            progress(f"  memory cap: anywhered + agent processes at {total / 1048576:.1f} GiB, "
+                     f"{projected / 1048576:.1f} GiB with the connections still opening; {closed} agents not up "
+                     f"yet closed, waiting for the trunks of the {rep['welcomed']} that are")
+            fleet.count = rep["welcomed"]
+            _, rep, _ = wait_all_back(server, fleet, 0, min(60.0, max(10.0, deadline - now)), None, t0,
+                                      "trunks after the memory cap", trunks=True)
             return None, rep, (f"memory cap: anywhered + agent processes at {total / 1048576:.1f} GiB "
-                               f"> --max-rss-gib")
+                               f"({projected / 1048576:.1f} GiB projected) > --max-rss-gib {cap_kib / 1048576:.0f}")
         if now > deadline:
             return None, rep, f"{what} timeout ({timeout:.0f} s)"
         if now - last_note > 5:
@@ -386,6 +399,25 @@ def wait_all_back(server: Server, fleet: Fleet, want: int, timeout: float, cap_k
                      f"states {rep['states']}, anywhered {rss_kib([server.pid]) / 1024:.0f} MiB, "
                      f"agents {rep['rss_kib'] / 1024:.0f} MiB")
         time.sleep(0.25)
+
+
+def wait_trunks(fleet: Fleet, t0: float, timeout: float, stall: float = 20.0) -> tuple[float | None, dict]:
+    """After the sessions are up: until every welcomed agent has its trunks, or `stall` seconds
+    without one more, or `timeout`; returns (seconds since t0 or None, last report)."""
+    deadline = time.monotonic() + timeout
+    best, best_at = -1, time.monotonic()
+    while True:
+        rep = fleet.report()
+        now = time.monotonic()
+        if rep["trunks"] >= rep["trunks_wanted"]:
+            return now - t0, rep
+        if rep["trunks"] > best:
+            best, best_at = rep["trunks"], now
+        if now > deadline or now - best_at > stall:
+            progress(f"  trunks: {rep['trunks']} of {rep['trunks_wanted']} open, none more for "
+                     f"{now - best_at:.0f} s; going on")
+            return None, rep
+        time.sleep(0.5)
 
 
 # -- an echo target -------------------------------------------------------------------------------------
@@ -453,8 +485,10 @@ def measure(args, server: Server, fleet: Fleet, n: int, echo: Echo, base_kib: in
         if not server.alive():
             return res
     else:
-        progress(f"  {n} agents welcomed with {rep['trunks']} trunks in {took:.1f} s")
+        progress(f"  {n} agents welcomed in {took:.1f} s")
     reached = rep["welcomed"]
+    res["trunks_s"], rep = wait_trunks(fleet, t0, ramp_timeout)
+    res["trunks"] = (rep["trunks"], rep["trunks_wanted"])
 
     time.sleep(args.settle)
     c0, t0 = cpu_ticks(server.pid), time.monotonic()
@@ -507,6 +541,8 @@ def measure(args, server: Server, fleet: Fleet, n: int, echo: Echo, base_kib: in
     res["back_s"] = took
     res["back_stopped"] = why2
     res["back_reached"] = rep["welcomed"]
+    res["back_trunks_s"], rep = wait_trunks(fleet, t0, args.restart_timeout) if took is not None else (None, rep)
+    res["back_trunks"] = (rep["trunks"], rep["trunks_wanted"])
     time.sleep(1)
     rep = fleet.report()
     res["at_max_backoff"] = rep["at_max_backoff"]
@@ -566,6 +602,7 @@ def table(args, base_mib: float, results: list[dict], elapsed: float, max_unauth
 
     row("agents connected", lambda r: f"{r['reached']}" + ("" if not r["stopped"] else " (short)"))
     row("  time to connect", lambda r: f"{r['connect_s']:.1f} s" if r["connect_s"] is not None else "-")
+    row("  trunks open", lambda r: f"{r['trunks'][0]}/{r['trunks'][1]}" + (f" {r['trunks_s']:.0f} s" if r["trunks_s"] else ""))
     row("anywhered RSS", lambda r: f"{r['rss_mib']:.0f} MiB", f"<= {GOAL_TOTAL_MIB_AT_5000} MiB at 5000",
         lambda r: (r["rss_mib"] <= GOAL_TOTAL_MIB_AT_5000) if r["n"] >= 5000 and not r["stopped"] else
         (False if r["n"] >= 5000 else None))
@@ -583,9 +620,11 @@ def table(args, base_mib: float, results: list[dict], elapsed: float, max_unauth
         lambda r: r["metrics_s"][1] <= GOAL_METRICS_S)
     row("anywherectl agent list (whole cmd)", lambda r: f"{r['ctl_agent_list_s'] * 1000:.0f} ms")
     row("anywherectl status (whole cmd)", lambda r: f"{r['ctl_status_s'] * 1000:.0f} ms")
-    row("restart: all back after SIGTERM", lambda r: f"{r['back_s']:.1f} s" if r["back_s"] is not None
+    row("restart: all sessions back", lambda r: f"{r['back_s']:.1f} s" if r["back_s"] is not None
         else f"{r['back_reached']} back", f"<= {GOAL_BACK_S:.0f} s",
         lambda r: r["back_s"] is not None and r["back_s"] <= GOAL_BACK_S)
+    row("  trunks back", lambda r: f"{r['back_trunks'][0]}/{r['back_trunks'][1]}" +
+        (f" {r['back_trunks_s']:.0f} s" if r["back_trunks_s"] else ""))
     row("  of which stopping", lambda r: f"{r['stop_s']:.1f} s")
     row("  agents at max backoff", lambda r: f"{r['at_max_backoff']}", "0",
         lambda r: r["at_max_backoff"] == 0)
@@ -653,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"anywhered {server.pid} on 127.0.0.1:{server.port}, alone: {base_kib / 1024:.1f} MiB")
         workers = [Worker(i, tmp, creds, server.port) for i in range(n_workers)]
         fleet = Fleet(workers)
+        fleet.base_total_kib += base_kib
         cap_kib = int(args.max_rss_gib * 1048576)
         for n in args.size_list:
             res = measure(args, server, fleet, n, echo, base_kib, cap_kib)

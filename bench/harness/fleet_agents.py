@@ -7,6 +7,7 @@ object a line each way; every command gets exactly one answer line.
 
     {"cmd": "add", "ids": [...], "rate": R}   queue these agents, started at R a second
     {"cmd": "drop_pending"}                      forget the agents queued and not started yet
+    {"cmd": "close_unwelcomed"}                  close the agents whose session is not up (kept out)
     {"cmd": "report"}                            states, trunks, worst backoff since "reset", RSS
     {"cmd": "reset"}                             forget the worst backoff seen so far
     {"cmd": "quit"}                              close every agent and exit
@@ -141,6 +142,14 @@ class Fleet:
             dropped = len(self.pending)
             self.pending.clear()
             answer({"ok": True, "dropped": dropped})
+        elif cmd == "close_unwelcomed":
+            self.pending.clear()
+            gone = [a for a, agent in self.agents.items()
+                    if not all(link.session.state is SessionState.WELCOMED for link in agent.links.values())]
+            for agent_id in gone:
+                self.agents.pop(agent_id).close()
+                self.worst.pop(agent_id, None)
+            answer({"ok": True, "closed": len(gone)})
         elif cmd == "report":
             answer(self.report())
         elif cmd == "reset":
