@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: all test demo venv system-deps clean
-.PHONY: bench profile floor instructions
+.PHONY: bench bench-fleet profile floor instructions
 
 # Packages (packaging/build.py; Debian's python3, standard library only).  `make` builds the
 # PyInstaller tarball; `make deb` / `make rpm` the packages; all go into $(DIST), scratch space is
@@ -112,6 +112,13 @@ bench: $(STAMP)
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 	$(VPY) bench/run.py $(BENCH_ARGS)
+
+# A fleet on one server (issue 18; not part of `make test`): a fresh anywhered and N idle agent sessions
+# (the project's agent code, many per process; certificates cached in ~/.cache/anywhere-bench-fleet),
+# N = 60, 1,000, 5,000: anywhered's RSS per agent, idle CPU, admin API latency, restart to all back.
+# make bench-fleet FLEET_ARGS="--quick" for 60 and 1,000 only.
+bench-fleet: $(STAMP)
+	$(VPY) bench/fleet.py $(FLEET_ARGS)
 
 # Where the daemons' CPU goes under one load: py-spy (installed into the venv on first use) on
 # anywhered and the agent, e.g. make profile PROFILE_ARGS="--load c10 --native".  Same tools as bench.
