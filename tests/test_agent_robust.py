@@ -126,3 +126,19 @@ def test_dns_change_of_the_server_name_is_picked_up_on_reconnect(tmp_path):
         for ns in (srv, agt):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         shutil.rmtree(hosts_dir, ignore_errors=True)
+
+
+def test_a_trunk_whose_set_up_failed_is_opened_again(world, tmp_path):
+    """A server that takes one handshake at a time (max_unauthenticated = 1) refuses the second of
+    the two trunks the agent opens at once after its welcome: the agent opens it again at its next
+    liveness check (heartbeat 1 s), instead of staying a trunk short until something else refills."""
+    conf = tmp_path / "anywhered.conf"
+    conf.write_text("[server]\nmax_unauthenticated = 1\nheartbeat = 1\n")
+    world.start_server("--config", str(conf))
+    agent = world.start_agent("agent-1")
+
+    def trunks() -> int:
+        return next(a["trunks"] for a in world.api("GET", "/v1/agents")["agents"] if a["agent_id"] == "agent-1")
+
+    wait_for(lambda: "trunk set-up failed" in agent.log(), 10, what="the second trunk refused")
+    wait_for(lambda: trunks() == 2, 10, what=f"the refused trunk opened again:\n{agent.log()[-2000:]}")
