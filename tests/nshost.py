@@ -104,6 +104,28 @@ def connect_in(ns: str) -> Callable[[str, int, float], socket.socket]:
     return lambda host, port, timeout: in_netns(ns, lambda: socket.create_connection((host, port), timeout=timeout))
 
 
+def start_in(ns: str, args: list[str], log: Path) -> Proc:
+    """`args` run inside network namespace `ns` (ip netns exec), this checkout's code importable."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return Proc(["ip", "netns", "exec", ns, *args], log, env=env)
+
+
+def teardown(procs: list[Proc], namespaces: list[str]) -> None:
+    """End `procs` by pid (last started first), then delete `namespaces`; every one is tried."""
+    for proc in reversed(procs):
+        try:
+            proc.stop(timeout=5)
+        except Exception:
+            proc.kill()
+    errors = []
+    for name in namespaces:
+        if name in netns_names():
+            res = run("ip", "netns", "del", name, check=False)
+            if res.returncode:
+                errors.append(res.stderr)
+    assert not errors, errors
+
+
 def skip_unless_netns(need_nft: bool = False) -> None:
     if os.geteuid() != 0:
         pytest.skip(f"network-namespace tests need root (running as uid {os.geteuid()})")
@@ -134,8 +156,7 @@ class Hosts:
         return Client(self.sock).call
 
     def start(self, ns: str, args: list[str], name: str) -> Proc:
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", env=env)
+        proc = start_in(ns, args, self.tmp / f"{name}.log")
         self.procs.append(proc)
         return proc
 
@@ -212,15 +233,4 @@ def two_hosts(tmp_path: Path, tag: str, subnet: str, heartbeat: float, server_ar
             "--log-level", "debug"], "agent")
         yield hosts
     finally:
-        for proc in reversed(hosts.procs):
-            try:
-                proc.stop(timeout=5)
-            except Exception:
-                proc.kill()
-        errors = []
-        for name in (hosts.ns_srv, hosts.ns_agt):
-            if name in netns_names():
-                res = run("ip", "netns", "del", name, check=False)
-                if res.returncode:
-                    errors.append(res.stderr)
-        assert not errors, errors
+        teardown(hosts.procs, [hosts.ns_srv, hosts.ns_agt])

@@ -12,7 +12,6 @@ exit, also when the test fails.  Without root or `ip netns`, the caller's test i
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from conftest import Proc
-from nshost import ECHO_SCRIPT, REPO, in_netns, netns_names, run, skip_unless_netns
+from nshost import ECHO_SCRIPT, in_netns, netns_names, run, skip_unless_netns, start_in, teardown
 
 
 @dataclass
@@ -34,8 +33,7 @@ class Lan:
         return f"{self.tag}-{host}"
 
     def start(self, host: str, args: list[str], name: str) -> Proc:
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = Proc(["ip", "netns", "exec", self.ns(host), *args], self.tmp / f"{name}.log", env=env)
+        proc = start_in(self.ns(host), args, self.tmp / f"{name}.log")
         self.procs.append(proc)
         return proc
 
@@ -80,15 +78,4 @@ def lan(tmp_path: Path, tag: str, subnet: str, names: list[str]) -> Iterator[Lan
             run("ip", "-n", ns, "link", "set", host_dev, "up")
         yield net
     finally:
-        for proc in reversed(net.procs):
-            try:
-                proc.stop(timeout=5)
-            except Exception:
-                proc.kill()
-        errors = []
-        for name in reversed(spaces):
-            if name in netns_names():
-                res = run("ip", "netns", "del", name, check=False)
-                if res.returncode:
-                    errors.append(res.stderr)
-        assert not errors, errors
+        teardown(net.procs, list(reversed(spaces)))

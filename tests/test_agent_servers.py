@@ -165,21 +165,22 @@ class StatusReader:
         self.sock.close()
 
 
-@pytest.fixture
-def other(tmp_path, creds):
-    """A second anywhered's World (its own port, admin socket, state and absent proxies directory)."""
-    (tmp_path / "b").mkdir()
-    w = World(tmp_path / "b", creds)
+def _another_world(tmp_path, creds, name: str):
+    """One more anywhered's World (its own port, admin socket, state and absent proxies directory)."""
+    (tmp_path / name).mkdir()
+    w = World(tmp_path / name, creds)
     yield w
     w.stop_all()
+
+
+@pytest.fixture
+def other(tmp_path, creds):
+    yield from _another_world(tmp_path, creds, "b")
 
 
 @pytest.fixture
 def third(tmp_path, creds):
-    (tmp_path / "c").mkdir()
-    w = World(tmp_path / "c", creds)
-    yield w
-    w.stop_all()
+    yield from _another_world(tmp_path, creds, "c")
 
 
 @pytest.fixture
@@ -274,7 +275,8 @@ def test_one_agent_two_servers_one_killed_and_restarted(world, other, status, ec
 
 
 def test_reload_with_a_server_removed_and_one_added(world, other, third, status, echo_target):
-    a_server, b_server, c_server = world.start_server(), other.start_server(), third.start_server()
+    a_server, b_server = world.start_server(), other.start_server()
+    third.start_server()
     a_name, b_name, c_name = f"127.0.0.1:{world.port}", f"127.0.0.1:{other.port}", f"[::1]:{third.port}"
     crt, key = world.creds.agent("agent-1")
     conf = world.tmp / "agent-1.conf"
