@@ -11,6 +11,11 @@ Both ends of an admin connection keep it alive the same way: the agent's `Sessio
   the silence allowed (``MISSED * interval`` seconds), for the owner to log it in its own words,
   then the connection is closed with the reason ``"heartbeat timeout"``; its ``on_close`` does
   the owner's clean-up as for any other close.  No further beat is scheduled.
+* a *passive* heartbeat (the agent's: anywhered pings every interval, and each of its pings is
+  a sign of life) sends no ping while it has heard from the peer within the last `PASSIVE_AFTER`
+  intervals; it pings only when the peer has gone quiet, so that a peer which does not ping
+  (one that is itself passive, or gone) is still asked.  That halves the heartbeat messages a
+  server of thousands of idle agents handles.
 * otherwise a ``ping`` with the next sequence number (1, 2, ... per heartbeat) is sent, its send
   time remembered (only the last ping's: a pong for an earlier one does not count), the next
   beat scheduled, and then ``after_beat()`` called (anywhered checks its trunks there).
@@ -51,6 +56,7 @@ from typing import Any, Callable, Protocol
 from .loop import Loop, Timer
 
 MISSED = 3  # intervals of silence after which the peer is taken for gone
+PASSIVE_AFTER = 1.5  # a passive heartbeat pings after this many intervals of silence
 
 
 class Beating(Protocol):
@@ -70,8 +76,9 @@ class Heartbeat:
     """Pings on `conn` every `interval` seconds; closes it after `MISSED` silent intervals."""
 
     def __init__(self, loop: Loop, conn: Beating, interval: float, *, on_timeout: Callable[[float], None],
-                 after_beat: Callable[[], None] | None = None) -> None:
+                 after_beat: Callable[[], None] | None = None, passive: bool = False) -> None:
         self.loop = loop
+        self.passive = passive
         self.conn = conn
         self.interval = interval
         self.on_timeout = on_timeout
@@ -86,14 +93,15 @@ class Heartbeat:
         conn = self.conn
         if not conn.open:
             return
-        silence = MISSED * self.interval
-        if self.loop.time() - conn.last_rx > silence:
+        silence, quiet = MISSED * self.interval, self.loop.time() - conn.last_rx
+        if quiet > silence:
             self.on_timeout(silence)
             conn.close("heartbeat timeout")
             return
-        self.seq += 1
-        self.sent_at = self.loop.time()
-        conn.send("ping", seq=self.seq)
+        if not self.passive or quiet >= PASSIVE_AFTER * self.interval:
+            self.seq += 1
+            self.sent_at = self.loop.time()
+            conn.send("ping", seq=self.seq)
         self._timer = self.loop.call_later(self.interval, self._beat)
         if self.after_beat is not None:
             self.after_beat()

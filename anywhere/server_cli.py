@@ -62,7 +62,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-socket", help=flag_help("admin_socket"))
     p.add_argument("--state-dir", help=flag_help("state_dir"))
     p.add_argument("--proxies-dir", help=flag_help("proxies_dir"))
-    for name in ("data_timeout", "heartbeat", "handshake_timeout", "drain_timeout"):
+    for name in ("data_timeout", "heartbeat", "handshake_timeout", "drain_timeout", "trunk_idle_timeout"):
         p.add_argument(f"--{name.replace('_', '-')}", type=flag_type(name), metavar="SECONDS", help=flag_help(name))
     p.add_argument("--pool-size", type=flag_type("pool_size"), metavar="N", help=flag_help("pool_size"))
     p.add_argument("--buffer-budget", type=flag_type("buffer_budget"), metavar="SIZE", help=flag_help("buffer_budget"))
@@ -95,6 +95,7 @@ def load(args: argparse.Namespace) -> ServerConfig:
         "bind": _hosts(args.bind), "proxy_bind": _hosts(args.proxy_bind), "admin_socket": args.admin_socket,
         "state_dir": args.state_dir, "proxies_dir": args.proxies_dir, "data_timeout": args.data_timeout, "heartbeat": args.heartbeat,
         "handshake_timeout": args.handshake_timeout, "drain_timeout": args.drain_timeout, "pool_size": args.pool_size,
+        "trunk_idle_timeout": args.trunk_idle_timeout,
         "log_level": args.log_level, "api_token_file": args.api_token_file, "audit_log": args.audit_log,
         "api_listen": None if args.api_port is None else [f":{args.api_port}"],
         "buffer_budget": args.buffer_budget,

@@ -263,6 +263,7 @@ class Trunk:
         self.can_ping = False  # the peer understands PING (see Liveness)
         self.takes_window = False  # the peer takes the first window OPEN grants (see mux.py)
         self.last_rx = loop.time()
+        self.idle_since = self.last_rx  # when its last stream ended (trunks on demand close after a while)
         self.rtt: float | None = None
         self._ping_sent: float | None = None
         self._next_id = 1
@@ -980,6 +981,8 @@ class Stream:
         if notify and not trunk.closed:
             trunk.control(mux.frame(mux.ABORT, self.sid, reason.encode("utf-8", "replace")[:1024]))
         trunk.streams.pop(self.sid, None)
+        if not trunk.streams:
+            trunk.idle_since = trunk.loop.now
         trunk.blocked.pop(self, None)
         trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
         _held -= len(self.outbuf)

@@ -14,6 +14,10 @@ Control frames
       {proto, server_id, heartbeat, pool} or ``error`` {reason}; then ``ping``/``pong`` both ways,
       server ``open`` {conn, host, port} → agent ``fail`` {conn, reason} when the target
       cannot be reached (success is the data connection itself).
+      Trunks on demand: an agent that says ``on_demand`` 1 in its hello, welcomed with
+      ``on_demand`` 1, opens no trunk until the server sends ``trunks`` {count}: keep that many
+      from now on (at most `MAX_TRUNKS`); 0: the server is closing them for idleness, do not
+      replace them.  Without it (either side older) the agent keeps ``pool`` trunks always.
     * data connection:   agent ``data`` {proto, agent_id, conn} → server ``ready`` {conn} or
       ``error`` {reason}; after ``ready`` the connection switches to the chunk stream.
     * warm data connection: agent ``pool`` {proto, agent_id}, then nothing until the server
@@ -87,6 +91,7 @@ MESSAGES: dict[str, dict[str, type | tuple[type, ...]]] = {
     "pool": {"proto": int, "agent_id": str},
     "trunk": {"proto": int, "agent_id": str},
     "ready": {"conn": int},
+    "trunks": {"count": int},
 }
 
 
@@ -125,6 +130,8 @@ def _check(msg: Any, exc: type[Exception]) -> dict:
         raise exc(f"{msg_type}: heartbeat {msg['heartbeat']!r} out of range (0, {MAX_HEARTBEAT}]")
     if "pool" in spec and not (0 <= msg["pool"] <= MAX_POOL):
         raise exc(f"{msg_type}: pool {msg['pool']} out of range 0..{MAX_POOL}")
+    if "count" in spec and not (0 <= msg["count"] <= MAX_POOL):
+        raise exc(f"{msg_type}: count {msg['count']} out of range 0..{MAX_POOL}")
     if "port" in spec and not (MIN_PORT <= msg["port"] <= MAX_PORT):
         raise exc(f"{msg_type}: port {msg['port']} out of range {MIN_PORT}..{MAX_PORT}")
     return msg

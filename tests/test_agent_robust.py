@@ -133,7 +133,7 @@ def test_a_trunk_whose_set_up_failed_is_opened_again(world, tmp_path):
     the two trunks the agent opens at once after its welcome: the agent opens it again at its next
     liveness check (heartbeat 1 s), instead of staying a trunk short until something else refills."""
     conf = tmp_path / "anywhered.conf"
-    conf.write_text("[server]\nmax_unauthenticated = 1\nheartbeat = 1\n")
+    conf.write_text("[server]\nmax_unauthenticated = 1\nheartbeat = 1\ntrunk_idle_timeout = 0\n")
     world.start_server("--config", str(conf))
     agent = world.start_agent("agent-1")
 

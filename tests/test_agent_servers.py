@@ -233,7 +233,7 @@ def assert_untouched(world: World, before: dict, trunk_lines: int, agent: Proc, 
 
 
 def test_one_agent_two_servers_one_killed_and_restarted(world, other, status, echo_target):
-    a_server, b_server = world.start_server(), other.start_server()
+    a_server, b_server = world.start_server("--trunk-idle-timeout", "0"), other.start_server("--trunk-idle-timeout", "0")
     a_name, b_name = f"127.0.0.1:{world.port}", f"[::1]:{other.port}"
     agent = start_agent(world, status, "-i", "agent-1", "-s", f"{a_name},{b_name}")
     wait_ready(world, agent)
@@ -265,7 +265,7 @@ def test_one_agent_two_servers_one_killed_and_restarted(world, other, status, ec
     assert_untouched(other, b_before, b_trunks, agent, b_name, mark)
 
     # A again, same port and state directory: the agent comes back to it within its backoff
-    restarted = world.start_server()
+    restarted = world.start_server("--trunk-idle-timeout", "0")
     wait_ready(world, agent, BACK_BOUND)
     wait_for(lambda: echo(a_port, b"via a again") == b"via a again", 10, what="A's proxy to work again")
     assert echo(b_port, b"via b still") == b"via b still"
@@ -275,8 +275,8 @@ def test_one_agent_two_servers_one_killed_and_restarted(world, other, status, ec
 
 
 def test_reload_with_a_server_removed_and_one_added(world, other, third, status, echo_target):
-    a_server, b_server = world.start_server(), other.start_server()
-    third.start_server()
+    a_server, b_server = world.start_server("--trunk-idle-timeout", "0"), other.start_server("--trunk-idle-timeout", "0")
+    third.start_server("--trunk-idle-timeout", "0")
     a_name, b_name, c_name = f"127.0.0.1:{world.port}", f"127.0.0.1:{other.port}", f"[::1]:{third.port}"
     crt, key = world.creds.agent("agent-1")
     conf = world.tmp / "agent-1.conf"

@@ -124,7 +124,7 @@ def test_clients_that_do_not_read_are_held_to_the_budget_and_lose_nothing(world)
     pusher, echo = TargetServer(_pusher), TargetServer(echo_handler)
     clients: list[socket.socket] = []
     try:
-        world.start_server("--pool-size", "2", "--buffer-budget", f"{BUDGET // MiB}M")
+        world.start_server("--trunk-idle-timeout", "0", "--pool-size", "2", "--buffer-budget", f"{BUDGET // MiB}M")
         world.start_agent()
         push_port, echo_port = world.add_proxy(pusher.port), world.add_proxy(echo.port)
         wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")
@@ -174,7 +174,7 @@ def test_first_windows_are_granted_within_the_budget(world):
     pusher = TargetServer(_pusher)
     clients: list[socket.socket] = []
     try:
-        world.start_server("--pool-size", "2", "--buffer-budget", f"{BUDGET // MiB}M")
+        world.start_server("--trunk-idle-timeout", "0", "--pool-size", "2", "--buffer-budget", f"{BUDGET // MiB}M")
         world.start_agent()
         push_port = world.add_proxy(pusher.port)
         wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")
@@ -213,7 +213,7 @@ def test_targets_that_do_not_read_are_held_to_the_agents_budget(world):
     clients: list[socket.socket] = []
     senders: list[threading.Thread] = []
     try:
-        world.start_server("--pool-size", "2")
+        world.start_server("--trunk-idle-timeout", "0", "--pool-size", "2")
         agent = world.start_agent("agent-1", "--buffer-budget", f"{BUDGET // MiB}M")
         sink_port, echo_port = world.add_proxy(target.port), world.add_proxy(echo.port)
         wait_for(lambda: world.api("GET", "/v1/status")["trunks"] == 2, 10, what="two trunks")

@@ -34,6 +34,7 @@ SERVER_BAD = [
     ("pool_size", "2000", "must be a whole number 0..1024"),
     ("pool_max", "-1", "must be a whole number 0..65536"),
     ("pool_idle_timeout", "0", "must be a number of seconds greater than 0"),
+    ("trunk_idle_timeout", "-1", "must be a number of seconds greater than 0"),
     ("audit_log", "relative/audit.log", "must be empty (off), journal, or an absolute file path"),
     ("api_listen", "localhost", "is not HOST:PORT"),
     ("api_token_file", '""', "must be a path"),

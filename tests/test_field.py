@@ -29,7 +29,7 @@ PORT = 8080
 @pytest.fixture
 def hosts(tmp_path):
     config = tmp_path / "anywhered.conf"
-    config.write_text("[server]\n")
+    config.write_text("[server]\ntrunk_idle_timeout = 0\n")  # trunks from the connect on
     with nshost.two_hosts(tmp_path, f"awl{os.getpid() % 100000}", "10.233.1", heartbeat=HB,
                           server_args=("--config", str(config))) as h:
         h.config = config

@@ -136,3 +136,31 @@ def test_a_new_interval_applies_from_the_next_beat(pair):
     run(loop, lambda: False, 5 * INTERVAL)
     assert len(server.pings()) == count
     agent.heartbeat.stop()
+
+
+def test_a_passive_end_pings_only_when_its_peer_is_quiet(pair):
+    """The agent's heartbeat is passive: while the server pings every interval it sends no ping of
+    its own (the server's pings are its sign of life); with a peer that only answers, it pings
+    every other interval or so, and the connection stays up."""
+    loop, make = pair
+    server, agent = make()
+    server.heartbeat = Heartbeat(loop, server.conn, INTERVAL, on_timeout=lambda silence: None)
+    agent.heartbeat = Heartbeat(loop, agent.conn, INTERVAL, on_timeout=lambda silence: None, passive=True)
+    run(loop, lambda: len(agent.pings()) >= 12, 5)
+    assert len(agent.pings()) >= 12 and server.pings() == []  # 12 intervals, and the agent never pinged
+    server.heartbeat.stop()  # the server stops pinging: the agent asks
+    run(loop, lambda: len(server.pings()) >= 4, 5)
+    assert server.pings() == [1, 2, 3, 4]
+    assert agent.conn.open and server.conn.open  # the pongs keep it alive
+    assert [rtt for rtt in agent.rtts if rtt is not None]
+    agent.heartbeat.stop()
+
+
+def test_a_passive_end_still_closes_a_silent_peer(pair):
+    loop, make = pair
+    server, agent = make(answer_pings=False)
+    timeouts: list[float] = []
+    agent.heartbeat = Heartbeat(loop, agent.conn, INTERVAL, on_timeout=timeouts.append, passive=True)
+    run(loop, lambda: agent.closed is not None, 5)
+    assert agent.closed == "heartbeat timeout" and timeouts == [MISSED * INTERVAL]
+    assert len(server.pings()) >= 1  # it asked before giving up

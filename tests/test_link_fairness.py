@@ -45,7 +45,8 @@ DRAIN = 10.0  # seconds, after the bulk, for the last echoes
 
 @pytest.fixture
 def hosts(tmp_path):
-    with nshost.two_hosts(tmp_path, f"awq{os.getpid() % 100000}", "10.235.1", heartbeat=2.0) as h:
+    with nshost.two_hosts(tmp_path, f"awq{os.getpid() % 100000}", "10.235.1", heartbeat=2.0,
+                          server_args=("--trunk-idle-timeout", "0")) as h:
         h.shape("40mbit")
         target = h.start(h.ns_agt, [sys.executable, "-u", BULKPEER, str(BULK_PORT)], "bulk-target")
         target.wait_log("listening")

@@ -4,6 +4,8 @@ connections, see trunk.py) and warm single-use data connections, reused once bot
 Correctness only (speed is bench/'s business): trunks are opened ahead of demand and no client
 pays a handshake, streams never carry bytes from one client to the next, a warm connection that
 died is never handed to a client, and everything still works with no pool at all.
+The servers here keep trunks open from the agent's connect on (trunk_idle_timeout = 0); trunks
+opened on demand and closed when idle are test_on_demand.py's.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def status(world) -> dict:
 
 
 def test_trunks_are_opened_ahead_of_demand_and_no_client_pays_a_handshake(world, echo_target):
-    world.start_server("--pool-size", "2")
+    world.start_server("--pool-size", "2", "--trunk-idle-timeout", "0")
     world.start_agent()
     port = world.add_proxy(echo_target.port)
     wait_for(lambda: status(world)["trunks"] == 2, 10, what="2 trunks")
@@ -42,7 +44,7 @@ def test_trunks_are_opened_ahead_of_demand_and_no_client_pays_a_handshake(world,
 
 
 def test_concurrent_clients_share_the_trunks(world, echo_target):
-    world.start_server("--pool-size", "2")
+    world.start_server("--pool-size", "2", "--trunk-idle-timeout", "0")
     world.start_agent()
     port = world.add_proxy(echo_target.port)
     wait_for(lambda: status(world)["trunks"] == 2, 10, what="2 trunks")
@@ -80,7 +82,7 @@ def test_reuse_never_leaks_bytes_between_clients(world):
             recv_all(conn, 5)
     target = TargetServer(talker)
     try:
-        world.start_server("--pool-size", "1")
+        world.start_server("--pool-size", "1", "--trunk-idle-timeout", "0")
         world.start_agent()
         port = world.add_proxy(target.port)
         for round_ in range(10):
@@ -114,7 +116,7 @@ def test_no_pool_still_works_and_used_connections_are_reused(world, echo_target)
 
 
 def test_target_refused_keeps_the_trunk(world):
-    world.start_server("--pool-size", "2")
+    world.start_server("--pool-size", "2", "--trunk-idle-timeout", "0")
     world.start_agent()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -147,7 +149,7 @@ def _hand_agent(world, creds, peers, pool: int):
 
 
 def test_a_warm_connection_that_died_is_never_handed_to_a_client(world, creds, peers):
-    world.start_server()
+    world.start_server("--trunk-idle-timeout", "0")
     admin, (dead, live) = _hand_agent(world, creds, peers, 2)
     dead.close()  # dies while idle
     wait_for(lambda: status(world)["warm_data_connections"] == 1, 5, what="the dead one to be dropped")
@@ -175,7 +177,7 @@ def test_a_warm_connection_that_died_is_never_handed_to_a_client(world, creds, p
 
 
 def test_warm_connection_lost_after_open_falls_back_to_the_admin_connection(world, creds, peers):
-    world.start_server()
+    world.start_server("--trunk-idle-timeout", "0")
     admin, (warm,) = _hand_agent(world, creds, peers, 1)
     port = world.add_proxy(9)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
@@ -211,7 +213,7 @@ def test_a_stalled_stream_does_not_block_the_others_on_its_trunk(world):
                 conn.sendall(data)
     target = TargetServer(pusher)
     try:
-        world.start_server("--pool-size", "1")
+        world.start_server("--pool-size", "1", "--trunk-idle-timeout", "0")
         world.start_agent()
         port = world.add_proxy(target.port)
         wait_for(lambda: status(world)["trunks"] == 1, 10, what="one trunk")
@@ -236,7 +238,7 @@ def test_a_stalled_stream_does_not_block_the_others_on_its_trunk(world):
 
 
 def test_a_trunk_that_died_is_never_used(world, creds, peers):
-    world.start_server()
+    world.start_server("--trunk-idle-timeout", "0")
     admin, _ = _hand_agent(world, creds, peers, 0)
     ctx = client_ctx(creds.ca, creds.agent("agent-1"))
     trunk = peers(world.port, ctx)
@@ -280,7 +282,7 @@ def _data_bytes(frames, sid: int) -> int:
 
 
 def test_first_bytes_follow_open_at_once_and_are_bounded_until_ready(world, creds, peers):
-    world.start_server()
+    world.start_server("--trunk-idle-timeout", "0")
     _admin, trunk = _hand_trunk(world, creds, peers)
     port = world.add_proxy(9)
     blob = os.urandom(mux.WINDOW_SIZE)
@@ -306,7 +308,7 @@ def test_first_bytes_follow_open_at_once_and_are_bounded_until_ready(world, cred
 
 
 def test_fail_before_ready_discards_the_early_bytes_and_closes_the_client(world, creds, peers):
-    world.start_server()
+    world.start_server("--trunk-idle-timeout", "0")
     _admin, trunk = _hand_trunk(world, creds, peers)
     port = world.add_proxy(9)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
@@ -374,7 +376,7 @@ def test_a_fast_stream_gets_a_bigger_window_never_beyond_the_maximum(world, cred
     """Credit beyond what was delivered is the window's growth (less at most a quarter window not
     yet returned): some, never past MAX_WINDOW.  Five streams one after the other on one trunk all
     grow: what a closed stream grew by goes back to the trunk's budget (which holds four)."""
-    world.start_server()
+    world.start_server("--trunk-idle-timeout", "0")
     _admin, trunk = _hand_trunk(world, creds, peers)
     port = world.add_proxy(9)
     decoder = mux.MuxDecoder()
@@ -402,7 +404,7 @@ def test_streams_of_a_congested_trunk_take_turns(world):
     target = TargetServer(answerer)
     socks: list[socket.socket] = []
     try:
-        world.start_server("--pool-size", "1")
+        world.start_server("--pool-size", "1", "--trunk-idle-timeout", "0")
         world.start_agent()
         port = world.add_proxy(target.port)
         wait_for(lambda: status(world)["trunks"] == 1, 10, what="one trunk")

@@ -31,6 +31,7 @@ SAMPLES: dict[str, dict] = {
     "ready": {"conn": 1},
     "pool": {"proto": 1, "agent_id": "agent-1"},
     "trunk": {"proto": 1, "agent_id": "agent-1"},
+    "trunks": {"count": 2},
 }
 
 
@@ -237,6 +238,9 @@ def _bad_bodies() -> list[tuple[str, bytes]]:
         ("negative conn", b'{"type": "ready", "conn": -1}'),
         ("conn 2**63", b'{"type": "ready", "conn": %d}' % 2**63),
         ("seq 2**63", b'{"type": "pong", "seq": %d}' % 2**63),
+        ("count -1", b'{"type": "trunks", "count": -1}'),
+        ("count 1025", b'{"type": "trunks", "count": 1025}'),
+        ("bool count", b'{"type": "trunks", "count": true}'),
         ("very long integer", b'{"type": "ready", "conn": 1' + b"0" * 5000 + b"}"),
     ]
     # every required field of every type, missing
@@ -459,7 +463,7 @@ def valid_messages(draw) -> dict:
     msg_type = draw(st.sampled_from(sorted(wire.MESSAGES)))
     msg = {"type": msg_type}
     for name, kind in wire.MESSAGES[msg_type].items():
-        limits = {"port": st.integers(1, 65535), "pool": st.integers(0, 1024)}
+        limits = {"port": st.integers(1, 65535), "pool": st.integers(0, 1024), "count": st.integers(0, 1024)}
         msg[name] = draw(limits.get(name, _FIELD[kind]))
     return msg
 

@@ -10,7 +10,8 @@ buffer budget (trunk.py's, per process).  The servers share nothing: there is no
 between them, and a link never looks at another.  One server going away (killed, unreachable)
 is its link's business alone: the other links, their trunks and their streams do not notice.
 
-The wiring inside a link, as it was for the agent's one server: a welcome refills the trunks;
+The wiring inside a link, as it was for the agent's one server: a welcome (and, with trunks on
+demand, the server's ``trunks``) refills the trunks;
 a lost session retires its trunks and drops its warm connections (relays and streams carry on);
 the server's ``open`` on the admin connection starts a requested data connection; a warm
 connection that leaves the pool refills the trunks.
@@ -40,7 +41,7 @@ class ServerLink:
     def __init__(self, loop: Loop, config: AgentConfig, server: ServerAddress, targets: Targets) -> None:
         self.server = server
         self.session = Session(loop, config, server, on_welcome=self._on_welcome, on_lost=self._on_lost,
-                               on_open=self._on_open)
+                               on_open=self._on_open, on_trunks=self._on_trunks)
         self.trunks = Trunks(loop, self.session, targets)
         self.data = DataConns(loop, self.session, targets, on_warm_left=self.trunks.refill)
 
@@ -55,6 +56,9 @@ class ServerLink:
     def _on_lost(self) -> None:
         self.data.drop_warm()
         self.trunks.retire("agent session lost")
+
+    def _on_trunks(self) -> None:
+        self.trunks.refill()
 
     def _on_open(self, request: dict) -> None:
         self.data.open(request)

@@ -10,8 +10,10 @@ and the loss of a welcomed session, schedules a new attempt after `backoff_delay
 up to 30 s, each delay drawn from its upper half), reset once a session is welcomed.  A server that says another
 process with this agent id replaced us is not fought every second: the next delay is the longest.
 
-Once welcomed, a `heartbeat.Heartbeat` pings every interval the server announced and closes the
-connection after three silent ones.  The session then hands the server's ``open`` requests to
+Once welcomed, a passive `heartbeat.Heartbeat` (the server pings every interval; the agent pings
+only when it has not heard from it for one and a half) closes the connection after three silent
+intervals.  With ``on_demand`` in the welcome, the server's ``trunks`` says how many trunks to keep
+(`wanted`; none until it asks): ``on_trunks`` tells the owner.  The session then hands the server's ``open`` requests to
 its owner (``on_open``) and tells it when the session starts (``on_welcome``) and when it is lost
 (``on_lost``); the data paths do the rest (trunks.py, dataconns.py).
 
@@ -83,7 +85,8 @@ class SessionState(enum.Enum):
 
 class Session:
     def __init__(self, loop: Loop, config: AgentConfig, server: ServerAddress, *, on_welcome: Callable[[], None],
-                 on_lost: Callable[[], None], on_open: Callable[[dict], None]) -> None:
+                 on_lost: Callable[[], None], on_open: Callable[[dict], None],
+                 on_trunks: Callable[[], None] = lambda: None) -> None:
         self.loop = loop
         self.config = config
         self.server = server
@@ -91,6 +94,7 @@ class Session:
         self.on_welcome = on_welcome
         self.on_lost = on_lost
         self.on_open = on_open
+        self.on_trunks = on_trunks
         self.ctx: ssl.SSLContext | None = None
         self.state = SessionState.WAITING
         self.conn: FramedConn | None = None
@@ -107,6 +111,8 @@ class Session:
         self.number = 0  # counts welcomed sessions: a trunk belongs to the one it was opened in
         self.token: int | None = None  # the server's name for this session, sent in each trunk's hello
         self.trunk_ping = False  # the server understands PING on trunks
+        self.on_demand = False  # trunks only when the server asks (``trunks``)
+        self.wanted = 0  # the trunks to keep: `pool`, or on demand what the server last asked
 
     @property
     def welcomed(self) -> bool:
@@ -156,7 +162,7 @@ class Session:
                                 on_handshake=self._on_handshake)
 
     def _on_handshake(self, conn: FramedConn) -> None:
-        conn.send("hello", proto=PROTO_VERSION, agent_id=self.config.agent_id, version=__version__)
+        conn.send("hello", proto=PROTO_VERSION, agent_id=self.config.agent_id, version=__version__, on_demand=1)
 
     def _on_message(self, conn: FramedConn, msg: dict) -> None:
         kind = msg["type"]
@@ -169,6 +175,9 @@ class Session:
                 self._heartbeat.on_pong(msg["seq"])
         elif kind == "open" and self.welcomed:
             self.on_open(msg)
+        elif kind == "trunks" and self.welcomed and self.on_demand:
+            self.wanted = msg["count"]
+            self.on_trunks()
         elif kind == "error" and msg.get("code") == "replaced":
             # another process with our id took the session: do not fight it every second
             self.log.error("%s (at %s); another agent is running with id %s? retrying in at most %g s",
@@ -200,8 +209,10 @@ class Session:
         token = msg.get("session")
         self.token = token if isinstance(token, int) and not isinstance(token, bool) else None
         self.trunk_ping = msg.get("trunk_ping") == 1
+        self.on_demand = msg.get("on_demand") == 1
+        self.wanted = 0 if self.on_demand else self.pool
         self.log.info("connected to server %s at %s as agent %s", self.server_id, conn.peer, self.config.agent_id)
-        self._heartbeat = Heartbeat(self.loop, conn, self.interval, on_timeout=self._on_silence)
+        self._heartbeat = Heartbeat(self.loop, conn, self.interval, on_timeout=self._on_silence, passive=True)
         self.on_welcome()
 
     def _on_silence(self, silence: float) -> None:

@@ -2,7 +2,10 @@
 
 Theory of operation
 -------------------
-A welcome with ``pool`` > 0 asks the agent to keep that many trunks (at most wire.MAX_TRUNKS).
+A welcome with ``pool`` > 0 asks the agent to keep that many trunks (at most wire.MAX_TRUNKS);
+with ``on_demand``, none until the server's ``trunks`` asks (the session's `wanted`), and a trunk
+the server closes (it does so once they have idled, after saying ``trunks`` 0) is not replaced:
+the server asks again when a client comes.
 `Trunks.refill` opens the missing ones: a `TrunkSetup` dials the server at the address the admin
 connection reached, runs TLS, and, if the session it was opened for is still the welcomed one,
 hands the socket over; `Trunks` makes it a `trunk.Trunk` and says ``trunk`` on it (agent id,
@@ -117,7 +120,7 @@ class Trunks:
         session = self.session
         if self.closed or session.closed or not session.welcomed or session.server_addr is None:
             return
-        wanted = min(MAX_TRUNKS, session.pool)
+        wanted = min(MAX_TRUNKS, session.wanted)
         for _ in range(max(0, wanted - len(self.current) - len(self.opening))):
             self.opening.add(TrunkSetup(session, self._adopt, self.opening.discard))
 
@@ -157,9 +160,11 @@ class Trunks:
         if current:
             self.current.remove(trunk)
         if not self.closed:
-            self.session.log.log(logging.DEBUG if reason.startswith("agent") or trunk.retired else logging.INFO,
-                                 "trunk %s closed: %s", trunk.name, reason)
-            if current:
+            # on demand, the server closes idle trunks (and asks again when it needs them)
+            by_server = self.session.on_demand and reason == "closed by peer"
+            self.session.log.log(logging.DEBUG if reason.startswith("agent") or trunk.retired or by_server
+                                 else logging.INFO, "trunk %s closed: %s", trunk.name, reason)
+            if current and not by_server:
                 config = self.session.config
                 self.loop.call_later(backoff_delay(1, config.backoff_min, config.backoff_max), self.refill)
 

@@ -11,6 +11,13 @@ then it is a `routing.Tunnel`.  Three paths get it there, tried in this order (`
      to be stale: with every trunk stale it is held (`waiting`) until one is live again, or
      `data_timeout`.  New streams go to the oldest live trunk until it is known to be fast; then
      to the least busy live one (trunk.py, Scheduling).
+     Trunks on demand (an agent welcomed with ``on_demand``, sessions.py): the agent opens its
+     trunks only when asked.  A client for an agent with fewer live trunks than `pool_size` asks
+     for them (``trunks``, again a heartbeat later while still short); with none yet it is held
+     (`waiting`) until the first joins.  Once none of an agent's trunks has carried a stream for
+     `trunk_idle_timeout`, the agent is told ``trunks`` 0 and they are closed here: only this
+     side opens streams, so none can be on its way.  A trunk the agent opens while not asked is
+     refused.
   2. `WarmPath`: an idle data connection of the agent (with `pool_size = 0` an agent uses a data
      connection of its own per client, and one whose client closed cleanly comes back warm; a
      ``pool`` first frame also offers one) is sent ``open``; it answers ``ready`` (then it is
@@ -79,6 +86,9 @@ class TrunkPath:
             log.info("trunk from agent %s (%s) refused: opened for an earlier session", agent_id, conn.peer)
             conn.close("earlier session")
             return
+        if session.on_demand and session.wanted == 0:  # opened before it heard it is not wanted now
+            conn.close("not needed")
+            return
         trunks = self.trunks.setdefault(agent_id, [])
         if len(trunks) >= max(min(self._config().pool_size, MAX_TRUNKS), 1) * 2:  # an agent keeps MAX_TRUNKS at most
             conn.close("too many trunks")
@@ -103,7 +113,7 @@ class TrunkPath:
                 del self.trunks[session.agent_id]
                 self.serve_waiting(session.agent_id)  # none left: the other paths take them
         self.retired.discard(trunk)
-        if reason not in ("server stopping", "agent session ended"):
+        if reason not in ("server stopping", "agent session ended", "idle"):
             log.info("trunk %s closed: %s", trunk.name, reason)
 
     def retire(self, session: AgentSession, reason: str) -> None:
@@ -125,7 +135,19 @@ class TrunkPath:
         now, hb = self.loop.time(), self._config().heartbeat
         for trunk in list(self.trunks.get(session.agent_id, ())):
             trunk.check_alive(now, hb)
+        if self.waiting.get(session.agent_id):
+            self._want(session, now, hb)  # asked, and still none: ask again
         self.serve_waiting(session.agent_id)
+
+    def _want(self, session: AgentSession, now: float, hb: float) -> None:
+        """On demand: ask `session`'s agent for its trunks if it has fewer live ones than wanted and
+        has not been asked for them within a heartbeat."""
+        if not session.on_demand:
+            return
+        wanted = min(self._config().pool_size, MAX_TRUNKS)
+        live = sum(1 for t in self.trunks.get(session.agent_id, ()) if not t.stale(now, hb))
+        if live < wanted and (session.wanted != wanted or now - session.asked_at >= hb):
+            session.ask_trunks(wanted)
 
     def serve_waiting(self, agent_id: str) -> None:
         """Clients held while every trunk of their agent was stale: to a live trunk now, or, with no
@@ -148,9 +170,15 @@ class TrunkPath:
         agent has no trunk at all."""
         proxy, agent_id = pending.proxy, pending.agent_id
         trunks = self.trunks.get(agent_id)
+        now, hb = self.loop.time(), self._config().heartbeat
+        session = self.port.online(agent_id)
+        if session is not None and session.on_demand:
+            self._want(session, now, hb)
+            if not trunks:  # held until the first one joins (add), or data_timeout
+                self.waiting.setdefault(agent_id, []).append(pending.conn_id)
+                return True
         if not trunks:
             return False
-        now, hb = self.loop.time(), self._config().heartbeat
         live = [t for t in trunks if not t.stale(now, hb)]
         if not live:  # never on a trunk known to be stale: held for a live one (or data_timeout)
             self.waiting.setdefault(agent_id, []).append(pending.conn_id)
@@ -188,9 +216,23 @@ class TrunkPath:
         stream.open_window(mux.WINDOW_SIZE - mux.EARLY_WINDOW)
 
     def sweep(self, now: float) -> None:
-        """Every IDLE_SWEEP: retired trunks' liveness; forget held clients that are gone."""
+        """Every IDLE_SWEEP: retired trunks' liveness; forget held clients that are gone; on demand,
+        close the trunks of agents that have had no stream for trunk_idle_timeout."""
+        cfg = self._config()
         for trunk in list(self.retired):
-            trunk.check_alive(now, self._config().heartbeat)
+            trunk.check_alive(now, cfg.heartbeat)
+        if cfg.trunk_idle_timeout > 0:
+            for agent_id, trunks in list(self.trunks.items()):
+                session = trunks[0].owner
+                if not session.on_demand or self.waiting.get(agent_id) or any(t.streams for t in trunks) \
+                        or now - max(t.idle_since for t in trunks) < cfg.trunk_idle_timeout:
+                    continue
+                log.debug("agent %s: no stream on its trunks for %g s; closing them (closed: idle)", agent_id,
+                          cfg.trunk_idle_timeout)
+                if session.conn.open:
+                    session.ask_trunks(0)
+                for trunk in list(trunks):
+                    trunk.close("idle")
         for agent_id in list(self.waiting):
             held = [cid for cid in self.waiting[agent_id] if cid in self.router.pending]
             if held:

@@ -18,8 +18,15 @@ certificate's identity) are checked, then the deny list.  ``hello`` makes it the
 of an `AgentSession` and replaces any older session of the same agent at once (the old one is
 closed; its trunks are retired by routing, nothing else is touched).
 
-*Heartbeats*: each side pings every `heartbeat` seconds and declares the peer dead after three
-intervals with nothing received.  Joined connections do not depend on the admin connection and
+*Heartbeats*: anywhered pings every `heartbeat` seconds and declares the agent dead after three
+intervals with nothing received; an agent of this version pings only when it has heard nothing
+for a while (heartbeat.py, passive), older ones every interval too.
+
+*Trunks on demand*: an agent that offers it in its hello (``on_demand``) is welcomed with
+``on_demand`` when `trunk_idle_timeout` and `pool_size` are not 0: it opens no trunk until routing
+asks for them (`AgentSession.ask_trunks`, when a client comes), and routing closes them after
+`trunk_idle_timeout` without a client (paths.py, TrunkPath).  An idle agent thus holds one TLS
+connection here, its admin connection.  Joined connections do not depend on the admin connection and
 carry on through its loss.
 
 It must not place clients or touch their sockets (routing does); it learns of data, trunk and
@@ -73,6 +80,9 @@ class AgentSession:
         self.rtt: float | None = None
         self.last_pong: float | None = None
         self.token = secrets.randbits(62) + 1  # in welcome; the agent's trunks name it (their owner)
+        self.on_demand = False  # its trunks are opened when asked (`ask_trunks`), see the module docstring
+        self.wanted = 0  # on demand: the trunks last asked for
+        self.asked_at = float("-inf")  # ... and when
         self.heartbeat = Heartbeat(port.loop, conn, port.config().heartbeat, on_timeout=self._silent,
                                    after_beat=lambda: port.on_beat(self))
 
@@ -94,6 +104,11 @@ class AgentSession:
             log.warning("agent %s (%s) sent an unexpected %r on its admin connection; closing it",
                         self.agent_id, self.address, kind)
             conn.close(f"unexpected {kind}")
+
+    def ask_trunks(self, count: int) -> None:
+        """On demand: tell the agent to keep `count` trunks (0: they are being closed for idleness)."""
+        self.wanted, self.asked_at = count, self.port.loop.time()
+        self.conn.send("trunks", count=count)
 
     def stop(self) -> None:
         self.heartbeat.stop()
@@ -277,8 +292,10 @@ class AgentPort:
             reason = f"replaced by a new session of agent {agent_id} from {conn.peer}"
             self.on_session_end(old, "its agent session was replaced", False)
             old.conn.send_and_close("error", reason, reason=reason, code="replaced")
+        session.on_demand = msg.get("on_demand") == 1 and cfg.pool_size > 0 and cfg.trunk_idle_timeout > 0
+        extra = {"on_demand": 1} if session.on_demand else {}
         conn.send("welcome", proto=PROTO_VERSION, server_id=cfg.server_id, heartbeat=cfg.heartbeat,
-                  pool=cfg.pool_size, session=session.token, trunk_ping=1)
+                  pool=cfg.pool_size, session=session.token, trunk_ping=1, **extra)
         log.info("agent %s connected from %s (version %s)", agent_id, conn.peer, version)
 
     def _on_admin_message(self, conn: FramedConn, msg: dict) -> None:

@@ -69,6 +69,9 @@ class ServerConfig:
     pool_max: int = setting("count(0, 65536, default=256)", "idle data connections kept per agent at most")
     pool_idle_timeout: float = setting("seconds(default=60)", "idle data connections beyond pool_size are closed "
                                    "after this")
+    trunk_idle_timeout: float = setting("seconds_or_off(default=60)", "an agent's trunks are opened when a client "
+                                    "comes and closed after this long without one (0: kept open always, as "
+                                    "agents older than this server do)")
     max_connections: int = setting("count(1, 1000000, default=10000)", "live tunneled connections in total")
     max_connections_per_proxy: int = setting("count(1, 1000000, default=2000)", "live connections per proxy")
     rate_limit: int = setting("count(0, 1000000, default=60000)", "new clients a minute from one source address, "

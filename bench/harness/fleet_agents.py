@@ -37,6 +37,7 @@ from anywhere.agent import Agent, AgentConfig
 from anywhere.agent.session import SessionState
 from anywhere.agent.settings import ServerAddress
 from anywhere.loop import READ, Loop
+from anywhere.wire import MAX_TRUNKS
 
 POLL = 0.2  # seconds between looks at every session's failures
 START_TICK = 0.05  # seconds between batches of agents started
@@ -106,7 +107,7 @@ class Fleet:
                 states[session.state.value] += 1
                 if session.state is SessionState.WELCOMED:
                     trunks += len(link.trunks.current)
-                    wanted += session.pool
+                    wanted += min(session.wanted, MAX_TRUNKS)
         threshold = threshold or max_backoff_failures(AgentConfig.backoff_min, AgentConfig.backoff_max)
         worst = list(self.worst.values())
         return {"started": len(self.agents), "pending": len(self.pending), "states": dict(states),
