@@ -77,7 +77,7 @@ class Server:
         self.port.on_pool = self.warm_path.add
         self.port.on_session_end = self._on_session_end
         self.port.on_beat = self.trunk_path.check
-        self.port.on_rtt = lambda agent_id, rtt: self.metrics.heartbeat_rtt.labels(agent_id).observe(rtt)
+        self.port.on_rtt = lambda agent_id, rtt: self.metrics.heartbeat_rtt.observe(rtt)
         self.port.on_fail = self.router.on_agent_fail
         self.recent_errors = metrics.RecentErrors()
         logging.getLogger("anywhere").addHandler(self.recent_errors)

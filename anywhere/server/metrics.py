@@ -109,9 +109,11 @@ class Metrics:
             "anywhere_connection_setup_seconds", "From accepting a client to the first byte relayed",
             labelnames=["proxy"], registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        # all agents together: one histogram per agent would be 17 series each (a fleet's scrape
+        # grew by 85,000 lines at 5,000 agents); each agent's last round trip is a gauge above
         self.heartbeat_rtt = Histogram(
-            "anywhere_heartbeat_rtt_seconds", "Heartbeat round trip on agents' admin connections",
-            labelnames=["agent"], registry=self.registry,
+            "anywhere_heartbeat_rtt_seconds", "Heartbeat round trip on agents' admin connections, all agents "
+            "together (each agent's last: anywhere_agent_heartbeat_rtt_seconds)", registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
     def attach(self, source: Source) -> None:
