@@ -27,7 +27,10 @@ Rules:
   round-trip time in seconds, or None for a pong that answers no outstanding ping.  wire.py has
   already checked that ``seq`` is an int.
 * `interval` may be changed at any time (a reload): the next beat is scheduled with the new
-  value.  The first beat comes one interval after the heartbeat is made.
+  value.  The first beat comes one interval after the heartbeat is made, rounded up to the
+  beat grid (`GRID`, at most an eighth of the interval): the beats of thousands of connections
+  then fall on a few instants a second, each one loop pass that sends many pings (and gets many
+  pongs back in one wait) instead of one wake-up per connection.
 * A connection that is no longer open (closed, detached) ends the beats by itself; `stop()` ends
   them at once, is idempotent and never raises.  Call it when the session ends.
 * Nothing here logs, reads the clock other than `loop.time()`, or touches the connection other
@@ -51,12 +54,14 @@ session (anywhered read the interval from its config at every beat).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol
 
 from .loop import Loop, Timer
 
 MISSED = 3  # intervals of silence after which the peer is taken for gone
 PASSIVE_AFTER = 1.5  # a passive heartbeat pings after this many intervals of silence
+GRID = 0.25  # seconds: beats are due on multiples of this (or of interval / 8 if less)
 
 
 class Beating(Protocol):
@@ -86,7 +91,13 @@ class Heartbeat:
         self.seq = 0  # of the last ping sent
         self.sent_at: float | None = None  # when it was sent, until its pong comes back
         self.rtt: float | None = None  # the last round trip measured
-        self._timer: Timer | None = loop.call_later(interval, self._beat)
+        self._timer: Timer | None = self._next()
+
+    def _next(self) -> Timer:
+        """The next beat, one interval from now rounded up to the grid."""
+        now = self.loop.time()
+        grid = min(GRID, self.interval / 8)
+        return self.loop.call_later(math.ceil((now + self.interval) / grid) * grid - now, self._beat)
 
     def _beat(self) -> None:
         self._timer = None
@@ -102,7 +113,7 @@ class Heartbeat:
             self.seq += 1
             self.sent_at = self.loop.time()
             conn.send("ping", seq=self.seq)
-        self._timer = self.loop.call_later(self.interval, self._beat)
+        self._timer = self._next()
         if self.after_beat is not None:
             self.after_beat()
 
