@@ -25,7 +25,7 @@ from .agent import Agent, AgentConfig, settings
 from .common import setup_logging, version_line
 from .loop import Loop
 from .notify import Notifier
-from .service import run_loop, with_pidfile
+from .service import raise_nofile, run_loop, with_pidfile
 
 log = logging.getLogger("anywhere.agent")
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def prepare() -> Callable[[], int] | int:
+        raise_nofile()  # one descriptor per client connection, on top of the trunks
         try:
             tls.client_context(config.ca, config.cert, config.key)  # fail in the terminal, before detaching
         except tls.CredentialError as exc:

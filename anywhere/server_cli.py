@@ -30,7 +30,7 @@ from .notify import Notifier
 from .server import Server, ServerConfig
 from .server.declared import read_dir
 from .server.settings import DEFAULT_SERVER_CONFIG, deprecated, flag_help, flag_type, server_config
-from .service import run_loop, with_pidfile
+from .service import raise_nofile, run_loop, with_pidfile
 
 log = logging.getLogger("anywhere.server")
 
@@ -161,6 +161,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         log.warning("deprecated: %s", note)
 
     def prepare() -> Callable[[], int] | int:
+        nofile = raise_nofile()
+        if nofile < config.max_agents + config.max_connections:
+            log.warning("this process may open %d files, fewer than max_agents + max_connections (%d + %d), one "
+                        "descriptor each at least (an agent with live clients holds pool_size more): raise "
+                        "LimitNOFILE (ulimit -n) or lower those limits", nofile, config.max_agents,
+                        config.max_connections)
         loop = Loop()
         server = Server(loop, config)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 from typing import Callable
@@ -21,6 +22,23 @@ from .notify import Notifier
 log = logging.getLogger("anywhere.service")
 
 STATUS_INTERVAL = 2.0
+NOFILE_CEILING = 1 << 20  # raise_nofile goes no higher, whatever the hard limit
+
+
+def raise_nofile() -> int:
+    """Raise this process's soft limit of open files to its hard limit, as daemons that use epoll
+    may (the soft limit's usual 1024 only protects select() users); returns the limit now in
+    force.  Under systemd both are the unit's LimitNOFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = NOFILE_CEILING if hard == resource.RLIM_INFINITY else min(hard, NOFILE_CEILING)
+        if wanted > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                soft = wanted
+            except (ValueError, OSError) as exc:
+                log.debug("cannot raise the open files limit from %d to %d: %s", soft, wanted, exc)
+    return soft
 
 
 def with_pidfile(args: argparse.Namespace, prog: str, prepare: Callable[[], Callable[[], int] | int]) -> int:

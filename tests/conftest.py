@@ -155,13 +155,13 @@ class World:
     server: Proc | None = None
 
     def start_server(self, *extra: str, wl: str | None = None, port: int | None = None, wait: bool = True,
-                     creds: Creds | None = None) -> Proc:
+                     creds: Creds | None = None, prefix: tuple[str, ...] = ()) -> Proc:
         c = creds or self.creds
         self.port = port or self.port or free_port()
         self.sock = self.sock or str(self.tmp / "anywhered.sock")
         self.state_dir = self.state_dir or str(self.tmp / "state")
         self.proxies_dir = self.proxies_dir or str(self.tmp / "proxies.d")
-        args = [PY, "-m", "anywhere.server_cli", "start", "-p", str(self.port), "--ca", str(c.ca),
+        args = [*prefix, PY, "-m", "anywhere.server_cli", "start", "-p", str(self.port), "--ca", str(c.ca),
                 "--cert", str(c.server_cert), "--key", str(c.server_key), "--admin-socket", self.sock,
                 "--state-dir", self.state_dir, "--proxies-dir", self.proxies_dir, "--log-level", "debug", *extra]
         if wl is not None:

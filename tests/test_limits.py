@@ -12,11 +12,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from conftest import PY, Proc, TargetServer, echo, echo_handler, free_port, recv_all, wait_for
+from conftest import PY, Proc, TargetServer, echo, echo_handler, free_port, log_lines, recv_all, wait_for, wait_log_line
 
 
 
@@ -330,3 +331,27 @@ def test_out_of_file_descriptors_refuses_then_recovers_without_spinning(world, e
             c.close()
     wait_for(lambda: echo(port, b"again") == b"again", 15, what="recovery once descriptors are free")
     assert "Traceback" not in server.log()
+
+
+def open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open files limit in /proc/{pid}/limits")
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit (util-linux) is not installed")
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_a_short_one_is_said(world, tmp_path):
+    """anywhered raises its soft limit of open files to the hard one (a fleet needs a descriptor
+    per agent), and says so when even that is below max_agents + max_connections."""
+    server = world.start_server(prefix=("prlimit", "--nofile=1024:4096"))
+    assert open_files_limit(server.pid) == (4096, 4096)
+    line = wait_log_line(server, "WARNING", "may open 4096 files")
+    assert "max_agents + max_connections (10000 + 10000)" in line and "LimitNOFILE" in line
+    server.stop()
+    conf = tmp_path / "small.conf"
+    conf.write_text("[server]\nmax_agents = 100\nmax_connections = 1000\n")
+    server = world.start_server("--config", str(conf), prefix=("prlimit", "--nofile=1024:4096"))
+    assert open_files_limit(server.pid) == (4096, 4096)
+    assert log_lines(server, "may open") == []

@@ -78,7 +78,7 @@ class ServerConfig:
                           "per proxy, sustained (0: no limit)")
     rate_burst: int = setting("count(1, 1000000, default=2000)", "of which this many may come at once (at most "
                           "rate_limit)")
-    max_agents: int = setting("count(1, 100000, default=1000)", "agents connected at once")
+    max_agents: int = setting("count(1, 100000, default=10000)", "agents connected at once")
     max_pending_per_agent: int = setting("count(1, 100000, default=512)", "clients waiting for their agent's data "
                                      "connection")
     max_unauthenticated: int = setting("count(1, 100000, default=1000)", "agent-port connections still in their "
