@@ -297,3 +297,92 @@ def test_status_screen_and_json(world, echo_target):
     data = json.loads(world.ctl("status", "--json", "--admin-socket", world.sock).stdout)
     assert {"server_id", "version", "uptime", "agents", "proxies", "connections", "bytes_in", "bytes_out",
             "last_errors"} <= set(data)
+
+
+class _Row:
+    def __init__(self, i: int) -> None:
+        self.bytes_in, self.bytes_out, self.connections_total, self.active = i * 1234567, i, 10 ** 17 + i, i % 2
+        self.rejected = {"limit": i, "whitelist": 2 ** 40} if i % 3 else {}
+
+
+class _Source:
+    """What metrics.render reads, with names that need escaping, values past the small-number fast
+    path, and agents without a round trip yet."""
+
+    def server_id(self) -> str:
+        return 'srv "one"\\two\nthree'
+
+    def uptime(self) -> float:
+        return 12.5
+
+    def proxy_rows(self):
+        for i in range(12):
+            yield f"p{i}", f'agent-{i}"\\', _Row(i), bool(i % 2)
+
+    def agent_rows(self):
+        for i in range(40):
+            yield f"fleet-{i:05d}\n", _Row(i), bool(i % 2), (0.001 * i if i % 4 else None), i % 3
+
+
+def test_the_exposition_is_what_prometheus_client_writes():
+    """metrics.render writes the text format itself (5x faster at 5,000 agents): byte for byte what
+    prometheus_client's families and generate_latest write for the same numbers."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+    from anywhere.common import __version__
+    from anywhere.server import metrics
+    from anywhere.trunk import buffer_usage
+
+    source = _Source()
+
+    class Oracle:
+        def collect(self):
+            info = InfoMetricFamily("anywhere_build", "Version and server id of this anywhered")
+            info.add_metric([], {"version": __version__, "server_id": source.server_id()})
+            yield info
+            yield GaugeMetricFamily("anywhere_uptime_seconds", "Seconds since anywhered started", value=source.uptime())
+            usage = buffer_usage()
+            yield GaugeMetricFamily("anywhere_buffered_bytes", "Bytes held for clients that read slower than their "
+                                    "target sends, all connections together", value=usage["held"])
+            yield GaugeMetricFamily("anywhere_buffer_committed_bytes", "Bytes held, or in flight or allowed under "
+                                    "credit returned to agents: what buffer_budget bounds", value=usage["committed"])
+            yield GaugeMetricFamily("anywhere_buffer_budget_bytes", "The configured buffer_budget", value=usage["budget"])
+            pl = ["proxy", "agent"]
+            fams = [CounterMetricFamily("anywhere_proxy_bytes_in", "Bytes from clients to the target", labels=pl),
+                    CounterMetricFamily("anywhere_proxy_bytes_out", "Bytes from the target to clients", labels=pl),
+                    CounterMetricFamily("anywhere_proxy_connections", "Tunneled connections established", labels=pl),
+                    GaugeMetricFamily("anywhere_proxy_connections_active", "Tunneled connections open now", labels=pl)]
+            rej = CounterMetricFamily("anywhere_proxy_rejections", "Clients refused or closed before joining, by "
+                                      "reason", labels=pl + ["reason"])
+            up = GaugeMetricFamily("anywhere_proxy_enabled", "1 if the proxy accepts clients", labels=pl)
+            for name, agent, row, enabled in source.proxy_rows():
+                for fam, value in zip(fams, (row.bytes_in, row.bytes_out, row.connections_total, row.active)):
+                    fam.add_metric([name, agent], value)
+                for reason, count in row.rejected.items():
+                    rej.add_metric([name, agent, reason], count)
+                up.add_metric([name, agent], 1 if enabled else 0)
+            yield from fams + [rej, up]
+            al = ["agent"]
+            fams = [CounterMetricFamily("anywhere_agent_bytes_in", "Bytes sent towards the agent's targets", labels=al),
+                    CounterMetricFamily("anywhere_agent_bytes_out", "Bytes from the agent's targets", labels=al),
+                    CounterMetricFamily("anywhere_agent_connections", "Tunneled connections through the agent", labels=al),
+                    GaugeMetricFamily("anywhere_agent_connections_active", "Open connections through the agent",
+                                      labels=al),
+                    GaugeMetricFamily("anywhere_agent_connected", "1 if the agent has a session", labels=al)]
+            rtt = GaugeMetricFamily("anywhere_agent_heartbeat_rtt_seconds", "Last heartbeat round trip", labels=al)
+            warm = GaugeMetricFamily("anywhere_agent_warm_data_connections", "Idle data connections ready", labels=al)
+            for agent_id, row, connected, last_rtt, idle in source.agent_rows():
+                for fam, value in zip(fams, (row.bytes_in, row.bytes_out, row.connections_total, row.active,
+                                             1 if connected else 0)):
+                    fam.add_metric([agent_id], value)
+                if last_rtt is not None:
+                    rtt.add_metric([agent_id], last_rtt)
+                warm.add_metric([agent_id], idle)
+            yield from fams + [rtt, warm]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Oracle())
+    expected = generate_latest(registry).decode("utf-8")
+    assert metrics.render(source) == expected
+    assert len(metrics_of(expected)) > 300  # it did render samples, escaped names included
