@@ -21,7 +21,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from . import proxyfile
-from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
+from .common import (DEFAULT_ADMIN_SOCKET, MAX_PORT_RANGE, CredentialsError, CtlError, human_bytes, parse_port_range,
+                     port_arg, port_range_arg, version_line)
 
 def __getattr__(name: str) -> Any:
     """Client, BASE, ... live in client.py (imported only when a command talks to the daemon)."""
@@ -81,7 +82,21 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
         body["name"] = args.name
+    remote, local = (parse_port_range(str(v)) for v in (args.remote_port, args.local_port))
+    if isinstance(local, tuple) and (not isinstance(remote, tuple) or local[1] - local[0] != remote[1] - remote[0]):
+        raise CtlError(f"--local-port {args.local_port}: a range of local ports needs --remote-port to be a range of "
+                       "the same length (or give a single local port for all)")
     data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
+    if "proxies" in data:  # a range: one proxy per remote port
+        ps = data["proxies"]
+        first, last = ps[0], ps[-1]
+        agents = ", ".join(first.get("agent_ids") or [first["agent_id"]])
+        local = first["local_port"] if first["local_port"] == last["local_port"] else \
+            f"{first['local_port']}-{last['local_port']}"
+        _emit(args, data, lambda _d: f"{len(ps)} proxies added, {first['name']} … {last['name']}: ports "
+                                     f"{first['remote_port']}-{last['remote_port']} → agent {agents} → "
+                                     f"{first['local_ip']}:{local}")
+        return
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
@@ -267,10 +282,13 @@ def add_admin_commands(sub: Any) -> None:
                      help="with several agents: how a client's agent is chosen (default least-connections; "
                           "failover: the first listed that can serve)")
     add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
-    add.add_argument("--local-port", required=True, type=_port, help="the target's port")
-    add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")
+    add.add_argument("--local-port", required=True, type=port_range_arg, help="the target's port; with a range of "
+                     "remote ports, a range of the same length (or one port for all)")
+    add.add_argument("--remote-port", required=True, type=port_range_arg, help="the public port on the server, or a "
+                     f"range START-END (at most {MAX_PORT_RANGE} ports): one proxy per port, all added or none")
     add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
-    add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT)")
+    add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT); with a range, each is NAME:PORT "
+                     "(default AGENT:PORT)")
     add.set_defaults(func=cmd_proxy_add)
     lst = proxy.add_parser("list", parents=[common], help="list proxies")
     lst.set_defaults(func=cmd_proxy_list)

@@ -7,7 +7,9 @@
 | GET    /v1/agents                         | agents with session, RTT, connections, bytes           |
 | POST   /v1/agents/ID/disconnect           | close that agent's session and everything through it   |
 | GET    /v1/proxies                        | proxies with their state and counters                  |
-| POST   /v1/proxies                        | add one (validated, bound, saved) → 201                |
+| POST   /v1/proxies                        | add one (validated, bound, saved) → 201 {"proxy"}; a  |
+|                                           | remote_port range "A-B" adds one per port, all or none |
+|                                           | → 201 {"proxies": [...]} (409 naming the ports)        |
 | DELETE /v1/proxies/NAME                   | delete one, closing its listener and connections       |
 | POST   /v1/proxies/NAME/disable|enable    | stop / resume accepting without deleting; enable binds |
 |                                           | a failed proxy's port now (409 if it is still busy)    |
@@ -146,7 +148,10 @@ class Api:
 
     # -- changing --------------------------------------------------------------------------------------
     def add_proxy(self, body: Any) -> tuple[int, Any]:
-        return 201, {"proxy": self.server.add_proxy(body).to_dict()}
+        added = self.server.add_proxy(body)
+        if isinstance(added, list):  # a port range
+            return 201, {"proxies": [proxy.to_dict() for proxy in added]}
+        return 201, {"proxy": added.to_dict()}
 
     def delete_proxy(self, key: str) -> tuple[int, Any]:
         proxy, closed = self.server.delete_proxy(key)

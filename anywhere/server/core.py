@@ -32,7 +32,7 @@ from . import api, metrics
 from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
-from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, validate_proxy
+from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, expand, parse_whitelist, validate_proxy
 from .routing import Router
 from .sessions import AgentPort, AgentSession
 from .settings import RELOADABLE, RESTART_ONLY, ServerConfig, check_welcome, read_token
@@ -97,9 +97,10 @@ class Server:
         return self._next_id
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self, declared: list[tuple[dict, str]] | None = None) -> None:
+    def start(self, declared: list[tuple] | None = None) -> None:
         """Bind everything or raise (OSError, errors.CredentialError, errors.StateError, ValueError,
-        errors.ConfigError for the `declared` proxies: (spec, file) pairs read from proxies_dir);
+        errors.ConfigError for the `declared` proxies: (spec, file) pairs read from proxies_dir, see
+        ProxyTable.prepare);
         nothing stays half-open."""
         cfg = self.config
         try:
@@ -159,7 +160,7 @@ class Server:
                 else:
                     log.info("REST API on %s", where)
 
-    def reload(self, new: ServerConfig, declared: list[tuple[dict, str]] | None = None) -> dict:
+    def reload(self, new: ServerConfig, declared: list[tuple] | None = None) -> dict:
         """Apply a new configuration to what can change at run time, and the `declared` proxies
         (spec, file) as a diff against the running ones (None: leave the proxies alone); all or nothing.
 
@@ -304,7 +305,12 @@ class Server:
     def _not_saved(self, exc: Exception) -> NotSaved:
         return NotSaved(f"cannot save the state in {self.config.state_dir}: {getattr(exc, 'strerror', None) or exc}")
 
-    def add_proxy(self, body: Any) -> Proxy:
+    def add_proxy(self, body: Any) -> Proxy | list[Proxy]:
+        """A proxy from an API body; the list of them for a body with a port range (proxies.expand):
+        all bound and saved at once, or none (Conflict, NotSaved, Invalid)."""
+        specs = expand(body)
+        if len(specs) != 1 or specs[0] is not body:
+            return self._add_range([validate_proxy(spec) for spec in specs])
         proxy = validate_proxy(body)
         self.proxies.add(proxy)
         self.tally.known(proxy.name, proxy.agent_id)
@@ -317,6 +323,23 @@ class Server:
         log.info("proxy %s added: port %d → agent %s → %s%s", proxy.name, proxy.remote_port, proxy.agent_id,
                  proxy.target, f" (whitelist {','.join(proxy.whitelist)})" if proxy.whitelist else "")
         return proxy
+
+    def _add_range(self, proxies: list[Proxy]) -> list[Proxy]:
+        self.proxies.add_all(proxies)
+        for proxy in proxies:
+            self.tally.known(proxy.name, proxy.agent_id)
+        try:
+            self._save()
+        except (OSError, state.StateError) as exc:
+            for proxy in proxies:
+                self.proxies.remove(proxy)
+            log.error("proxies %s … %s not added: cannot save the state: %s", proxies[0].name, proxies[-1].name, exc)
+            raise self._not_saved(exc) from None
+        first, last = proxies[0], proxies[-1]
+        log.info("%d proxies added (%s … %s): ports %d-%d → agent %s → %s … %s%s", len(proxies), first.name, last.name,
+                 first.remote_port, last.remote_port, first.agent_id, first.target, last.target,
+                 f" (whitelist {','.join(first.whitelist)})" if first.whitelist else "")
+        return proxies
 
     def find_proxy(self, key: str) -> Proxy:
         return self.proxies.find(key)

@@ -21,6 +21,16 @@ listening sockets over from the proxy that had it to the one that keeps it, and 
 no longer wanted (so a moved proxy's new port is bound before its old one closes).  A proxy whose
 target changed is a new object: the live connections keep the old one, with the target they were
 opened to.
+
+Port ranges (issue 19): a remote_port "30000-30009" (at most config.MAX_PORT_RANGE ports) with a
+local_port range of the same length, or one local port for all, declares one proxy per port
+(`expand`), named NAME:PORT (PORT the remote port; NAME the section, or the body's name; without a
+name each is AGENT:PORT as a single proxy is).  After `expand` they are proxies like any other:
+listed, counted, enabled, deleted and stored one by one (the state file holds each, so an older
+version reads it, and deleting one leaves the others).  A range is all or nothing: a declared one
+through `prepare` like every declared proxy, one made through the API through `add_all` (every
+port checked and bound first, then all listed; any problem: nothing bound, Conflict naming the
+ports).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..common import printable, valid_agent_id
+from ..common import parse_port_range, printable, valid_agent_id
 from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
@@ -87,6 +97,8 @@ class Proxy:
     file: str | None = None  # declared in this proxies.d file; None: made through the API
     agent_ids: list[str] = field(default_factory=list)  # every agent, agent_id first (balance.py)
     balance: str = "least-connections"
+    section: str | None = None  # declared by a range: the proxies.d section (named by `name` otherwise)
+    remote_range: str | None = None  # declared by a range: its remote_port, "30000-30009"
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -97,8 +109,12 @@ class Proxy:
         return "api" if self.file is None else f"file:{self.file}"
 
     def where(self, key: str = "") -> str:
-        """How a problem with a declared proxy names it: FILE [NAME] KEY = VALUE."""
-        return f"{self.file} [{self.name}]" + (f" {key} = {getattr(self, key)}" if key else "")
+        """How a problem with a declared proxy names it: FILE [NAME] KEY = VALUE; for one of a range,
+        FILE [SECTION] remote_port = START-END: port PORT."""
+        head = f"{self.file} [{self.section or self.name}]"
+        if key == "remote_port" and self.remote_range:
+            return f"{head} remote_port = {self.remote_range}: port {self.remote_port}"
+        return head + (f" {key} = {getattr(self, key)}" if key else "")
 
     def to_dict(self) -> dict:
         spec = {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
@@ -152,6 +168,62 @@ def validate_proxy(spec: Any) -> Proxy:
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
                  agent_ids=agent_ids, balance=balance)
+
+
+def port_value(value: Any) -> int | tuple[int, int] | Any:
+    """A port field as given: a range "START-END" as (START, END) (ValueError says what is wrong); an
+    int or other value as it is (validate_proxy checks it)."""
+    if isinstance(value, str) and "-" in value:
+        return parse_port_range(value)
+    return value
+
+
+def pairing_problem(remote: Any, local: Any) -> tuple[str, str] | None:
+    """(key, what is wrong) when local_port does not pair with remote_port, each a port or a
+    (START, END) range: a local range needs a remote range of the same length."""
+    if not isinstance(local, tuple):
+        return None
+    if not isinstance(remote, tuple):
+        return "local_port", "a range of local ports needs remote_port to be a range of the same length"
+    have, want = local[1] - local[0] + 1, remote[1] - remote[0] + 1
+    if have != want:
+        return "local_port", (f"a range of {have} ports, and remote_port = {remote[0]}-{remote[1]} is {want}: give "
+                              "a range of the same length, or a single local port for all")
+    return None
+
+
+def expand(spec: Any) -> list[Any]:
+    """An API body (or a proxies.d section as proxyfile.to_api gives it) as the specs of its proxies:
+    one per remote port of a range "START-END" (named NAME:PORT, or left unnamed: AGENT:PORT), each
+    with its own local port (a local range, in order) or the one local port; a body without a range
+    as itself.  `Invalid` names the bad field; each spec is still to be validated (validate_proxy)."""
+    if not isinstance(spec, dict):
+        return [spec]
+    ports = {}
+    for key in ("remote_port", "local_port"):
+        try:
+            ports[key] = port_value(spec.get(key))
+        except ValueError as exc:
+            raise Invalid(f"{key} {spec.get(key)!r}: {exc}") from None
+    remote, local = ports["remote_port"], ports["local_port"]
+    wrong = pairing_problem(remote, local)
+    if wrong:
+        raise Invalid(f"{wrong[0]} {spec.get(wrong[0])!r}: {wrong[1]}")
+    if not isinstance(remote, tuple):
+        return [spec]
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise Invalid(f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
+    if name and len(f"{name}:{remote[1]}") > 64:
+        raise Invalid(f"name {name!r} is too long for a range: each proxy is named NAME:PORT, at most 64 characters "
+                      f"({name}:{remote[1]} is {len(f'{name}:{remote[1]}')})")
+    specs = []
+    for i, port in enumerate(range(remote[0], remote[1] + 1)):
+        one = dict(spec, remote_port=port, local_port=local[0] + i if isinstance(local, tuple) else local)
+        if name:
+            one["name"] = f"{name}:{port}"
+        specs.append(one)
+    return specs
 
 
 def _agent_ids(spec: dict) -> list[str]:
@@ -251,6 +323,34 @@ class ProxyTable:
             self.listen(proxy)
         self.by_name[proxy.name] = proxy
 
+    def add_all(self, proxies: list[Proxy]) -> None:
+        """`add` for a range: every proxy checked and every enabled one's port bound before any is
+        listed; a `Conflict` naming every port in the way changes nothing."""
+        problems: list[str] = []
+        agent_port = self._config().port
+        for proxy in proxies:
+            try:
+                self._check_new(proxy)
+            except Conflict as exc:
+                problems.append(exc.message)
+            if proxy.remote_port == agent_port:
+                problems.append(f"remote port {proxy.remote_port} is the agent port")
+        if not problems:
+            for proxy in proxies:
+                if not proxy.enabled:
+                    continue
+                try:
+                    self.listen(proxy)
+                except Conflict as exc:
+                    problems.append(exc.message)
+        if problems:
+            for proxy in proxies:
+                self.close_listeners(proxy)
+            shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
+            raise Conflict(f"none of the {len(proxies)} proxies of the range added: " + "; ".join(shown))
+        for proxy in proxies:
+            self.by_name[proxy.name] = proxy
+
     def remove(self, proxy: Proxy) -> None:
         self.close_listeners(proxy)
         self.by_name.pop(proxy.name, None)
@@ -293,16 +393,19 @@ class ProxyTable:
         return lambda conn, addr: self.on_client(proxy, conn, addr)
 
     # -- proxies declared in files: a reload's diff, in two steps -----------------------------------
-    def prepare(self, declared: list[tuple[dict[str, Any], str]]) -> Change:
-        """Check the declared set (spec, file) against the running proxies and bind every port it
-        newly needs.  Raises ConfigError naming every problem; then nothing is bound or changed."""
+    def prepare(self, declared: list[tuple[Any, ...]]) -> Change:
+        """Check the declared set (spec, file), or (spec, file, section, remote_range) for a proxy of a
+        range (declared.py), against the running proxies and bind every port it newly needs.  Raises
+        ConfigError naming every problem; then nothing is bound or changed."""
         wanted: dict[str, Proxy] = {}
         problems: list[str] = []
         port = self._config().port
         api = [p for p in self.by_name.values() if p.file is None]
-        for spec, file in declared:
+        for spec, file, *declared_as in declared:
             proxy = validate_proxy(spec)
             proxy.file = file
+            if declared_as:
+                proxy.section, proxy.remote_range = declared_as
             wanted[proxy.name] = proxy
             if any(p.name == proxy.name for p in api):
                 problems.append(f"{proxy.where()}: a proxy named {proxy.name} was made through the API; delete it "
