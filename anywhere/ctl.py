@@ -150,6 +150,11 @@ def cmd_proxy_del(args: argparse.Namespace) -> None:
     if key is None:
         raise CtlError("name the proxy: NAME or --remote-port PORT")
     data = _client(args.admin_socket).call("DELETE", "/v1/proxies/" + quote(key, safe=""))
+    if isinstance(data["deleted"], list):  # a range of remote ports
+        _emit(args, data, lambda d: f"{len(d['deleted'])} prox{'y' if len(d['deleted']) == 1 else 'ies'} deleted "
+                                    f"({d['deleted'][0]} … {d['deleted'][-1]}); {d['closed_connections']} "
+                                    "connection(s) closed")
+        return
     _emit(args, data, lambda d: f"proxy {d['deleted']} deleted; {d['closed_connections']} connection(s) closed")
 
 
@@ -297,8 +302,10 @@ def add_admin_commands(sub: Any) -> None:
     export.add_argument("names", nargs="*", metavar="NAME", help="a proxy's name (or its remote port)")
     export.set_defaults(func=cmd_proxy_export)
     dele = proxy.add_parser("del", aliases=["delete", "rm"], parents=[common], help="delete a proxy and close its connections")
-    dele.add_argument("name", nargs="?", help="the proxy's name (or its remote port)")
-    dele.add_argument("--remote-port", type=_port, help="the proxy's remote port")
+    dele.add_argument("name", nargs="?", help="the proxy's name (or its remote port; or a range START-END: every "
+                      "proxy on those remote ports)")
+    dele.add_argument("--remote-port", type=port_range_arg, help="the proxy's remote port, or a range START-END: "
+                      "every proxy on those ports, made through the API, all or none")
     dele.add_argument("--agent-id", help=argparse.SUPPRESS)  # accepted for the original's command lines
     dele.set_defaults(func=cmd_proxy_del)
     for verb in ("enable", "disable"):

@@ -225,6 +225,12 @@ def test_a_declared_range_is_all_or_none(up):
     write(world, "web.conf", section("web", span(remote), span(local)))
     assert ctl(world, "reload", check=False).returncode == 0
     assert all(ask(r) == f"{l}:hi".encode() for r, l in zip(remote, local))
+    # the API deletes no declared proxy, of a range either
+    with pytest.raises(CtlError) as err:
+        world.api("DELETE", f"/v1/proxies/{span(remote)}")
+    assert (f"409 remote ports {span(remote)}: nothing removed: declared in a file: web:{remote[0]} ({path}), "
+            f"web:{remote[1]} ({path})") in str(err.value), str(err.value)
+    assert len(listed(world)) == 13
 
 
 @pytest.mark.parametrize("remote,local,expected", [
@@ -306,6 +312,17 @@ def test_proxy_add_with_a_range_named_or_not_delete_one_and_restart(up):
     assert all(p["state"] == "listening" for p in listed(world).values())
     assert ask(named[9]) == f"{local[9]}:hi".encode() and ask(unnamed[0]) == f"{local[9]}:hi".encode()
     assert refused(named[3])
+    # delete a range: every proxy on those remote ports, at once (the gap of the one deleted is fine)
+    res = ctl(world, "proxy", "del", "--remote-port", span(unnamed))
+    assert res.stdout.strip() == (f"10 proxies deleted (agent-1:{unnamed[0]} … agent-1:{unnamed[-1]}); 0 connection(s) "
+                                  "closed"), res.stdout
+    res = ctl(world, "proxy", "del", span(named))
+    assert res.stdout.startswith(f"9 proxies deleted (web:{named[0]} … web:{named[-1]})"), res.stdout
+    assert listed(world) == {} and stored(world) == []
+    assert all(refused(p) for p in named + unnamed)
+    res = ctl(world, "proxy", "del", span(named), check=False)
+    assert res.returncode == 1 and f"404 no proxy named {span(named)} (and no proxy on remote ports {span(named)})" \
+        in res.stderr, res.stderr
 
 
 def test_an_api_range_is_one_atomic_operation(up):

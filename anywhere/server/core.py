@@ -344,7 +344,12 @@ class Server:
     def find_proxy(self, key: str) -> Proxy:
         return self.proxies.find(key)
 
-    def delete_proxy(self, key: str) -> tuple[Proxy, int]:
+    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
+        """Delete a proxy made through the API, by name or remote port; a key that names none and is a
+        range START-END deletes every proxy on its remote ports (the list), all or none."""
+        found = self.proxies.find_range(key)
+        if found is not None:
+            return self._delete_range(key, found)
         proxy = self.proxies.find_made_by_api(key, "remove")
         del self.proxies.by_name[proxy.name]
         try:
@@ -356,6 +361,23 @@ class Server:
         closed = self.router.close_connections(lambda p, _a: p.name == proxy.name, "proxy deleted")
         log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
         return proxy, closed
+
+    def _delete_range(self, key: str, proxies: list[Proxy]) -> tuple[list[Proxy], int]:
+        for proxy in proxies:
+            del self.proxies.by_name[proxy.name]
+        names = {proxy.name for proxy in proxies}
+        try:
+            self._save(deleted=tuple(sorted(names)))
+        except (OSError, state.StateError) as exc:
+            for proxy in proxies:
+                self.proxies.by_name[proxy.name] = proxy
+            raise self._not_saved(exc) from None
+        for proxy in proxies:
+            self.proxies.close_listeners(proxy)
+        closed = self.router.close_connections(lambda p, _a: p.file is None and p.name in names, "proxy deleted")
+        log.info("%d proxies on remote ports %s deleted (%s … %s); %d connection(s) closed", len(proxies), key,
+                 proxies[0].name, proxies[-1].name, closed)
+        return proxies, closed
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
         """Enable or disable a proxy made through the API (ProxyTable.set_enabled), saved."""

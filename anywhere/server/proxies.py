@@ -305,6 +305,30 @@ class ProxyTable:
                            "(anywherectl reload)")
         return proxy
 
+    def find_range(self, key: str) -> list[Proxy] | None:
+        """For a key that names no proxy and is a range START-END: the proxies on its remote ports, all
+        made through the API (a deletion's; `NotFound` if none, `Conflict` naming the ones declared in
+        a file).  None if the key is a name or not a range."""
+        if key in self.by_name or "-" not in key:
+            return None
+        try:
+            ports = parse_port_range(key)
+        except ValueError:
+            return None
+        if not isinstance(ports, tuple):
+            return None
+        low, high = ports
+        found = sorted((p for p in self.by_name.values() if low <= p.remote_port <= high), key=lambda p: p.remote_port)
+        if not found:
+            raise NotFound(f"no proxy named {key} (and no proxy on remote ports {key})")
+        declared = [p for p in found if p.file is not None]
+        if declared:
+            shown = ", ".join(f"{p.name} ({p.file})" for p in declared[:5]) + (
+                f" and {len(declared) - 5} more" if len(declared) > 5 else "")
+            raise Conflict(f"remote ports {key}: nothing removed: declared in a file: {shown}; remove them there and "
+                           "reload (anywherectl reload)")
+        return found
+
     def _check_new(self, proxy: Proxy, what: str = "a proxy named {} already exists") -> None:
         same = self.by_name.get(proxy.name)
         if same is not None:

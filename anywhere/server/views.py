@@ -35,7 +35,7 @@ class Operations(Protocol):
     recent_errors: Any
 
     def add_proxy(self, body: Any) -> Proxy | list[Proxy]: ...
-    def delete_proxy(self, key: str) -> tuple[Proxy, int]: ...
+    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]: ...
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy: ...
     def disconnect_agent(self, agent_id: str) -> int: ...
 
@@ -156,7 +156,7 @@ class View:
     def add_proxy(self, body: Any) -> Proxy | list[Proxy]:
         return self.ops.add_proxy(body)
 
-    def delete_proxy(self, key: str) -> tuple[Proxy, int]:
+    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
         return self.ops.delete_proxy(key)
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
