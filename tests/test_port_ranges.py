@@ -402,3 +402,26 @@ def test_a_bad_range_on_the_command_line_is_a_clear_error(world, flags, code, ex
     res = world.ctl("proxy", "add", "--agent-id", "agent-1", "--local-ip", "127.0.0.1", *flags, "--admin-socket",
                     str(world.tmp / "none.sock"), check=False, prog=CTL)
     assert res.returncode == code and expected in res.stderr, res.stderr
+
+
+def test_a_range_of_the_largest_size_is_served_and_its_problems_are_named_in_a_few_lines(up):
+    world, local = up, up.targets
+    remote = free_block(1000)
+    data = world.api("POST", "/v1/proxies", {"agent_id": "agent-1", "local_ip": "127.0.0.1",
+                                             "remote_port": span(remote), "local_port": local[0]})
+    assert len(data["proxies"]) == 1000 and len(stored(world)) == 1000
+    for r in (remote[0], remote[500], remote[-1]):
+        assert ask(r) == f"{local[0]}:hi".encode(), r
+    # the same range declared in a file: refused, the first five ports named, then a count
+    path = write(world, "web.conf", section("web", span(remote), str(local[1])))
+    res = ctl(world, "reload", check=False)
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if path in line]
+    assert lines[0].endswith(f"{path} [web] remote_port = {span(remote)}: port {remote[0]}: already used by proxy "
+                             f"agent-1:{remote[0]}, made through the API"), lines
+    assert len(lines) == 6 and lines[-1].endswith(f"{path} [web] remote_port = {span(remote)}: and 995 more ports"), \
+        lines
+    os.unlink(path)
+    res = ctl(world, "proxy", "del", span(remote))
+    assert res.stdout.startswith(f"1000 proxies deleted (agent-1:{remote[0]} … agent-1:{remote[-1]})"), res.stdout
+    assert listed(world) == {} and refused(remote[0]) and refused(remote[-1])

@@ -32,7 +32,8 @@ from . import api, metrics
 from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
-from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, expand, parse_whitelist, validate_proxy
+from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, proxies_from
+from .ranges import find_range, label, route
 from .routing import Router
 from .sessions import AgentPort, AgentSession
 from .settings import RELOADABLE, RESTART_ONLY, ServerConfig, check_welcome, read_token
@@ -99,9 +100,8 @@ class Server:
     # -- life cycle ------------------------------------------------------------------------------
     def start(self, declared: list[tuple] | None = None) -> None:
         """Bind everything or raise (OSError, errors.CredentialError, errors.StateError, ValueError,
-        errors.ConfigError for the `declared` proxies: (spec, file) pairs read from proxies_dir, see
-        ProxyTable.prepare);
-        nothing stays half-open."""
+        errors.ConfigError for the `declared` proxies: (spec, file) read from proxies_dir, as prepare
+        takes them); nothing stays half-open."""
         cfg = self.config
         try:
             check_welcome(cfg)
@@ -210,8 +210,7 @@ class Server:
         """Swap in a prepared declared set (logged by the table); the removed proxies' connections closed."""
         removed = {p.name for p in change.removed}
         summary: dict[str, Any] = self.proxies.commit(change)
-        for proxy in change.added + [new for _, new in change.changed]:
-            self.tally.known(proxy.name, proxy.agent_id)
+        self.tally.know(change.added + [new for _, new in change.changed])
         summary["closed_connections"] = self.router.close_connections(
             lambda p, _a: p.file is not None and p.name in removed, "proxy removed from its file") if removed else 0
         return summary
@@ -306,78 +305,35 @@ class Server:
         return NotSaved(f"cannot save the state in {self.config.state_dir}: {getattr(exc, 'strerror', None) or exc}")
 
     def add_proxy(self, body: Any) -> Proxy | list[Proxy]:
-        """A proxy from an API body; the list of them for a body with a port range (proxies.expand):
-        all bound and saved at once, or none (Conflict, NotSaved, Invalid)."""
-        specs = expand(body)
-        if len(specs) != 1 or specs[0] is not body:
-            return self._add_range([validate_proxy(spec) for spec in specs])
-        proxy = validate_proxy(body)
-        self.proxies.add(proxy)
-        self.tally.known(proxy.name, proxy.agent_id)
-        try:
-            self._save()
-        except (OSError, state.StateError) as exc:
-            self.proxies.remove(proxy)
-            log.error("proxy %s not added: cannot save the state: %s", proxy.name, exc)
-            raise self._not_saved(exc) from None
-        log.info("proxy %s added: port %d → agent %s → %s%s", proxy.name, proxy.remote_port, proxy.agent_id,
-                 proxy.target, f" (whitelist {','.join(proxy.whitelist)})" if proxy.whitelist else "")
-        return proxy
-
-    def _add_range(self, proxies: list[Proxy]) -> list[Proxy]:
+        proxies, ranged = proxies_from(body)  # a port range: its proxies, bound and saved all or none
         self.proxies.add_all(proxies)
-        for proxy in proxies:
-            self.tally.known(proxy.name, proxy.agent_id)
+        self.tally.know(proxies)
         try:
             self._save()
         except (OSError, state.StateError) as exc:
-            for proxy in proxies:
-                self.proxies.remove(proxy)
-            log.error("proxies %s … %s not added: cannot save the state: %s", proxies[0].name, proxies[-1].name, exc)
+            self.proxies.remove(*proxies)
+            log.error("proxy %s not added: cannot save the state: %s", label(proxies), exc)
             raise self._not_saved(exc) from None
-        first, last = proxies[0], proxies[-1]
-        log.info("%d proxies added (%s … %s): ports %d-%d → agent %s → %s … %s%s", len(proxies), first.name, last.name,
-                 first.remote_port, last.remote_port, first.agent_id, first.target, last.target,
-                 f" (whitelist {','.join(first.whitelist)})" if first.whitelist else "")
-        return proxies
+        log.info("proxy %s added: %s", label(proxies), route(proxies))
+        return proxies if ranged else proxies[0]
 
     def find_proxy(self, key: str) -> Proxy:
         return self.proxies.find(key)
 
     def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
-        """Delete a proxy made through the API, by name or remote port; a key that names none and is a
-        range START-END deletes every proxy on its remote ports (the list), all or none."""
-        found = self.proxies.find_range(key)
-        if found is not None:
-            return self._delete_range(key, found)
-        proxy = self.proxies.find_made_by_api(key, "remove")
-        del self.proxies.by_name[proxy.name]
+        ranged = find_range(self.proxies.by_name, key)  # a range START-END naming no proxy: all on its ports
+        proxies = ranged or [self.proxies.find_made_by_api(key, "remove")]
+        names = {proxy.name: self.proxies.by_name.pop(proxy.name) for proxy in proxies}
         try:
-            self._save(deleted=(proxy.name,))
+            self._save(deleted=tuple(names))
         except (OSError, state.StateError) as exc:
-            self.proxies.by_name[proxy.name] = proxy
+            self.proxies.by_name.update(names)
             raise self._not_saved(exc) from None
-        self.proxies.close_listeners(proxy)
-        closed = self.router.close_connections(lambda p, _a: p.name == proxy.name, "proxy deleted")
-        log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
-        return proxy, closed
-
-    def _delete_range(self, key: str, proxies: list[Proxy]) -> tuple[list[Proxy], int]:
-        for proxy in proxies:
-            del self.proxies.by_name[proxy.name]
-        names = {proxy.name for proxy in proxies}
-        try:
-            self._save(deleted=tuple(sorted(names)))
-        except (OSError, state.StateError) as exc:
-            for proxy in proxies:
-                self.proxies.by_name[proxy.name] = proxy
-            raise self._not_saved(exc) from None
-        for proxy in proxies:
-            self.proxies.close_listeners(proxy)
+        self.proxies.close_listeners(*proxies)
         closed = self.router.close_connections(lambda p, _a: p.file is None and p.name in names, "proxy deleted")
-        log.info("%d proxies on remote ports %s deleted (%s … %s); %d connection(s) closed", len(proxies), key,
-                 proxies[0].name, proxies[-1].name, closed)
-        return proxies, closed
+        log.info("proxy %s deleted (port %s); %d connection(s) closed", label(proxies), label(proxies, "remote_port"),
+                 closed)
+        return (ranged or proxies[0]), closed
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
         """Enable or disable a proxy made through the API (ProxyTable.set_enabled), saved."""

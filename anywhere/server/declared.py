@@ -7,7 +7,7 @@ named by the section), read with configobj and checked with validate like anywhe
 takes), each with the file it came from, or raises ConfigError listing every problem of every
 file at once, each naming file, section, key and value (a malformed file, an unknown key, a bad
 value, a name or remote port declared twice across files).  A section whose remote_port is a range
-START-END declares one proxy per port (proxies.py `expand`: SECTION:PORT), each a Declared with its
+START-END declares one proxy per port (ranges.py `expand`: SECTION:PORT), each a Declared with its
 section and range, so that every problem with one of them names the section and the range as
 written, and the port.  It reads files only: checking the set
 against the running proxies, binding, and applying it as a diff are the ProxyTable's and the
@@ -23,9 +23,8 @@ from typing import Any
 from .. import config as configuration
 from ..errors import ConfigError, Invalid
 from ..proxyfile import PROXY_SPEC, agents_problem, to_api
-from .proxies import NAME_RE, expand, pairing_problem, port_value, validate_proxy
-
-MAX_CLASHES_SHOWN = 5  # per section: a range over another names its first few ports, then a count
+from .proxies import NAME_RE, validate_proxy
+from .ranges import capped, expand, pairing_problem, port_value
 
 @dataclass
 class Declared:
@@ -93,34 +92,24 @@ def read_dir(directory: str) -> list[Declared]:
                 continue
             ranged = values["remote_port"] if isinstance(values["remote_port"], str) else None
             declared.extend(Declared(spec, path, name, ranged) for spec in specs)
-    problems.extend(_clashes(declared))
+    problems.extend(capped(_clashes(declared)))
     if problems:
         raise ConfigError(problems)
     return declared
 
 
 def _clashes(declared: list[Declared]) -> list[str]:
-    """A name or a remote port declared twice, across files or within one (for a range, the first
-    MAX_CLASHES_SHOWN ports of each section, then how many more)."""
+    """A name or a remote port declared twice, across files or within one."""
     problems = []
     names: dict[str, Declared] = {}
     ports: dict[int, Declared] = {}
-    per_section: dict[tuple[str, str], int] = {}
     for item in declared:
         name, port = item.spec["name"], item.spec["remote_port"]
-        found = []
         first = names.setdefault(name, item)
         if first is not item:
-            found.append(f"{item.where()}: proxy {name} is declared in {first.file} too")
+            where = item.where("remote_port") if item.remote_range else item.where()
+            problems.append(f"{where}: proxy {name} is declared in {first.file} too")
         first = ports.setdefault(port, item)
         if first is not item:
-            found.append(f"{item.where('remote_port')}: already used by proxy {first.spec['name']} in {first.file}")
-        for problem in found:
-            key = (item.file, item.section)
-            per_section[key] = per_section.get(key, 0) + 1
-            if per_section[key] <= MAX_CLASHES_SHOWN:
-                problems.append(problem)
-    for (file, section), count in per_section.items():
-        if count > MAX_CLASHES_SHOWN:
-            problems.append(f"{file} [{section}]: and {count - MAX_CLASHES_SHOWN} more ports or names declared twice")
+            problems.append(f"{item.where('remote_port')}: already used by proxy {first.spec['name']} in {first.file}")
     return problems

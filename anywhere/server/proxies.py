@@ -22,15 +22,8 @@ no longer wanted (so a moved proxy's new port is bound before its old one closes
 target changed is a new object: the live connections keep the old one, with the target they were
 opened to.
 
-Port ranges (issue 19): a remote_port "30000-30009" (at most config.MAX_PORT_RANGE ports) with a
-local_port range of the same length, or one local port for all, declares one proxy per port
-(`expand`), named NAME:PORT (PORT the remote port; NAME the section, or the body's name; without a
-name each is AGENT:PORT as a single proxy is).  After `expand` they are proxies like any other:
-listed, counted, enabled, deleted and stored one by one (the state file holds each, so an older
-version reads it, and deleting one leaves the others).  A range is all or nothing: a declared one
-through `prepare` like every declared proxy, one made through the API through `add_all` (every
-port checked and bound first, then all listed; any problem: nothing bound, Conflict naming the
-ports).
+A port range (ranges.py) is expanded into single proxies before any of them reaches the table;
+`add_all` adds them all or none.
 """
 
 from __future__ import annotations
@@ -42,12 +35,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..common import parse_port_range, printable, valid_agent_id
+from ..common import printable, valid_agent_id
 from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
 from ..state import entry_name
+from .ranges import capped, expand
 from .settings import ServerConfig
 
 log = logging.getLogger("anywhere.server")
@@ -170,60 +164,10 @@ def validate_proxy(spec: Any) -> Proxy:
                  agent_ids=agent_ids, balance=balance)
 
 
-def port_value(value: Any) -> int | tuple[int, int] | Any:
-    """A port field as given: a range "START-END" as (START, END) (ValueError says what is wrong); an
-    int or other value as it is (validate_proxy checks it)."""
-    if isinstance(value, str) and "-" in value:
-        return parse_port_range(value)
-    return value
-
-
-def pairing_problem(remote: Any, local: Any) -> tuple[str, str] | None:
-    """(key, what is wrong) when local_port does not pair with remote_port, each a port or a
-    (START, END) range: a local range needs a remote range of the same length."""
-    if not isinstance(local, tuple):
-        return None
-    if not isinstance(remote, tuple):
-        return "local_port", "a range of local ports needs remote_port to be a range of the same length"
-    have, want = local[1] - local[0] + 1, remote[1] - remote[0] + 1
-    if have != want:
-        return "local_port", (f"a range of {have} ports, and remote_port = {remote[0]}-{remote[1]} is {want}: give "
-                              "a range of the same length, or a single local port for all")
-    return None
-
-
-def expand(spec: Any) -> list[Any]:
-    """An API body (or a proxies.d section as proxyfile.to_api gives it) as the specs of its proxies:
-    one per remote port of a range "START-END" (named NAME:PORT, or left unnamed: AGENT:PORT), each
-    with its own local port (a local range, in order) or the one local port; a body without a range
-    as itself.  `Invalid` names the bad field; each spec is still to be validated (validate_proxy)."""
-    if not isinstance(spec, dict):
-        return [spec]
-    ports = {}
-    for key in ("remote_port", "local_port"):
-        try:
-            ports[key] = port_value(spec.get(key))
-        except ValueError as exc:
-            raise Invalid(f"{key} {spec.get(key)!r}: {exc}") from None
-    remote, local = ports["remote_port"], ports["local_port"]
-    wrong = pairing_problem(remote, local)
-    if wrong:
-        raise Invalid(f"{wrong[0]} {spec.get(wrong[0])!r}: {wrong[1]}")
-    if not isinstance(remote, tuple):
-        return [spec]
-    name = spec.get("name")
-    if name is not None and not isinstance(name, str):
-        raise Invalid(f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
-    if name and len(f"{name}:{remote[1]}") > 64:
-        raise Invalid(f"name {name!r} is too long for a range: each proxy is named NAME:PORT, at most 64 characters "
-                      f"({name}:{remote[1]} is {len(f'{name}:{remote[1]}')})")
-    specs = []
-    for i, port in enumerate(range(remote[0], remote[1] + 1)):
-        one = dict(spec, remote_port=port, local_port=local[0] + i if isinstance(local, tuple) else local)
-        if name:
-            one["name"] = f"{name}:{port}"
-        specs.append(one)
-    return specs
+def proxies_from(body: Any) -> tuple[list[Proxy], bool]:
+    """The proxies of an API body: one, or a port range's (ranges.expand), and whether it was a range."""
+    specs = expand(body)
+    return [validate_proxy(spec) for spec in specs], specs[0] is not body
 
 
 def _agent_ids(spec: dict) -> list[str]:
@@ -305,30 +249,6 @@ class ProxyTable:
                            "(anywherectl reload)")
         return proxy
 
-    def find_range(self, key: str) -> list[Proxy] | None:
-        """For a key that names no proxy and is a range START-END: the proxies on its remote ports, all
-        made through the API (a deletion's; `NotFound` if none, `Conflict` naming the ones declared in
-        a file).  None if the key is a name or not a range."""
-        if key in self.by_name or "-" not in key:
-            return None
-        try:
-            ports = parse_port_range(key)
-        except ValueError:
-            return None
-        if not isinstance(ports, tuple):
-            return None
-        low, high = ports
-        found = sorted((p for p in self.by_name.values() if low <= p.remote_port <= high), key=lambda p: p.remote_port)
-        if not found:
-            raise NotFound(f"no proxy named {key} (and no proxy on remote ports {key})")
-        declared = [p for p in found if p.file is not None]
-        if declared:
-            shown = ", ".join(f"{p.name} ({p.file})" for p in declared[:5]) + (
-                f" and {len(declared) - 5} more" if len(declared) > 5 else "")
-            raise Conflict(f"remote ports {key}: nothing removed: declared in a file: {shown}; remove them there and "
-                           "reload (anywherectl reload)")
-        return found
-
     def _check_new(self, proxy: Proxy, what: str = "a proxy named {} already exists") -> None:
         same = self.by_name.get(proxy.name)
         if same is not None:
@@ -338,18 +258,9 @@ class ProxyTable:
             raise Conflict(f"remote port {proxy.remote_port} is already used by proxy {other.name}"
                            + (f" (declared in {other.file})" if other.file else ""))
 
-    def add(self, proxy: Proxy) -> None:
-        """Check, bind (if enabled) and list a new proxy; `Conflict` changes nothing."""
-        self._check_new(proxy)
-        if proxy.remote_port == self._config().port:
-            raise Conflict(f"remote port {proxy.remote_port} is the agent port")
-        if proxy.enabled:
-            self.listen(proxy)
-        self.by_name[proxy.name] = proxy
-
     def add_all(self, proxies: list[Proxy]) -> None:
-        """`add` for a range: every proxy checked and every enabled one's port bound before any is
-        listed; a `Conflict` naming every port in the way changes nothing."""
+        """Add one proxy or a range's: every one checked (name, port, not the agent port) and bound (if
+        enabled) before all are listed; a `Conflict` naming every port in the way changes nothing."""
         problems: list[str] = []
         agent_port = self._config().port
         for proxy in proxies:
@@ -359,25 +270,25 @@ class ProxyTable:
                 problems.append(exc.message)
             if proxy.remote_port == agent_port:
                 problems.append(f"remote port {proxy.remote_port} is the agent port")
-        if not problems:
-            for proxy in proxies:
-                if not proxy.enabled:
-                    continue
-                try:
+        for proxy in proxies if not problems else []:
+            try:
+                if proxy.enabled:
                     self.listen(proxy)
-                except Conflict as exc:
-                    problems.append(exc.message)
+            except Conflict as exc:
+                problems.append(exc.message)
         if problems:
-            for proxy in proxies:
-                self.close_listeners(proxy)
+            self.close_listeners(*proxies)
+            if len(proxies) == 1:
+                raise Conflict(problems[0])
             shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
             raise Conflict(f"none of the {len(proxies)} proxies of the range added: " + "; ".join(shown))
-        for proxy in proxies:
-            self.by_name[proxy.name] = proxy
+        self.by_name.update((proxy.name, proxy) for proxy in proxies)
 
-    def remove(self, proxy: Proxy) -> None:
-        self.close_listeners(proxy)
-        self.by_name.pop(proxy.name, None)
+    def remove(self, *proxies: Proxy) -> None:
+        """Unlist and close (a proxy, or a range's): an `add_all` undone."""
+        for proxy in proxies:
+            self.close_listeners(proxy)
+            self.by_name.pop(proxy.name, None)
 
     def restore(self, spec: Any, store_file: str) -> Proxy | None:
         """A stored entry: served if it can be; else kept failed (retried), or kept as it is if not valid."""
@@ -440,7 +351,7 @@ class ProxyTable:
             if proxy.remote_port == port:
                 problems.append(f"{proxy.where('remote_port')}: is the agent port")
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(capped(problems))
         change = Change()
         running = {p.name: p for p in self.by_name.values() if p.file is not None}
         for name, proxy in wanted.items():
@@ -462,7 +373,7 @@ class ProxyTable:
                 problems.append(f"{proxy.where('remote_port')}: {exc.strerror or exc}")  # "cannot listen on ..."
         if problems:
             change.release()
-            raise ConfigError(problems)
+            raise ConfigError(capped(problems))
         return change
 
     def _serving(self, change: Change) -> list[Proxy]:
@@ -559,10 +470,11 @@ class ProxyTable:
                          proxy.remote_port, proxy.agent_id, proxy.target)
 
     @staticmethod
-    def close_listeners(proxy: Proxy) -> None:
-        for acceptor in proxy.listeners:
-            acceptor.close()
-        proxy.listeners = []
+    def close_listeners(*proxies: Proxy) -> None:
+        for proxy in proxies:
+            for acceptor in proxy.listeners:
+                acceptor.close()
+            proxy.listeners = []
 
     def stop_accepting(self) -> None:
         """Drain or close: every listener closed, none bound again (the proxies stay listed)."""
