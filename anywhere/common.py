@@ -160,6 +160,45 @@ def valid_agent_id(agent_id: str) -> bool:
 CredentialsError = CredentialError
 
 
+MAX_PORT_RANGE = 1000  # ports in one range (proxies.d remote_port = A-B, proxy add --remote-port A-B, the API)
+PORT_RANGE_EXPECTED = (f"must be {MIN_PORT}..{MAX_PORT}, or a range START-END of at most "
+                       f"{MAX_PORT_RANGE} ports (e.g. 30000-30009)")
+
+
+def parse_port_range(text: str) -> int | tuple[int, int]:
+    """A port ("8080": 8080) or a range ("30000-30009": (30000, 30009), START <= END, at most
+    MAX_PORT_RANGE ports).  ValueError says what is wrong, for an operator."""
+    start, sep, end = text.strip().partition("-")
+    start, end = start.strip(), end.strip()
+    if not all(t.isascii() and t.isdigit() for t in ((start, end) if sep else (start,))):
+        raise ValueError(PORT_RANGE_EXPECTED)
+    low, high = int(start), int(end or start)
+    for port in (low, high):
+        if not MIN_PORT <= port <= MAX_PORT:
+            raise ValueError(f"{port} is not a port {MIN_PORT}..{MAX_PORT}" if sep else
+                             PORT_RANGE_EXPECTED)
+    if not sep:
+        return low
+    if high < low:
+        raise ValueError(f"the range ends before it starts ({high} < {low})")
+    if high - low + 1 > MAX_PORT_RANGE:
+        raise ValueError(f"a range of {high - low + 1} ports; at most {MAX_PORT_RANGE}")
+    return low, high
+
+
+def range_text(value: int | tuple[int, int]) -> int | str:
+    """How a port or a range is written: 8080, or "30000-30009"."""
+    return value if isinstance(value, int) else f"{value[0]}-{value[1]}"
+
+
+def port_range_arg(text: str) -> int | str:
+    """argparse type for a port or a range START-END (--remote-port, --local-port of proxy add)."""
+    try:
+        return range_text(parse_port_range(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def port_arg(text: str) -> int:
     """argparse type for a TCP port."""
     try:

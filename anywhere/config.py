@@ -33,7 +33,7 @@ from validate import ValidateError, Validator
 
 from . import wire
 from .errors import ConfigError
-from .common import valid_agent_id
+from .common import MAX_PORT_RANGE, parse_port_range, range_text, valid_agent_id
 from .net import HOSTNAME_RE, is_ip, parse_networks, split_hostport
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -61,6 +61,14 @@ def check_port(value: Any, default: Any = None) -> int:
     if not (text.isascii() and text.isdigit()) or not wire.MIN_PORT <= int(text) <= wire.MAX_PORT:
         raise _Bad(f"must be {wire.MIN_PORT}..{wire.MAX_PORT}")
     return int(text)
+
+
+def check_port_range(value: Any, default: Any = None) -> int | str:
+    """`port()`, or a range START-END: the port as an int, a range as its text "30000-30009"."""
+    try:
+        return range_text(parse_port_range(_text(value)))
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
 
 
 def check_count(value: Any, low: Any = 0, high: Any = 2**31) -> int:
@@ -257,7 +265,7 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 
 
 CHECKS: dict[str, Callable[..., Any]] = {
-    "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
+    "port": check_port, "port_range": check_port_range, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host,
     "servers": check_servers, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
@@ -269,6 +277,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
 # what each check accepts, in words, from the same arguments as the check (for --help)
 RANGES: dict[str, Callable[..., str]] = {
     "port": lambda: f"{wire.MIN_PORT}..{wire.MAX_PORT}",
+    "port_range": lambda: f"{wire.MIN_PORT}..{wire.MAX_PORT}, or START-END (at most {MAX_PORT_RANGE} ports)",
     "count": lambda low=0, high=2**31: f"{low}..{high}",
     "seconds": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}",
     "seconds_or_off": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}, or 0: off",

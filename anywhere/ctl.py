@@ -21,7 +21,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from . import proxyfile
-from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
+from .common import (DEFAULT_ADMIN_SOCKET, MAX_PORT_RANGE, CredentialsError, CtlError, human_bytes, parse_port_range,
+                     port_arg, port_range_arg, version_line)
 
 def __getattr__(name: str) -> Any:
     """Client, BASE, ... live in client.py (imported only when a command talks to the daemon)."""
@@ -81,7 +82,21 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
         body["name"] = args.name
+    remote, local = (parse_port_range(str(v)) for v in (args.remote_port, args.local_port))
+    if isinstance(local, tuple) and (not isinstance(remote, tuple) or local[1] - local[0] != remote[1] - remote[0]):
+        raise CtlError(f"--local-port {args.local_port}: a range of local ports needs --remote-port to be a range of "
+                       "the same length (or give a single local port for all)")
     data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
+    if "proxies" in data:  # a range: one proxy per remote port
+        ps = data["proxies"]
+        first, last = ps[0], ps[-1]
+        agents = ", ".join(first.get("agent_ids") or [first["agent_id"]])
+        local = first["local_port"] if first["local_port"] == last["local_port"] else \
+            f"{first['local_port']}-{last['local_port']}"
+        _emit(args, data, lambda _d: f"{len(ps)} proxies added, {first['name']} … {last['name']}: ports "
+                                     f"{first['remote_port']}-{last['remote_port']} → agent {agents} → "
+                                     f"{first['local_ip']}:{local}")
+        return
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
@@ -135,6 +150,11 @@ def cmd_proxy_del(args: argparse.Namespace) -> None:
     if key is None:
         raise CtlError("name the proxy: NAME or --remote-port PORT")
     data = _client(args.admin_socket).call("DELETE", "/v1/proxies/" + quote(key, safe=""))
+    if isinstance(data["deleted"], list):  # a range of remote ports
+        _emit(args, data, lambda d: f"{len(d['deleted'])} prox{'y' if len(d['deleted']) == 1 else 'ies'} deleted "
+                                    f"({d['deleted'][0]} … {d['deleted'][-1]}); {d['closed_connections']} "
+                                    "connection(s) closed")
+        return
     _emit(args, data, lambda d: f"proxy {d['deleted']} deleted; {d['closed_connections']} connection(s) closed")
 
 
@@ -267,10 +287,13 @@ def add_admin_commands(sub: Any) -> None:
                      help="with several agents: how a client's agent is chosen (default least-connections; "
                           "failover: the first listed that can serve)")
     add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
-    add.add_argument("--local-port", required=True, type=_port, help="the target's port")
-    add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")
+    add.add_argument("--local-port", required=True, type=port_range_arg, help="the target's port; with a range of "
+                     "remote ports, a range of the same length (or one port for all)")
+    add.add_argument("--remote-port", required=True, type=port_range_arg, help="the public port on the server, or a "
+                     f"range START-END (at most {MAX_PORT_RANGE} ports): one proxy per port, all added or none")
     add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
-    add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT)")
+    add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT); with a range, each is NAME:PORT "
+                     "(default AGENT:PORT)")
     add.set_defaults(func=cmd_proxy_add)
     lst = proxy.add_parser("list", parents=[common], help="list proxies")
     lst.set_defaults(func=cmd_proxy_list)
@@ -279,8 +302,10 @@ def add_admin_commands(sub: Any) -> None:
     export.add_argument("names", nargs="*", metavar="NAME", help="a proxy's name (or its remote port)")
     export.set_defaults(func=cmd_proxy_export)
     dele = proxy.add_parser("del", aliases=["delete", "rm"], parents=[common], help="delete a proxy and close its connections")
-    dele.add_argument("name", nargs="?", help="the proxy's name (or its remote port)")
-    dele.add_argument("--remote-port", type=_port, help="the proxy's remote port")
+    dele.add_argument("name", nargs="?", help="the proxy's name (or its remote port; or a range START-END: every "
+                      "proxy on those remote ports)")
+    dele.add_argument("--remote-port", type=port_range_arg, help="the proxy's remote port, or a range START-END: "
+                      "every proxy on those ports, made through the API, all or none")
     dele.add_argument("--agent-id", help=argparse.SUPPRESS)  # accepted for the original's command lines
     dele.set_defaults(func=cmd_proxy_del)
     for verb in ("enable", "disable"):

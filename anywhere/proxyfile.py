@@ -9,6 +9,16 @@
     #idle_timeout = 0
     #enabled = true
 
+A port range declares one proxy per port, each named SECTION:PORT (PORT the remote port), with
+local ports in the same order, or the one local port for all (at most config.MAX_PORT_RANGE
+ports; all bound or none, like every reload):
+
+    [web]
+    agent = agent-1
+    local_ip = 10.0.0.2
+    remote_port = 30000-30009
+    local_port = 40000-40009
+
 Owns the keys of a section (`PROXY_SPEC`, a configobj spec checked with config.py's checks),
 how a section maps to the API's proxy fields (`to_api`) and back (`render`, which writes API
 proxies as such a file: `anywherectl proxy export`, and check-config's listing).  Shared by the
@@ -28,8 +38,8 @@ agent = agentid(default=None)
 agents = agentids(default=None)
 balance = balance(default=least-connections)
 local_ip = host()
-local_port = port()
-remote_port = port()
+local_port = port_range()
+remote_port = port_range()
 whitelist = networks(default=list())
 idle_timeout = seconds_or_off(at_most=604800, default=0)
 enabled = boolean(default=True)
@@ -45,7 +55,8 @@ def agents_problem(values: dict[str, Any]) -> str | None:
 
 
 def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A checked section (defaults filled, `agents_problem` None) as the fields the API takes."""
+    """A checked section (defaults filled, `agents_problem` None) as the fields the API takes; a port
+    range stays its text "START-END", as the API takes it too (server/proxies.py `expand`)."""
     agents = values["agents"] or [values["agent"]]
     return {"name": name, "agent_id": agents[0], "agent_ids": list(agents), "balance": values["balance"],
             "local_ip": values["local_ip"],
@@ -56,7 +67,8 @@ def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def render(proxies: list[dict[str, Any]], header: str = "") -> str:
     """API-shaped proxies as a proxies.d file: one section each, the optional keys only when they
-    differ from their default (so the file says what the operator chose)."""
+    differ from their default (so the file says what the operator chose).  Proxies made through the
+    API by a range are one proxy each by then, and are written one section each."""
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
     for proxy in proxies:
         if lines:

@@ -115,9 +115,10 @@ def load(args: argparse.Namespace) -> ServerConfig:
     return config
 
 
-def declared(config: ServerConfig) -> list[tuple[dict, str]]:
-    """The proxies declared in proxies_dir, as (spec, file).  Raises ConfigError naming every problem."""
-    return [(item.spec, item.file) for item in read_dir(config.proxies_dir)]
+def declared(config: ServerConfig) -> list[tuple]:
+    """The proxies declared in proxies_dir, as (spec, file), with section and range for one of a range
+    (ProxyTable.prepare).  Raises ConfigError naming every problem."""
+    return [item.as_declared() for item in read_dir(config.proxies_dir)]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ The package, by what each module owns (each module's docstring states its rules)
   settings.py  ServerConfig: every key's check, default and help, once; the configspec, the flags'
                help, check-config and the reload list are derived from it
   proxies.py   what a proxy is, its validation, its listeners (ProxyTable)
+  ranges.py    port ranges: a range START-END as one proxy per port; deleting a range
   sessions.py  the agent port: TLS connections, their explicit Role, first frames, agent sessions,
                heartbeats, the deny list (AgentPort)
   paths.py     the data paths that place a waiting client: trunk streams (the default), warm data

@@ -7,8 +7,12 @@
 | GET    /v1/agents                         | agents with session, RTT, connections, bytes           |
 | POST   /v1/agents/ID/disconnect           | close that agent's session and everything through it   |
 | GET    /v1/proxies                        | proxies with their state and counters                  |
-| POST   /v1/proxies                        | add one (validated, bound, saved) → 201                |
-| DELETE /v1/proxies/NAME                   | delete one, closing its listener and connections       |
+| POST   /v1/proxies                        | add one (validated, bound, saved) → 201 {"proxy"}; a  |
+|                                           | remote_port range "A-B" adds one per port, all or none |
+|                                           | → 201 {"proxies": [...]} (409 naming the ports)        |
+| DELETE /v1/proxies/NAME                   | delete one, closing its listener and connections; a    |
+|                                           | range START-END (naming no proxy) deletes every proxy  |
+|                                           | on those remote ports, all or none                     |
 | POST   /v1/proxies/NAME/disable|enable    | stop / resume accepting without deleting; enable binds |
 |                                           | a failed proxy's port now (409 if it is still busy)    |
 | GET    /v1/proxies/NAME/health            | 200 if the proxy can serve a client now, else 503; a   |
@@ -146,10 +150,15 @@ class Api:
 
     # -- changing --------------------------------------------------------------------------------------
     def add_proxy(self, body: Any) -> tuple[int, Any]:
-        return 201, {"proxy": self.server.add_proxy(body).to_dict()}
+        added = self.server.add_proxy(body)
+        if isinstance(added, list):  # a port range
+            return 201, {"proxies": [proxy.to_dict() for proxy in added]}
+        return 201, {"proxy": added.to_dict()}
 
     def delete_proxy(self, key: str) -> tuple[int, Any]:
         proxy, closed = self.server.delete_proxy(key)
+        if isinstance(proxy, list):  # a range of remote ports
+            return 200, {"deleted": [p.name for p in proxy], "closed_connections": closed}
         return 200, {"deleted": proxy.name, "closed_connections": closed}
 
     def enable_proxy(self, key: str, enabled: bool) -> tuple[int, Any]:

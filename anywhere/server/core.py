@@ -32,7 +32,8 @@ from . import api, metrics
 from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
-from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, validate_proxy
+from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, proxies_from
+from .ranges import find_range, label, route
 from .routing import Router
 from .sessions import AgentPort, AgentSession
 from .settings import RELOADABLE, RESTART_ONLY, ServerConfig, check_welcome, read_token
@@ -97,10 +98,10 @@ class Server:
         return self._next_id
 
     # -- life cycle ------------------------------------------------------------------------------
-    def start(self, declared: list[tuple[dict, str]] | None = None) -> None:
+    def start(self, declared: list[tuple] | None = None) -> None:
         """Bind everything or raise (OSError, errors.CredentialError, errors.StateError, ValueError,
-        errors.ConfigError for the `declared` proxies: (spec, file) pairs read from proxies_dir);
-        nothing stays half-open."""
+        errors.ConfigError for the `declared` proxies: (spec, file) read from proxies_dir, as prepare
+        takes them); nothing stays half-open."""
         cfg = self.config
         try:
             check_welcome(cfg)
@@ -159,7 +160,7 @@ class Server:
                 else:
                     log.info("REST API on %s", where)
 
-    def reload(self, new: ServerConfig, declared: list[tuple[dict, str]] | None = None) -> dict:
+    def reload(self, new: ServerConfig, declared: list[tuple] | None = None) -> dict:
         """Apply a new configuration to what can change at run time, and the `declared` proxies
         (spec, file) as a diff against the running ones (None: leave the proxies alone); all or nothing.
 
@@ -209,8 +210,7 @@ class Server:
         """Swap in a prepared declared set (logged by the table); the removed proxies' connections closed."""
         removed = {p.name for p in change.removed}
         summary: dict[str, Any] = self.proxies.commit(change)
-        for proxy in change.added + [new for _, new in change.changed]:
-            self.tally.known(proxy.name, proxy.agent_id)
+        self.tally.know(change.added + [new for _, new in change.changed])
         summary["closed_connections"] = self.router.close_connections(
             lambda p, _a: p.file is not None and p.name in removed, "proxy removed from its file") if removed else 0
         return summary
@@ -304,35 +304,36 @@ class Server:
     def _not_saved(self, exc: Exception) -> NotSaved:
         return NotSaved(f"cannot save the state in {self.config.state_dir}: {getattr(exc, 'strerror', None) or exc}")
 
-    def add_proxy(self, body: Any) -> Proxy:
-        proxy = validate_proxy(body)
-        self.proxies.add(proxy)
-        self.tally.known(proxy.name, proxy.agent_id)
+    def add_proxy(self, body: Any) -> Proxy | list[Proxy]:
+        proxies, ranged = proxies_from(body)  # a port range: its proxies, bound and saved all or none
+        self.proxies.add_all(proxies)
+        self.tally.know(proxies)
         try:
             self._save()
         except (OSError, state.StateError) as exc:
-            self.proxies.remove(proxy)
-            log.error("proxy %s not added: cannot save the state: %s", proxy.name, exc)
+            self.proxies.remove(*proxies)
+            log.error("proxy %s not added: cannot save the state: %s", label(proxies), exc)
             raise self._not_saved(exc) from None
-        log.info("proxy %s added: port %d → agent %s → %s%s", proxy.name, proxy.remote_port, proxy.agent_id,
-                 proxy.target, f" (whitelist {','.join(proxy.whitelist)})" if proxy.whitelist else "")
-        return proxy
+        log.info("proxy %s added: %s", label(proxies), route(proxies))
+        return proxies if ranged else proxies[0]
 
     def find_proxy(self, key: str) -> Proxy:
         return self.proxies.find(key)
 
-    def delete_proxy(self, key: str) -> tuple[Proxy, int]:
-        proxy = self.proxies.find_made_by_api(key, "remove")
-        del self.proxies.by_name[proxy.name]
+    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
+        ranged = find_range(self.proxies.by_name, key)  # a range START-END naming no proxy: all on its ports
+        proxies = ranged or [self.proxies.find_made_by_api(key, "remove")]
+        names = {proxy.name: self.proxies.by_name.pop(proxy.name) for proxy in proxies}
         try:
-            self._save(deleted=(proxy.name,))
+            self._save(deleted=tuple(names))
         except (OSError, state.StateError) as exc:
-            self.proxies.by_name[proxy.name] = proxy
+            self.proxies.by_name.update(names)
             raise self._not_saved(exc) from None
-        self.proxies.close_listeners(proxy)
-        closed = self.router.close_connections(lambda p, _a: p.name == proxy.name, "proxy deleted")
-        log.info("proxy %s deleted (port %d); %d connection(s) closed", proxy.name, proxy.remote_port, closed)
-        return proxy, closed
+        self.proxies.close_listeners(*proxies)
+        closed = self.router.close_connections(lambda p, _a: p.file is None and p.name in names, "proxy deleted")
+        log.info("proxy %s deleted (port %s); %d connection(s) closed", label(proxies), label(proxies, "remote_port"),
+                 closed)
+        return (ranged or proxies[0]), closed
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
         """Enable or disable a proxy made through the API (ProxyTable.set_enabled), saved."""

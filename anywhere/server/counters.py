@@ -123,6 +123,11 @@ class Tally:
     def known(self, proxy_name: str, agent_id: str) -> None:
         self.proxy_agents[proxy_name] = agent_id
 
+    def know(self, proxies: Iterable[Any]) -> None:
+        """`known` for each proxy (a range's, a reload's)."""
+        for proxy in proxies:
+            self.proxy_agents[proxy.name] = proxy.agent_id
+
     def joined(self, proxy_name: str, agent_id: str) -> None:
         self._get(self.proxies, proxy_name).connections += 1
         self._get(self.agents, agent_id).connections += 1

@@ -6,7 +6,10 @@ named by the section), read with configobj and checked with validate like anywhe
 `read_dir` returns the declared proxies as API-shaped specs (the keys `proxies.validate_proxy`
 takes), each with the file it came from, or raises ConfigError listing every problem of every
 file at once, each naming file, section, key and value (a malformed file, an unknown key, a bad
-value, a name or remote port declared twice across files).  It reads files only: checking the set
+value, a name or remote port declared twice across files).  A section whose remote_port is a range
+START-END declares one proxy per port (ranges.py `expand`: SECTION:PORT), each a Declared with its
+section and range, so that every problem with one of them names the section and the range as
+written, and the port.  It reads files only: checking the set
 against the running proxies, binding, and applying it as a diff are the ProxyTable's and the
 server's (proxies.py `ProxyTable.prepare` / `commit`, core.py).
 """
@@ -21,6 +24,7 @@ from .. import config as configuration
 from ..errors import ConfigError, Invalid
 from ..proxyfile import PROXY_SPEC, agents_problem, to_api
 from .proxies import NAME_RE, validate_proxy
+from .ranges import capped, expand, pairing_problem, port_value
 
 @dataclass
 class Declared:
@@ -28,10 +32,23 @@ class Declared:
 
     spec: dict[str, Any]
     file: str
+    section: str = ""  # the section that declared it ("": the proxy's name)
+    remote_range: str | None = None  # declared by a range: its remote_port, "30000-30009"
 
     @property
     def source(self) -> str:
         return f"file:{self.file}"
+
+    def where(self, key: str = "") -> str:
+        """FILE [SECTION], with KEY = VALUE; for one of a range, remote_port = START-END: port PORT."""
+        head = f"{self.file} [{self.section or self.spec['name']}]"
+        if key == "remote_port" and self.remote_range:
+            return f"{head} remote_port = {self.remote_range}: port {self.spec['remote_port']}"
+        return head + (f" {key} = {self.spec[key]}" if key else "")
+
+    def as_declared(self) -> tuple[Any, ...]:
+        """What ProxyTable.prepare takes: (spec, file), with section and range for one of a range."""
+        return (self.spec, self.file) + ((self.section, self.remote_range) if self.remote_range else ())
 
 
 def read_dir(directory: str) -> list[Declared]:
@@ -62,14 +79,20 @@ def read_dir(directory: str) -> list[Declared]:
             if wrong:
                 problems.append(f"{path} [{name}] {wrong}")
                 continue
-            spec = to_api(name, values)
+            wrong = pairing_problem(port_value(values["remote_port"]), port_value(values["local_port"]))
+            if wrong:
+                problems.append(f"{path} [{name}] {wrong[0]} = {values[wrong[0]]}: {wrong[1]}")
+                continue
             try:
-                validate_proxy(spec)  # the API's own checks: what a file declares, the API would accept
+                specs = expand(to_api(name, values))
+                for spec in specs:
+                    validate_proxy(spec)  # the API's own checks: what a file declares, the API would accept
             except Invalid as exc:
                 problems.append(f"{path} [{name}]: {exc.message}")
                 continue
-            declared.append(Declared(spec, path))
-    problems.extend(_clashes(declared))
+            ranged = values["remote_port"] if isinstance(values["remote_port"], str) else None
+            declared.extend(Declared(spec, path, name, ranged) for spec in specs)
+    problems.extend(capped(_clashes(declared)))
     if problems:
         raise ConfigError(problems)
     return declared
@@ -84,9 +107,9 @@ def _clashes(declared: list[Declared]) -> list[str]:
         name, port = item.spec["name"], item.spec["remote_port"]
         first = names.setdefault(name, item)
         if first is not item:
-            problems.append(f"{item.file} [{name}]: proxy {name} is declared in {first.file} too")
+            where = item.where("remote_port") if item.remote_range else item.where()
+            problems.append(f"{where}: proxy {name} is declared in {first.file} too")
         first = ports.setdefault(port, item)
         if first is not item:
-            problems.append(f"{item.file} [{name}] remote_port = {port}: already used by proxy "
-                            f"{first.spec['name']} in {first.file}")
+            problems.append(f"{item.where('remote_port')}: already used by proxy {first.spec['name']} in {first.file}")
     return problems

@@ -21,6 +21,9 @@ listening sockets over from the proxy that had it to the one that keeps it, and 
 no longer wanted (so a moved proxy's new port is bound before its old one closes).  A proxy whose
 target changed is a new object: the live connections keep the old one, with the target they were
 opened to.
+
+A port range (ranges.py) is expanded into single proxies before any of them reaches the table;
+`add_all` adds them all or none.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
 from ..state import entry_name
+from .ranges import capped, expand
 from .settings import ServerConfig
 
 log = logging.getLogger("anywhere.server")
@@ -87,6 +91,8 @@ class Proxy:
     file: str | None = None  # declared in this proxies.d file; None: made through the API
     agent_ids: list[str] = field(default_factory=list)  # every agent, agent_id first (balance.py)
     balance: str = "least-connections"
+    section: str | None = None  # declared by a range: the proxies.d section (named by `name` otherwise)
+    remote_range: str | None = None  # declared by a range: its remote_port, "30000-30009"
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -97,8 +103,12 @@ class Proxy:
         return "api" if self.file is None else f"file:{self.file}"
 
     def where(self, key: str = "") -> str:
-        """How a problem with a declared proxy names it: FILE [NAME] KEY = VALUE."""
-        return f"{self.file} [{self.name}]" + (f" {key} = {getattr(self, key)}" if key else "")
+        """How a problem with a declared proxy names it: FILE [NAME] KEY = VALUE; for one of a range,
+        FILE [SECTION] remote_port = START-END: port PORT."""
+        head = f"{self.file} [{self.section or self.name}]"
+        if key == "remote_port" and self.remote_range:
+            return f"{head} remote_port = {self.remote_range}: port {self.remote_port}"
+        return head + (f" {key} = {getattr(self, key)}" if key else "")
 
     def to_dict(self) -> dict:
         spec = {"name": self.name, "agent_id": self.agent_id, "local_ip": self.local_ip,
@@ -152,6 +162,12 @@ def validate_proxy(spec: Any) -> Proxy:
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
                  agent_ids=agent_ids, balance=balance)
+
+
+def proxies_from(body: Any) -> tuple[list[Proxy], bool]:
+    """The proxies of an API body: one, or a port range's (ranges.expand), and whether it was a range."""
+    specs = expand(body)
+    return [validate_proxy(spec) for spec in specs], specs[0] is not body
 
 
 def _agent_ids(spec: dict) -> list[str]:
@@ -242,18 +258,37 @@ class ProxyTable:
             raise Conflict(f"remote port {proxy.remote_port} is already used by proxy {other.name}"
                            + (f" (declared in {other.file})" if other.file else ""))
 
-    def add(self, proxy: Proxy) -> None:
-        """Check, bind (if enabled) and list a new proxy; `Conflict` changes nothing."""
-        self._check_new(proxy)
-        if proxy.remote_port == self._config().port:
-            raise Conflict(f"remote port {proxy.remote_port} is the agent port")
-        if proxy.enabled:
-            self.listen(proxy)
-        self.by_name[proxy.name] = proxy
+    def add_all(self, proxies: list[Proxy]) -> None:
+        """Add one proxy or a range's: every one checked (name, port, not the agent port) and bound (if
+        enabled) before all are listed; a `Conflict` naming every port in the way changes nothing."""
+        problems: list[str] = []
+        agent_port = self._config().port
+        for proxy in proxies:
+            try:
+                self._check_new(proxy)
+            except Conflict as exc:
+                problems.append(exc.message)
+            if proxy.remote_port == agent_port:
+                problems.append(f"remote port {proxy.remote_port} is the agent port")
+        for proxy in proxies if not problems else []:
+            try:
+                if proxy.enabled:
+                    self.listen(proxy)
+            except Conflict as exc:
+                problems.append(exc.message)
+        if problems:
+            self.close_listeners(*proxies)
+            if len(proxies) == 1:
+                raise Conflict(problems[0])
+            shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
+            raise Conflict(f"none of the {len(proxies)} proxies of the range added: " + "; ".join(shown))
+        self.by_name.update((proxy.name, proxy) for proxy in proxies)
 
-    def remove(self, proxy: Proxy) -> None:
-        self.close_listeners(proxy)
-        self.by_name.pop(proxy.name, None)
+    def remove(self, *proxies: Proxy) -> None:
+        """Unlist and close (a proxy, or a range's): an `add_all` undone."""
+        for proxy in proxies:
+            self.close_listeners(proxy)
+            self.by_name.pop(proxy.name, None)
 
     def restore(self, spec: Any, store_file: str) -> Proxy | None:
         """A stored entry: served if it can be; else kept failed (retried), or kept as it is if not valid."""
@@ -293,16 +328,19 @@ class ProxyTable:
         return lambda conn, addr: self.on_client(proxy, conn, addr)
 
     # -- proxies declared in files: a reload's diff, in two steps -----------------------------------
-    def prepare(self, declared: list[tuple[dict[str, Any], str]]) -> Change:
-        """Check the declared set (spec, file) against the running proxies and bind every port it
-        newly needs.  Raises ConfigError naming every problem; then nothing is bound or changed."""
+    def prepare(self, declared: list[tuple[Any, ...]]) -> Change:
+        """Check the declared set (spec, file), or (spec, file, section, remote_range) for a proxy of a
+        range (declared.py), against the running proxies and bind every port it newly needs.  Raises
+        ConfigError naming every problem; then nothing is bound or changed."""
         wanted: dict[str, Proxy] = {}
         problems: list[str] = []
         port = self._config().port
         api = [p for p in self.by_name.values() if p.file is None]
-        for spec, file in declared:
+        for spec, file, *declared_as in declared:
             proxy = validate_proxy(spec)
             proxy.file = file
+            if declared_as:
+                proxy.section, proxy.remote_range = declared_as
             wanted[proxy.name] = proxy
             if any(p.name == proxy.name for p in api):
                 problems.append(f"{proxy.where()}: a proxy named {proxy.name} was made through the API; delete it "
@@ -313,7 +351,7 @@ class ProxyTable:
             if proxy.remote_port == port:
                 problems.append(f"{proxy.where('remote_port')}: is the agent port")
         if problems:
-            raise ConfigError(problems)
+            raise ConfigError(capped(problems))
         change = Change()
         running = {p.name: p for p in self.by_name.values() if p.file is not None}
         for name, proxy in wanted.items():
@@ -335,7 +373,7 @@ class ProxyTable:
                 problems.append(f"{proxy.where('remote_port')}: {exc.strerror or exc}")  # "cannot listen on ..."
         if problems:
             change.release()
-            raise ConfigError(problems)
+            raise ConfigError(capped(problems))
         return change
 
     def _serving(self, change: Change) -> list[Proxy]:
@@ -432,10 +470,11 @@ class ProxyTable:
                          proxy.remote_port, proxy.agent_id, proxy.target)
 
     @staticmethod
-    def close_listeners(proxy: Proxy) -> None:
-        for acceptor in proxy.listeners:
-            acceptor.close()
-        proxy.listeners = []
+    def close_listeners(*proxies: Proxy) -> None:
+        for proxy in proxies:
+            for acceptor in proxy.listeners:
+                acceptor.close()
+            proxy.listeners = []
 
     def stop_accepting(self) -> None:
         """Drain or close: every listener closed, none bound again (the proxies stay listed)."""

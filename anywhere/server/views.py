@@ -34,8 +34,8 @@ class Operations(Protocol):
     reload_hook: Callable[[], dict] | None
     recent_errors: Any
 
-    def add_proxy(self, body: Any) -> Proxy: ...
-    def delete_proxy(self, key: str) -> tuple[Proxy, int]: ...
+    def add_proxy(self, body: Any) -> Proxy | list[Proxy]: ...
+    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]: ...
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy: ...
     def disconnect_agent(self, agent_id: str) -> int: ...
 
@@ -153,10 +153,10 @@ class View:
     def reload_hook(self) -> Callable[[], dict] | None:
         return self.ops.reload_hook
 
-    def add_proxy(self, body: Any) -> Proxy:
+    def add_proxy(self, body: Any) -> Proxy | list[Proxy]:
         return self.ops.add_proxy(body)
 
-    def delete_proxy(self, key: str) -> tuple[Proxy, int]:
+    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
         return self.ops.delete_proxy(key)
 
     def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:

@@ -1,0 +1,141 @@
+"""Port ranges (issue 19): one proxy per port of a range START-END.
+
+A remote_port "30000-30009" (at most common.MAX_PORT_RANGE, 1,000 ports) with a local_port range of
+the same length, or one local port for all, declares one proxy per port, named NAME:PORT (PORT the
+remote port; NAME the proxies.d section, or the API body's name; without a name each is AGENT:PORT,
+as a single proxy is).  Once expanded they are proxies like any other: listed, counted, enabled,
+deleted and stored one by one (the state file holds each, so an older version reads it, and
+deleting one leaves the others).  A range is all or nothing: a declared one goes through
+ProxyTable.prepare like every declared proxy, one made through the API through ProxyTable.add_all
+(every port checked and bound first, then all listed; any problem: nothing bound, a Conflict
+naming the ports).
+
+This module turns a range into the specs of its proxies (`expand`: the same for a proxies.d
+section, through proxyfile.to_api, and for an API body), says what is wrong with one in words an
+operator reads (`pairing_problem`), finds the proxies of a range to delete (`find_range`: every one
+made through the API on those remote ports; none if one is declared in a file), and keeps a refused
+range's problems to a few lines (`capped`).  It holds no state and imports no other module of the
+server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..common import parse_port_range
+from ..errors import Conflict, Invalid, NotFound
+
+
+def port_value(value: Any) -> int | tuple[int, int] | Any:
+    """A port field as given: a range "START-END" as (START, END) (ValueError says what is wrong); an
+    int or other value as it is (validate_proxy checks it)."""
+    if isinstance(value, str) and "-" in value:
+        return parse_port_range(value)
+    return value
+
+
+def pairing_problem(remote: Any, local: Any) -> tuple[str, str] | None:
+    """(key, what is wrong) when local_port does not pair with remote_port, each a port or a
+    (START, END) range: a local range needs a remote range of the same length."""
+    if not isinstance(local, tuple):
+        return None
+    if not isinstance(remote, tuple):
+        return "local_port", "a range of local ports needs remote_port to be a range of the same length"
+    have, want = local[1] - local[0] + 1, remote[1] - remote[0] + 1
+    if have != want:
+        return "local_port", (f"a range of {have} ports, and remote_port = {remote[0]}-{remote[1]} is {want}: give "
+                              "a range of the same length, or a single local port for all")
+    return None
+
+
+def expand(spec: Any) -> list[Any]:
+    """An API body (or a proxies.d section as proxyfile.to_api gives it) as the specs of its proxies:
+    one per remote port of a range "START-END" (named NAME:PORT, or left unnamed: AGENT:PORT), each
+    with its own local port (a local range, in order) or the one local port; a body without a range
+    as itself.  `Invalid` names the bad field; each spec is still to be validated (validate_proxy)."""
+    if not isinstance(spec, dict):
+        return [spec]
+    ports = {}
+    for key in ("remote_port", "local_port"):
+        try:
+            ports[key] = port_value(spec.get(key))
+        except ValueError as exc:
+            raise Invalid(f"{key} {spec.get(key)!r}: {exc}") from None
+    remote, local = ports["remote_port"], ports["local_port"]
+    wrong = pairing_problem(remote, local)
+    if wrong:
+        raise Invalid(f"{wrong[0]} {spec.get(wrong[0])!r}: {wrong[1]}")
+    if not isinstance(remote, tuple):
+        return [spec]
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise Invalid(f"name {name!r} is not valid: 1-64 letters, digits, '.', '_', ':' or '-', not all digits")
+    if name and len(f"{name}:{remote[1]}") > 64:
+        raise Invalid(f"name {name!r} is too long for a range: each proxy is named NAME:PORT, at most 64 characters "
+                      f"({name}:{remote[1]} is {len(f'{name}:{remote[1]}')})")
+    specs = []
+    for i, port in enumerate(range(remote[0], remote[1] + 1)):
+        one = dict(spec, remote_port=port, local_port=local[0] + i if isinstance(local, tuple) else local)
+        if name:
+            one["name"] = f"{name}:{port}"
+        specs.append(one)
+    return specs
+
+
+def find_range(by_name: dict[str, Any], key: str) -> list[Any] | None:
+    """For a key that names no proxy and is a range START-END: the proxies on its remote ports, all
+    made through the API (a deletion's; `NotFound` if none, `Conflict` naming the ones declared in
+    a file).  None if the key is a name or not a range."""
+    if key in by_name or "-" not in key:
+        return None
+    try:
+        ports = parse_port_range(key)
+    except ValueError:
+        return None
+    if not isinstance(ports, tuple):
+        return None
+    low, high = ports
+    found = sorted((p for p in by_name.values() if low <= p.remote_port <= high), key=lambda p: p.remote_port)
+    if not found:
+        raise NotFound(f"no proxy named {key} (and no proxy on remote ports {key})")
+    declared = [p for p in found if p.file is not None]
+    if declared:
+        shown = ", ".join(f"{p.name} ({p.file})" for p in declared[:5]) + (
+            f" and {len(declared) - 5} more" if len(declared) > 5 else "")
+        raise Conflict(f"remote ports {key}: nothing removed: declared in a file: {shown}; remove them there and "
+                       "reload (anywherectl reload)")
+    return found
+
+
+def label(proxies: list[Any], attr: str = "name") -> str:
+    """One proxy's name (or other attribute) as it is; a range's as FIRST … LAST (N), for a log line."""
+    items = [str(getattr(proxy, attr)) for proxy in proxies]
+    return items[0] if len(items) == 1 else f"{items[0]} … {items[-1]} ({len(items)})"
+
+
+def route(proxies: list[Any]) -> str:
+    """Where one proxy, or a range's, leads, for a log line: port P → agent A → TARGET (whitelist)."""
+    first = proxies[0]
+    return (f"port {label(proxies, 'remote_port')} → agent {first.agent_id} → {label(proxies, 'target')}"
+            + (f" (whitelist {','.join(first.whitelist)})" if first.whitelist else ""))
+
+
+MAX_PROBLEMS_SHOWN = 5  # per section of a range: a range over busy ports names its first few, then a count
+
+
+def capped(problems: list[str]) -> list[str]:
+    """A refused declared set's problems, at most MAX_PROBLEMS_SHOWN for each "FILE [SECTION] KEY = VALUE"
+    (the ports of one range), then how many more: a range of 1,000 busy ports is not 1,000 lines."""
+    shown: list[str] = []
+    more: dict[str, int] = {}
+    for problem in problems:
+        head = problem.split(": port ", 1)[0] if ": port " in problem else None
+        if head is None:
+            shown.append(problem)
+            continue
+        more[head] = more.get(head, 0) + 1
+        if more[head] <= MAX_PROBLEMS_SHOWN:
+            shown.append(problem)
+    shown += [f"{head}: and {count - MAX_PROBLEMS_SHOWN} more ports" for head, count in more.items()
+              if count > MAX_PROBLEMS_SHOWN]
+    return shown
