@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from urllib.parse import quote
 
-from . import proxyfile
+from . import proxyfile, proxyproto
 from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
 
 def __getattr__(name: str) -> Any:
@@ -77,6 +77,8 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["agent_ids"] = agents
     if args.balance:
         body["balance"] = args.balance
+    if args.proxy_protocol:
+        body["proxy_protocol"] = args.proxy_protocol
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
@@ -84,8 +86,9 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
+    pp = f" (PROXY protocol {p['proxy_protocol']})" if p.get("proxy_protocol") else ""
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
-                                 f"{p['local_ip']}:{p['local_port']}")
+                                 f"{p['local_ip']}:{p['local_port']}{pp}")
 
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
@@ -266,6 +269,9 @@ def add_admin_commands(sub: Any) -> None:
     add.add_argument("--balance", choices=("least-connections", "round-robin", "failover"),
                      help="with several agents: how a client's agent is chosen (default least-connections; "
                           "failover: the first listed that can serve)")
+    add.add_argument("--proxy-protocol", choices=(*proxyproto.VERSIONS, proxyproto.OFF),
+                     help="send the target a PROXY protocol header (HAProxy's, v1 text or v2 binary) naming the "
+                          "client's address and port, before any other byte (default off)")
     add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
     add.add_argument("--local-port", required=True, type=_port, help="the target's port")
     add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")

@@ -7,7 +7,11 @@
     remote_port = 8080
     #whitelist = 203.0.113.0/24, 2001:db8::/32
     #idle_timeout = 0
+    #proxy_protocol = off
     #enabled = true
+
+``proxy_protocol = v1 | v2`` has the agent send the target a PROXY protocol header
+(proxyproto.py); off (the default) is the key left out, or ``off``, and is left out when written.
 
 Owns the keys of a section (`PROXY_SPEC`, a configobj spec checked with config.py's checks),
 how a section maps to the API's proxy fields (`to_api`) and back (`render`, which writes API
@@ -32,6 +36,7 @@ local_port = port()
 remote_port = port()
 whitelist = networks(default=list())
 idle_timeout = seconds_or_off(at_most=604800, default=0)
+proxy_protocol = proxy_protocol(default=off)
 enabled = boolean(default=True)
 """.strip().splitlines()
 
@@ -51,7 +56,8 @@ def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
             "local_ip": values["local_ip"],
             "local_port": values["local_port"], "remote_port": values["remote_port"],
             "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
-            "enabled": values["enabled"]}
+            "enabled": values["enabled"]} | (
+        {"proxy_protocol": values["proxy_protocol"]} if values["proxy_protocol"] != "off" else {})
 
 
 def render(proxies: list[dict[str, Any]], header: str = "") -> str:
@@ -72,6 +78,8 @@ def render(proxies: list[dict[str, Any]], header: str = "") -> str:
             lines.append("whitelist = " + ", ".join(proxy["whitelist"]))
         if proxy.get("idle_timeout"):
             lines.append(f"idle_timeout = {proxy['idle_timeout']:g}")
+        if proxy.get("proxy_protocol") not in (None, "off"):
+            lines.append(f"proxy_protocol = {proxy['proxy_protocol']}")
         if proxy.get("enabled") is False:
             lines.append("enabled = false")
     return "\n".join(lines) + "\n"

@@ -95,7 +95,8 @@ class View:
             item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source,
                         health=self.health(proxy))
             agents = self.router.balancer.states(proxy)
-            item.update(agent_ids=list(proxy.agent_ids), balance=proxy.balance, agents=agents,
+            item.update(agent_ids=list(proxy.agent_ids), balance=proxy.balance, proxy_protocol=proxy.proxy_protocol,
+                        agents=agents,
                         agent_online=any(a["state"] in ("online", "backing off") for a in agents),
                         connections=row.active,
                         connections_total=row.connections_total, rejected=row.rejected,
