@@ -101,6 +101,8 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         f"{a['agent_id']} {a['state']}" + (f" {a['backoff']:g} s" if a["state"] == "backing off" else "")
         + f" ({a['connections']} live, {a['connections_total']} total)" for a in p["agents"])
         for p in data["proxies"] if len(p.get("agents", ())) > 1]
+    failed += [f"proxy {p['name']}: PROXY protocol {p['proxy_protocol']} to its target" for p in data["proxies"]
+               if p.get("proxy_protocol")]
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),

@@ -268,6 +268,13 @@ def test_an_agent_that_does_not_announce_pp_never_gets_the_client(world, peers, 
         trunk.sock.recv(100)
     proxy = next(p for p in world.api("GET", "/v1/proxies")["proxies"] if p["name"] == "pp")
     assert proxy["rejected"]["target_refused"] == 2
+    with socket.socket(socket.AF_UNIX) as api:  # what a load balancer's health check hears
+        api.settimeout(10)
+        api.connect(world.sock)
+        api.sendall(b"GET /v1/proxies/pp/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head, _, body = recv_all(api, 10).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and json.loads(body) == {
+        "proxy": "pp", "status": "unavailable", "reason": "no agent can serve: agent-2 too old for proxy_protocol"}
 
 
 def test_the_deprecated_data_connections_refuse_a_proxy_protocol_client(world, echo_target):
@@ -334,6 +341,8 @@ def test_the_flag_of_proxy_add(world, echo_target, prog):
               "--remote-port", str(plain), "--admin-socket", world.sock, prog=prog)
     listed = {p["remote_port"]: p for p in world.api("GET", "/v1/proxies")["proxies"]}
     assert listed[port]["proxy_protocol"] == "v2" and listed[plain]["proxy_protocol"] is None
+    text = world.ctl("proxy", "list", "--admin-socket", world.sock, prog=prog).stdout
+    assert f"proxy agent-1:{port}: PROXY protocol v2 to its target" in text and f"agent-1:{plain}: PROXY" not in text
 
 
 def test_the_file_key_round_trips_and_a_reload_applies_a_change(world, echo_target):
