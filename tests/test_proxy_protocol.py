@@ -5,7 +5,8 @@ showing `$proxy_protocol_addr` and `$proxy_protocol_port`) for an IPv4 and an IP
 v2; HAProxy (`accept-proxy`) in front of an echo target.  A target that speaks first gets the
 header before anything and its banner still reaches the client.  An agent that does not announce
 ``pp`` on its trunk (a hand-written old one), and the deprecated per-client data connections,
-never get such a client: it is closed, and the log says why.  The file key, the flag and the API
+never get such a client: it is closed, and the log and the health check say why (with several
+agents, the next one takes it).  The file key, the flag and the API
 field, with export and their errors.  A test that needs nginx or haproxy skips, naming it, when it
 is absent (`make system-deps` installs both).
 """
@@ -275,6 +276,30 @@ def test_an_agent_that_does_not_announce_pp_never_gets_the_client(world, peers, 
         head, _, body = recv_all(api, 10).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and json.loads(body) == {
         "proxy": "pp", "status": "unavailable", "reason": "no agent can serve: agent-2 too old for proxy_protocol"}
+
+
+def test_with_several_agents_an_old_one_is_skipped_for_one_that_announces_pp(world, peers, echo_target):
+    world.start_server("--trunk-idle-timeout", "0")
+    world.start_agent("agent-1")
+    ctx = client_ctx(world.creds.ca, world.creds.agent("agent-2"))
+    admin = peers(world.port, ctx)
+    admin.send("hello", proto=PROTO_VERSION, agent_id="agent-2", version="0.0.9")
+    welcome = admin.recv()
+    trunk = peers(world.port, ctx)
+    trunk.send("trunk", proto=PROTO_VERSION, agent_id="agent-2",
+               **({"session": welcome["session"]} if "session" in welcome else {}))
+    wait_for(lambda: any(a["agent_id"] == "agent-2" and a["trunks"] == 1
+                         for a in world.api("GET", "/v1/agents")["agents"]), 5, what="the old agent's trunk")
+    port = free_port()
+    world.api("POST", "/v1/proxies", {"name": "pp", "agent_ids": ["agent-2", "agent-1"], "balance": "failover",
+                                      "local_ip": "127.0.0.1", "local_port": echo_target.port, "remote_port": port,
+                                      "proxy_protocol": "v1"})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        sport = c.getsockname()[1]
+        c.sendall(b"x")
+        c.shutdown(socket.SHUT_WR)
+        assert recv_all(c, 10) == f"PROXY TCP4 127.0.0.1 127.0.0.1 {sport} {port}\r\nx".encode()
+    wait_log_line(world.server, "agent agent-2 is too old for proxy_protocol", "trying agent agent-1")
 
 
 def test_the_deprecated_data_connections_refuse_a_proxy_protocol_client(world, echo_target):
