@@ -31,7 +31,7 @@ from typing import Any, Callable
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator
 
-from . import wire
+from . import proxyproto, wire
 from .errors import ConfigError
 from .common import MAX_PORT_RANGE, parse_port_range, range_text, valid_agent_id
 from .net import HOSTNAME_RE, is_ip, parse_networks, split_hostport
@@ -161,6 +161,16 @@ def check_balance(value: Any, default: Any = None) -> str:
     return text
 
 
+PROXY_PROTOCOLS = (*proxyproto.VERSIONS, proxyproto.OFF)  # a proxy's proxy_protocol; off is the default
+
+
+def check_proxy_protocol(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if text not in PROXY_PROTOCOLS:
+        raise _Bad("must be v1, v2 or off")
+    return text
+
+
 def check_host(value: Any, default: Any = None) -> str:
     text = _text(value)
     if not (is_ip(text) or HOSTNAME_RE.fullmatch(text)):
@@ -267,6 +277,7 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "port_range": check_port_range, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host,
+    "proxy_protocol": check_proxy_protocol,
     "servers": check_servers, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,

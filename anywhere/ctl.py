@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from urllib.parse import quote
 
-from . import proxyfile
+from . import proxyfile, proxyproto
 from .common import (DEFAULT_ADMIN_SOCKET, MAX_PORT_RANGE, CredentialsError, CtlError, human_bytes, parse_port_range,
                      port_arg, port_range_arg, version_line)
 
@@ -78,6 +78,8 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["agent_ids"] = agents
     if args.balance:
         body["balance"] = args.balance
+    if args.proxy_protocol:
+        body["proxy_protocol"] = args.proxy_protocol
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
@@ -99,8 +101,9 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         return
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
+    pp = f" (PROXY protocol {p['proxy_protocol']})" if p.get("proxy_protocol") else ""
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
-                                 f"{p['local_ip']}:{p['local_port']}")
+                                 f"{p['local_ip']}:{p['local_port']}{pp}")
 
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
@@ -113,6 +116,8 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         f"{a['agent_id']} {a['state']}" + (f" {a['backoff']:g} s" if a["state"] == "backing off" else "")
         + f" ({a['connections']} live, {a['connections_total']} total)" for a in p["agents"])
         for p in data["proxies"] if len(p.get("agents", ())) > 1]
+    failed += [f"proxy {p['name']}: PROXY protocol {p['proxy_protocol']} to its target" for p in data["proxies"]
+               if p.get("proxy_protocol")]
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
@@ -286,6 +291,9 @@ def add_admin_commands(sub: Any) -> None:
     add.add_argument("--balance", choices=("least-connections", "round-robin", "failover"),
                      help="with several agents: how a client's agent is chosen (default least-connections; "
                           "failover: the first listed that can serve)")
+    add.add_argument("--proxy-protocol", choices=(*proxyproto.VERSIONS, proxyproto.OFF),
+                     help="send the target a PROXY protocol header (HAProxy's, v1 text or v2 binary) naming the "
+                          "client's address and port, before any other byte (default off)")
     add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
     add.add_argument("--local-port", required=True, type=port_range_arg, help="the target's port; with a range of "
                      "remote ports, a range of the same length (or one port for all)")

@@ -40,10 +40,18 @@ The other direction's first window is the opener's to grant: an agent that annou
 in its ``trunk`` message) takes the first window the server names in OPEN (``"window"``: what the
 server's buffer budget lets it commit, see trunk.py); any other starts with `WINDOW_SIZE`.  FAIL or ABORT before READY discards what was held.
 
+A proxy with ``proxy_protocol`` has its target told who the client is (proxyproto.py): OPEN then
+also carries ``"pp": 1 | 2, "src": [IP, PORT], "dst": [IP, PORT]``, sent only to an agent that
+announced ``pp`` in its ``trunk`` message (an older one would ignore them and connect the client
+without its header).  Those fields are checked apart from the rest (`parse_open_request`): when
+they are malformed, only that stream fails (the agent answers FAIL); a bad host or port is a
+protocol error, as it always was.
+
 Frames
 ------
 ``type (1) | length (3) | stream (4)`` big-endian, then ``length`` bytes of payload (at most
-`MAX_PAYLOAD`, 256 KiB).  Types: OPEN (server → agent: JSON {"host", "port"}), READY, FAIL (UTF-8
+`MAX_PAYLOAD`, 256 KiB).  Types: OPEN (server → agent: JSON {"host", "port"}, and "window" and
+the PROXY protocol fields "pp", "src", "dst" for a peer that announced them), READY, FAIL (UTF-8
 reason), DATA, END (half-close of the sender's direction), ABORT (UTF-8 reason; the stream is
 gone), WINDOW (4-byte credit increment), and PING / PONG (8 opaque bytes, echoed) on stream 0,
 the trunk's own liveness check (trunk.py), sent only to a peer that said it understands them
@@ -59,7 +67,9 @@ from __future__ import annotations
 import functools
 import json
 import struct
+from typing import Any, NamedTuple
 
+from . import proxyproto
 from .wire import ProtocolError
 
 OPEN, READY, FAIL, DATA, END, ABORT, WINDOW, PING, PONG = range(1, 10)
@@ -88,9 +98,18 @@ def ping_frame(kind: int, payload: bytes) -> bytes:
     return frame(kind, 0, payload)
 
 
-def open_frame(stream: int, host: str, port: int, window: int | None = None) -> bytes:
-    """OPEN; `window`: the first window the opener grants (only to a peer that said it takes one)."""
-    return frame(OPEN, stream, _open_payload(host, port, window))
+def open_frame(stream: int, host: str, port: int, window: int | None = None,
+               origin: proxyproto.Origin | None = None) -> bytes:
+    """OPEN; `window`: the first window the opener grants (only to a peer that said it takes one);
+    `origin`: the client and the address it dialled, for the target's PROXY header (only to a peer
+    that announced ``pp``)."""
+    if origin is None:
+        return frame(OPEN, stream, _open_payload(host, port, window))
+    fields: dict = {"host": host, "port": port}
+    if window is not None:
+        fields["window"] = window
+    fields.update(proxyproto.open_fields(origin))
+    return frame(OPEN, stream, json.dumps(fields, separators=(",", ":")).encode())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -110,12 +129,44 @@ def parse_open(payload: bytes) -> tuple[str, int]:
     return host, port
 
 
+class OpenRequest(NamedTuple):
+    """An OPEN: its target, the first window granted (None: WINDOW_SIZE), the PROXY header's origin
+    (None: no header), and `problem`: why the stream must fail (its PROXY fields are malformed)."""
+
+    host: str
+    port: int
+    window: int | None
+    origin: proxyproto.Origin | None
+    problem: str | None
+
+
+def parse_open_request(payload: bytes) -> OpenRequest:
+    """An OPEN payload whole.  ProtocolError (the trunk ends) for what was always one; malformed
+    PROXY fields only fill `problem` (the stream fails, the trunk goes on)."""
+    data = _open_json(payload)
+    host, port, window = _open_target(data)
+    try:
+        return OpenRequest(host, port, window, proxyproto.parse_open_fields(data), None)
+    except ValueError as exc:
+        return OpenRequest(host, port, window, None, str(exc)[:200])
+
+
 def parse_open_window(payload: bytes) -> tuple[str, int, int | None]:
     """(host, port, first window granted or None: WINDOW_SIZE) of an OPEN payload."""
+    return _open_target(_open_json(payload))
+
+
+def _open_json(payload: bytes) -> Any:
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("OPEN payload is not JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("OPEN payload needs a host and a port 1..65535")
+    return data
+
+
+def _open_target(data: dict) -> tuple[str, int, int | None]:
     host, port = (data.get("host"), data.get("port")) if isinstance(data, dict) else (None, None)
     if not isinstance(host, str) or not host or isinstance(port, bool) or not isinstance(port, int) \
             or not 1 <= port <= 65535:

@@ -7,6 +7,7 @@
     remote_port = 8080
     #whitelist = 203.0.113.0/24, 2001:db8::/32
     #idle_timeout = 0
+    #proxy_protocol = off
     #enabled = true
 
 A port range declares one proxy per port, each named SECTION:PORT (PORT the remote port), with
@@ -18,6 +19,9 @@ ports; all bound or none, like every reload):
     local_ip = 10.0.0.2
     remote_port = 30000-30009
     local_port = 40000-40009
+
+``proxy_protocol = v1 | v2`` has the agent send the target a PROXY protocol header
+(proxyproto.py); off (the default) is the key left out, or ``off``, and is left out when written.
 
 Owns the keys of a section (`PROXY_SPEC`, a configobj spec checked with config.py's checks),
 how a section maps to the API's proxy fields (`to_api`) and back (`render`, which writes API
@@ -42,6 +46,7 @@ local_port = port_range()
 remote_port = port_range()
 whitelist = networks(default=list())
 idle_timeout = seconds_or_off(at_most=604800, default=0)
+proxy_protocol = proxy_protocol(default=off)
 enabled = boolean(default=True)
 """.strip().splitlines()
 
@@ -62,7 +67,8 @@ def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
             "local_ip": values["local_ip"],
             "local_port": values["local_port"], "remote_port": values["remote_port"],
             "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
-            "enabled": values["enabled"]}
+            "enabled": values["enabled"]} | (
+        {"proxy_protocol": values["proxy_protocol"]} if values["proxy_protocol"] != "off" else {})
 
 
 def render(proxies: list[dict[str, Any]], header: str = "") -> str:
@@ -84,6 +90,8 @@ def render(proxies: list[dict[str, Any]], header: str = "") -> str:
             lines.append("whitelist = " + ", ".join(proxy["whitelist"]))
         if proxy.get("idle_timeout"):
             lines.append(f"idle_timeout = {proxy['idle_timeout']:g}")
+        if proxy.get("proxy_protocol") not in (None, "off"):
+            lines.append(f"proxy_protocol = {proxy['proxy_protocol']}")
         if proxy.get("enabled") is False:
             lines.append("enabled = false")
     return "\n".join(lines) + "\n"

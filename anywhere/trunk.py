@@ -55,6 +55,11 @@ the bytes in outbufs; `_committed`) are module globals, changed exactly where by
 leave an outbuf, where credit is returned, and when a stream closes; the path of a chunk that
 goes straight to its socket does not touch them.
 
+A stream may lead with bytes of its own side (`Stream.lead`: the agent's PROXY protocol header,
+proxyproto.py), put in `outbuf` before anything from the peer: they are written first, through
+the same partial-write path, earn the peer no credit and count in no window, and the plain
+socket is not read until they are all out (so nothing from the target precedes them either).
+
 END after the last DATA is a half-close, passed on as shutdown(SHUT_WR) once `outbuf` is empty;
 a stream is done when both directions have ended.  ABORT, or the trunk going away, closes the
 plain socket at once.  `Stream` offers what the server's connection table reads from a relay:
@@ -228,7 +233,7 @@ def buffer_usage() -> dict[str, int]:
 
 class Trunk:
     def __init__(self, loop: Loop, sock: ssl.SSLSocket, leftover: bytes, *, name: str,
-                 on_open: Callable[["Trunk", int, str, int, int | None], None] | None = None,
+                 on_open: Callable[["Trunk", int, str, int, int | None, Any], None] | None = None,
                  on_close: Callable[["Trunk", str], None] | None = None) -> None:
         self.loop = loop
         self.sock = sock
@@ -262,6 +267,7 @@ class Trunk:
         self.retired = False
         self.can_ping = False  # the peer understands PING (see Liveness)
         self.takes_window = False  # the peer takes the first window OPEN grants (see mux.py)
+        self.takes_pp = False  # the peer writes the PROXY header OPEN asks for (see mux.py, proxyproto.py)
         self.last_rx = loop.time()
         self.idle_since = self.last_rx  # when its last stream ended (trunks on demand close after a while)
         self.rtt: float | None = None
@@ -554,8 +560,12 @@ class Trunk:
         if kind == mux.OPEN:
             if self.on_open is None or sid in self.streams:
                 raise ProtocolError(f"unexpected OPEN for stream {sid}")
-            host, port, window = mux.parse_open_window(bytes(payload))
-            self.on_open(self, sid, host, port, window)
+            request = mux.parse_open_request(bytes(payload))
+            if request.problem is not None:  # this stream's PROXY fields only: it fails, the trunk goes on
+                log.warning("trunk %s: stream %d refused: %s", self.name, sid, request.problem)
+                self.control(mux.frame(mux.FAIL, sid, request.problem.encode()))
+                return
+            self.on_open(self, sid, request.host, request.port, request.window, request.origin)
             return
         stream = self.streams.get(sid)
         if stream is None:
@@ -642,6 +652,10 @@ class Stream:
     # a stream never hands its trunk over (carrier.Carrier); a class attribute, not one more per
     # instance: the 31st attribute cost every stream 0.45 KiB (its __dict__ outgrew the shared keys)
     handoff = None
+    # bytes of this side's own at the head of outbuf (`lead`: the agent's PROXY header), not the
+    # peer's: outside its window, no credit for them, and nothing is read before they are written.
+    # A class attribute too: only a stream that leads with a header has one of its own.
+    own = 0
 
     def __init__(self, trunk: Trunk, sid: int, name: str = "",
                  on_close: Callable[["Stream", str], None] | None = None) -> None:
@@ -706,11 +720,24 @@ class Stream:
         if self.peer_ended and not self.outbuf:
             self._shutdown()
 
+    def lead(self, data: bytes) -> None:
+        """Bytes of this side's own for the plain socket, ahead of anything from the peer (the
+        agent's PROXY header, before the target is even dialled): they go out through outbuf like
+        the peer's (a partial write waits for the socket, nothing overtakes them), are not counted
+        in the peer's window nor credited back, and the socket is not read until they are written
+        (so the reply to them, or a banner, never precedes them)."""
+        global _held
+        if self.sock is not None or self.outbuf or self.nbytes_out:
+            raise RuntimeError("lead() comes before any byte for the socket")
+        self.outbuf += data
+        self.own = len(data)
+        _held += len(data)
+
     # -- plumbing ---------------------------------------------------------------------------------------
     def _update(self) -> None:
         if self.closed or self.sock is None:
             return
-        reading = not self.eof_read and self.send_window > 0 and self not in self.trunk.blocked
+        reading = not self.eof_read and self.send_window > 0 and not self.own and self not in self.trunk.blocked
         mask = (READ if reading else 0) | (WRITE if self.outbuf else 0)
         if mask == self.mask:
             return
@@ -739,7 +766,7 @@ class Stream:
     # -- plain → trunk ---------------------------------------------------------------------------------
     def pump(self) -> None:
         sock, trunk = self.sock, self.trunk
-        if sock is None or self.closed:
+        if sock is None or self.closed or self.own:
             return
         for _ in range(16):
             window = self.send_window
@@ -820,7 +847,7 @@ class Stream:
         outbuf = self.outbuf
         if self.peer_ended:
             raise ProtocolError(f"stream {self.sid}: DATA after END")
-        if len(outbuf) + n > self.recv_window:
+        if len(outbuf) - self.own + n > self.recv_window:
             raise ProtocolError(f"stream {self.sid}: more data than its window")
         self.nbytes_out += n
         self.last_active = self.trunk.loop.now
@@ -863,6 +890,10 @@ class Stream:
             return
         del self.outbuf[:sent]
         _held -= sent
+        own = self.own
+        if own:  # our own bytes first: no credit for them; reading starts once they are all out
+            self.own = own - sent if sent < own else 0
+            sent = sent - own if sent > own else 0
         self._credit(sent)
         self._recount()
         if not self.outbuf and self.peer_ended:

@@ -18,6 +18,8 @@ Control frames
       ``on_demand`` 1, opens no trunk until the server sends ``trunks`` {count}: keep that many
       from now on (at most `MAX_TRUNKS`); 0: the server is closing them for idleness, do not
       replace them.  Without it (either side older) the agent keeps ``pool`` trunks always.
+      The per-client data connections (``open`` below, deprecated) carry no PROXY protocol
+      header: a client of a proxy with ``proxy_protocol`` is never sent there.
     * data connection:   agent ``data`` {proto, agent_id, conn} → server ``ready`` {conn} or
       ``error`` {reason}; after ``ready`` the connection switches to the chunk stream.
     * warm data connection: agent ``pool`` {proto, agent_id}, then nothing until the server
@@ -25,7 +27,10 @@ Control frames
       stream) or ``fail`` {conn, reason} (and it stays warm).
 
     * trunk: agent ``trunk`` {proto, agent_id}; from then on the connection carries the frames of
-      `mux.py` both ways: many client connections at once, as streams (see trunk.py).
+      `mux.py` both ways: many client connections at once, as streams (see trunk.py).  Optional
+      flags say what the agent understands: ``ping`` 1, ``window`` 1, ``pp`` 1 (it writes the
+      PROXY protocol header OPEN asks for; a proxy with ``proxy_protocol`` is served only by
+      trunks that say so).
 
     Once both directions of a chunk stream have ENDed, a data connection of either kind is
     warm again: the next frame on it is the server's next ``open``.  ``welcome``'s ``pool`` tells

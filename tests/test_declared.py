@@ -157,3 +157,22 @@ def test_several_agents_with_a_balance_mode(tmp_path):
                                                                                   "failover")
     (tmp_path / "web.conf").write_text(WEB.replace("agent = agent-1\n", "agents = agent-1, agent-1\n"))
     assert problems(tmp_path) == [f"{tmp_path / 'web.conf'} [web] agents = agent-1, agent-1: names agent-1 twice"]
+
+
+def test_proxy_protocol_is_off_by_default_v1_or_v2_when_given_and_round_trips_through_render(tmp_path):
+    from anywhere.proxyfile import render
+    (tmp_path / "web.conf").write_text(WEB)
+    [web] = read_dir(str(tmp_path))
+    assert "proxy_protocol" not in web.spec  # off: left out, as the API stores it
+    for value, expected in (("off", None), ("v1", "v1"), ("v2", "v2")):
+        (tmp_path / "web.conf").write_text(WEB + f"proxy_protocol = {value}\n")
+        [web] = read_dir(str(tmp_path))
+        assert web.spec.get("proxy_protocol") == expected
+        text = render([web.spec])
+        assert (f"proxy_protocol = {value}\n" in text) == (expected is not None)
+        (tmp_path / "web.conf").write_text(text)
+        [again] = read_dir(str(tmp_path))
+        assert again.spec == web.spec
+    for value in ("v3", "V1", "1", "on"):
+        (tmp_path / "web.conf").write_text(WEB + f"proxy_protocol = {value}\n")
+        assert problems(tmp_path) == [f"{tmp_path / 'web.conf'} [web] proxy_protocol = {value}: must be v1, v2 or off"]

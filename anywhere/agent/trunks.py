@@ -10,9 +10,13 @@ the server asks again when a client comes.
 connection reached, runs TLS, and, if the session it was opened for is still the welcomed one,
 hands the socket over; `Trunks` makes it a `trunk.Trunk` and says ``trunk`` on it (agent id,
 the session's token, ``ping=1``: it answers PING; ``window=1``: it takes a stream's first window
-from OPEN).  From then on the server opens streams on it: each OPEN names a target, dialled
-through `target.Targets` (the allowlist); READY once it answers, FAIL with the reason if not.
-The stream exists while its target is dialled, so an ABORT meanwhile cancels the dial.
+from OPEN; ``pp=1``: it writes a PROXY protocol header when OPEN asks for one).  From then on the
+server opens streams on it: each OPEN names a target, dialled through `target.Targets` (the
+allowlist); READY once it answers, FAIL with the reason if not.  The stream exists while its
+target is dialled, so an ABORT meanwhile cancels the dial.  An OPEN with PROXY fields (a proxy
+with ``proxy_protocol``, proxyproto.py) has the header put at the head of the stream's output
+before the dial starts, so it is the target's first byte, ahead of the client's early bytes, and
+the target is read only once it is written (a target that speaks first hears nothing before it).
 
 Ownership (trunk.py, "Ownership"): a trunk belongs to the session it was opened in (its
 ``owner`` is the session's number).  When the session ends, `retire` stops counting its trunks,
@@ -36,7 +40,7 @@ import socket
 import ssl
 from typing import Callable
 
-from .. import mux
+from .. import mux, proxyproto
 from ..framed import FramedConn
 from ..loop import Loop, Timer
 from ..trunk import Stream, Trunk
@@ -129,7 +133,8 @@ class Trunks:
         trunk = Trunk(self.loop, sock, leftover, name=f"to {peer}", on_open=self._on_stream_open,
                       on_close=self._on_trunk_close)
         fields = {"session": session.token} if session.token is not None else {}
-        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, **fields))
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, pp=1,
+                            **fields))
         trunk.owner = session.number
         trunk.can_ping = session.trunk_ping
         self.current.append(trunk)
@@ -169,7 +174,8 @@ class Trunks:
                 self.loop.call_later(backoff_delay(1, config.backoff_min, config.backoff_max), self.refill)
 
     # -- a stream: its target ------------------------------------------------------------------------
-    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None) -> None:
+    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None,
+                        origin: proxyproto.Origin | None = None) -> None:
         target = target_name(host, port)
 
         def ended(st: Stream, reason: str) -> None:
@@ -180,6 +186,8 @@ class Trunks:
         stream = Stream(trunk, sid, name=f"target {target}", on_close=ended)
         if window is not None:
             stream.send_window = window  # the first window the server's budget granted
+        if origin is not None:
+            stream.lead(proxyproto.header(origin))  # the target's first byte, whatever comes next
 
         def dialled(sock: socket.socket | None, error: str | None) -> None:
             stream.dialer = None

@@ -25,6 +25,11 @@ then it is a `routing.Tunnel`.  Three paths get it there, tried in this order (`
   3. The admin connection: ``open`` on it; the agent dials a new data connection that names the
      client (``data``), handled by `Router.on_data`.
 
+A client of a proxy with ``proxy_protocol`` goes only on a trunk whose agent announced ``pp``
+(its OPEN carries the PROXY header's addresses, mux.py); with only older trunks it fails at once
+(another agent of the proxy may take it), logged once per agent session as well as per client;
+the other two paths never take it: with no trunk at all it fails here too.
+
 It must not accept clients, check limits, or count them (routing does); each path only places a
 pending client, or says it could not.
 """
@@ -35,6 +40,7 @@ import logging
 from typing import Any, Callable, Protocol
 
 from .. import mux
+from ..common import printable
 from ..framed import FramedConn
 from ..loop import Loop
 from ..trunk import Stream, Trunk
@@ -72,6 +78,7 @@ class TrunkPath:
         self.trunks: dict[str, list[Trunk]] = {}  # per agent, the current session's trunks
         self.retired: set[Trunk] = set()  # of sessions that are over, closed with their last stream
         self.waiting: dict[str, list[int]] = {}  # per agent, clients held while every trunk is stale
+        self.pp_warned: dict[str, AgentSession] = {}  # per agent, the session told too old for proxy_protocol
 
     def add(self, conn: FramedConn, msg: dict) -> None:
         """A trunk joins the agent's current session; one opened for a session that is over (its
@@ -100,6 +107,7 @@ class TrunkPath:
         trunk.owner = session
         trunk.can_ping = msg.get("ping") == 1
         trunk.takes_window = msg.get("window") == 1
+        trunk.takes_pp = msg.get("pp") == 1
         trunks.append(trunk)
         log.debug("trunk from agent %s (%s) up; %d now", agent_id, peer, len(trunks))
         self.serve_waiting(agent_id)
@@ -118,6 +126,8 @@ class TrunkPath:
 
     def retire(self, session: AgentSession, reason: str) -> None:
         """The session is over: its trunks take no new client and close with their last stream."""
+        if self.pp_warned.get(session.agent_id) is session:
+            del self.pp_warned[session.agent_id]
         trunks = self.trunks.get(session.agent_id, [])
         mine = [t for t in trunks if t.owner is session]
         if not mine:
@@ -167,7 +177,8 @@ class TrunkPath:
 
     def offer(self, pending: Any) -> bool:
         """Place `pending` on a live trunk of its agent, or hold it while all are stale; False if the
-        agent has no trunk at all."""
+        agent has no trunk at all (a client with a PROXY header's origin fails then: no other path
+        may take it)."""
         proxy, agent_id = pending.proxy, pending.agent_id
         trunks = self.trunks.get(agent_id)
         now, hb = self.loop.time(), self._config().heartbeat
@@ -178,11 +189,22 @@ class TrunkPath:
                 self.waiting.setdefault(agent_id, []).append(pending.conn_id)
                 return True
         if not trunks:
-            return False
+            if pending.origin is None:
+                return False
+            # the other paths (the deprecated per-client data connections) carry no PROXY header
+            self.router.attempt_failed(pending, f"agent {agent_id} has no trunk (pool_size = 0?): proxy_protocol "
+                                                "needs one (the per-client data connections carry no PROXY header)",
+                                       "target_refused")
+            return True
         live = [t for t in trunks if not t.stale(now, hb)]
         if not live:  # never on a trunk known to be stale: held for a live one (or data_timeout)
             self.waiting.setdefault(agent_id, []).append(pending.conn_id)
             return True
+        if pending.origin is not None:
+            live = [t for t in live if t.takes_pp]
+            if not live:
+                self._too_old(pending)
+                return True
         if not live[0].fast:  # a slow link, or not known to be fast yet: one trunk carries all (trunk.py, Scheduling)
             trunk = live[0]
         else:  # a fast path: the least busy trunk
@@ -195,12 +217,24 @@ class TrunkPath:
         stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
         pending.stream = stream
         window = stream.grant_first_window() if trunk.takes_window else None  # under the buffer budget
-        trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window))
+        trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window, pending.origin))
         if len(proxy.agent_ids) == 1:  # no round trip: the client's first bytes follow OPEN
             stream.attach(pending.sock, read_now=False)
         # else the client is read only once an agent has its target (READY): until then another
         # agent may take it over, and none of its bytes may have gone to the one that failed
         return True
+
+    def _too_old(self, pending: Any) -> None:
+        """A client of a proxy with proxy_protocol, and its agent's live trunks do not announce
+        ``pp``: connected, it would reach its target without the header.  Failed instead."""
+        agent_id = pending.agent_id
+        session = self.port.online(agent_id)
+        if session is not None and self.pp_warned.get(agent_id) is not session:
+            self.pp_warned[agent_id] = session
+            log.warning("agent %s (version %s) is too old for proxy_protocol (its trunks do not announce pp): "
+                        "its clients of proxies with proxy_protocol (the first: proxy %s) are closed until it is upgraded",
+                        agent_id, printable(session.version, 64), pending.proxy.name)
+        self.router.attempt_failed(pending, f"agent {agent_id} is too old for proxy_protocol", "target_refused")
 
     def _on_ready(self, conn_id: int, stream: Stream) -> None:
         pending = self.router.take_pending(conn_id)

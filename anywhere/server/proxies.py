@@ -35,6 +35,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import proxyproto
 from ..common import printable, valid_agent_id
 from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
 from ..errors import ConfigError, Conflict, Invalid, NotFound
@@ -50,7 +51,7 @@ ACCEPT_BUDGET = 64  # connections accepted per listener per loop pass
 PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 FIELDS = ("name", "agent_id", "agent_ids", "balance", "local_ip", "local_port", "remote_port", "whitelist", "enabled",
-          "idle_timeout")
+          "idle_timeout", "proxy_protocol")
 
 
 
@@ -93,6 +94,7 @@ class Proxy:
     balance: str = "least-connections"
     section: str | None = None  # declared by a range: the proxies.d section (named by `name` otherwise)
     remote_range: str | None = None  # declared by a range: its remote_port, "30000-30009"
+    proxy_protocol: str | None = None  # "v1" or "v2": the agent sends the target a PROXY header; None: off
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -116,6 +118,8 @@ class Proxy:
                 "enabled": self.enabled, "idle_timeout": self.idle_timeout}
         if len(self.agent_ids) > 1:  # a proxy of one agent keeps the form older versions read
             spec.update(agent_ids=list(self.agent_ids), balance=self.balance)
+        if self.proxy_protocol is not None:  # off is left out: what older versions stored and read
+            spec["proxy_protocol"] = self.proxy_protocol
         return spec
 
     @property
@@ -159,9 +163,15 @@ def validate_proxy(spec: Any) -> Proxy:
     idle = spec.get("idle_timeout", 0)
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 86400 * 7:
         raise Invalid(f"idle_timeout {idle!r} must be a number of seconds 0..604800 (0: the server's default)")
+    pp = spec.get("proxy_protocol")
+    try:
+        proxy_protocol = proxyproto.parse_version(pp)
+    except ValueError:
+        raise Invalid(f"proxy_protocol {printable(repr(pp), 80)} must be \"v1\", \"v2\", \"off\" or null (off)") from None
+    # TCP is the only protocol today; a UDP proxy (issue 19) is to refuse proxy_protocol here, by name
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
-                 agent_ids=agent_ids, balance=balance)
+                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol)
 
 
 def proxies_from(body: Any) -> tuple[list[Proxy], bool]:

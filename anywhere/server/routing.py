@@ -5,6 +5,10 @@ connection id) and `Tunnel` (joined: bytes flow through a `Relay` or a trunk `St
 `carrier.Carrier`s), with the counts the limits read.  An accepted client is checked against the
 proxy's whitelist (or the global one) and the limits; then, if its agent has a session, it waits
 while one of the data paths (paths.py: trunk, warm data connection, admin connection) places it.
+A proxy with ``proxy_protocol`` takes the client's address and the one it dialled at accept
+(`Pending.origin`, for the target's PROXY header) and is served only by trunks whose agent
+announced ``pp`` (paths.py `TrunkPath.offer`, which fails it otherwise): any other path would
+connect it without its header.
 A proxy may have several agents (balance.py picks one per client).  When the agent asked fails
 (it reports ``fail``: its target refused; its data path is lost; it does not answer within its
 share of `data_timeout`), the next usable agent is asked, before the client has received a byte
@@ -28,6 +32,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .. import proxyproto
 from ..audit import AuditLog
 from ..framed import FramedConn
 from ..loop import Loop, Timer
@@ -59,6 +64,7 @@ class Pending:
     agent_id: str = ""  # the agent asked now
     tried: list[str] | None = None  # the agents asked so far (a proxy of several agents)
     attempt: Timer | None = None  # this agent's share of data_timeout (a proxy of several agents)
+    origin: Any = None  # proxyproto.Origin: the client and the address it dialled (a proxy with proxy_protocol)
 
 
 @dataclass
@@ -140,7 +146,14 @@ class Router:
             self._refuse(sock, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline"
                          if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve")
             return
-        pending = Pending(self._new_id(), proxy, sock, peer, self.loop.time(), agent_id=session.agent_id)
+        try:
+            origin = _origin(proxy, sock, addr)
+        except (OSError, ValueError) as exc:
+            log.warning("proxy %s: client %s closed: no address for its PROXY header: %s", proxy.name, peer, exc)
+            _close(sock)
+            return
+        pending = Pending(self._new_id(), proxy, sock, peer, self.loop.time(), agent_id=session.agent_id,
+                          origin=origin)
         pending.timer = self.loop.call_later(self._config().data_timeout, self._pending_timeout, pending.conn_id)
         self._add_pending(pending)
         self._ask(pending, session)
@@ -386,6 +399,14 @@ class Router:
     def close_tunnels(self) -> None:
         for tunnel in list(self.tunnels.values()):
             tunnel.relay.close("server stopping")
+
+
+def _origin(proxy: Proxy, sock: socket.socket, addr: Any) -> proxyproto.Origin | None:
+    """For a client of a proxy with proxy_protocol, its PROXY header's addresses: the client's, and
+    the one it dialled (the accepted socket's own; a v4 client of a dual-stack listener as v4)."""
+    if proxy.proxy_protocol is None:
+        return None
+    return proxyproto.origin(int(proxy.proxy_protocol[1]), addr[:2], sock.getsockname()[:2])
 
 
 def _close(sock: socket.socket) -> None:

@@ -95,7 +95,8 @@ class View:
             item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source,
                         health=self.health(proxy))
             agents = self.router.balancer.states(proxy)
-            item.update(agent_ids=list(proxy.agent_ids), balance=proxy.balance, agents=agents,
+            item.update(agent_ids=list(proxy.agent_ids), balance=proxy.balance, proxy_protocol=proxy.proxy_protocol,
+                        agents=agents,
                         agent_online=any(a["state"] in ("online", "backing off") for a in agents),
                         connections=row.active,
                         connections_total=row.connections_total, rejected=row.rejected,
@@ -105,16 +106,24 @@ class View:
 
     def health(self, proxy: Proxy) -> str | None:
         """None if the proxy can serve a client now (enabled, listening, an agent online with a live
-        trunk or a data path); else why not, in one line (for load balancers: GET .../health)."""
+        trunk or a data path; with proxy_protocol, trunks that announce it); else why not, in one line
+        (for load balancers: GET .../health)."""
         if not proxy.enabled:
             return "proxy disabled"
         state = self.proxies_table.state(proxy)
         if state != "listening":
             return f"proxy {state}" + (f": {proxy.failed}" if proxy.failed else "")
-        why = {a: self.router.unusable(a) for a in proxy.agent_ids}
+        why = {a: self.router.unusable(a) or self._too_old(proxy, a) for a in proxy.agent_ids}
         if any(reason is None for reason in why.values()):
             return None
         return "no agent can serve: " + ", ".join(f"{a} {reason}" for a, reason in why.items())
+
+    def _too_old(self, proxy: Proxy, agent_id: str) -> str | None:
+        """For a proxy with proxy_protocol: whether the agent's trunks all fail to announce it (paths.py)."""
+        trunks = self.trunks.trunks.get(agent_id)
+        if proxy.proxy_protocol is None or not trunks or any(t.takes_pp for t in trunks):
+            return None
+        return "too old for proxy_protocol"
 
     def connections(self) -> list[dict]:
         now = self.loop.time()
