@@ -61,7 +61,7 @@ def agents_problem(values: dict[str, Any]) -> str | None:
 
 def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """A checked section (defaults filled, `agents_problem` None) as the fields the API takes; a port
-    range stays its text "START-END", as the API takes it too (server/proxies.py `expand`)."""
+    range stays its text "START-END", as the API takes it too (server/ranges.py `expand`)."""
     agents = values["agents"] or [values["agent"]]
     return {"name": name, "agent_id": agents[0], "agent_ids": list(agents), "balance": values["balance"],
             "local_ip": values["local_ip"],

@@ -4,7 +4,8 @@ The package, by what each module owns (each module's docstring states its rules)
 
   settings.py  ServerConfig: every key's check, default and help, once; the configspec, the flags'
                help, check-config and the reload list are derived from it
-  proxies.py   what a proxy is, its validation, its listeners (ProxyTable)
+  proxy.py     what a proxy is (Proxy) and its validation, from every source
+  proxies.py   the running proxies and their listeners (ProxyTable); a declared set applied
   ranges.py    port ranges: a range START-END as one proxy per port; deleting a range
   sessions.py  the agent port: TLS connections, their explicit Role, first frames, agent sessions,
                heartbeats, the deny list (AgentPort)

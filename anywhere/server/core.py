@@ -32,7 +32,8 @@ from . import api, metrics
 from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
-from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, proxies_from
+from .proxies import ACCEPT_BUDGET, Change, ProxyTable
+from .proxy import Network, Proxy, parse_whitelist, proxies_from
 from .ranges import find_range, label, route
 from .routing import Router
 from .sessions import AgentPort, AgentSession

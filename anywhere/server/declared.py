@@ -3,7 +3,7 @@
 Every `*.conf` file of the directory is INI in the format of proxyfile.py (one section per proxy,
 named by the section), read with configobj and checked with validate like anywhered.conf.
 
-`read_dir` returns the declared proxies as API-shaped specs (the keys `proxies.validate_proxy`
+`read_dir` returns the declared proxies as API-shaped specs (the keys `proxy.validate_proxy`
 takes), each with the file it came from, or raises ConfigError listing every problem of every
 file at once, each naming file, section, key and value (a malformed file, an unknown key, a bad
 value, a name or remote port declared twice across files).  A section whose remote_port is a range
@@ -23,7 +23,7 @@ from typing import Any
 from .. import config as configuration
 from ..errors import ConfigError, Invalid
 from ..proxyfile import PROXY_SPEC, agents_problem, to_api
-from .proxies import NAME_RE, validate_proxy
+from .proxy import NAME_RE, validate_proxy
 from .ranges import capped, expand, pairing_problem, port_value
 
 @dataclass

@@ -44,7 +44,7 @@ from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
 from .balance import Balancer
-from .proxies import Network, Proxy, allowed
+from .proxy import Network, Proxy, allowed
 from .sessions import AgentPort, AgentSession, Role
 from .settings import ServerConfig
 

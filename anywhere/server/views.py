@@ -20,7 +20,8 @@ from ..loop import Loop
 from ..trunk import buffer_usage
 from .counters import Tally, live
 from .paths import TrunkPath, WarmPath
-from .proxies import Proxy, ProxyTable
+from .proxies import ProxyTable
+from .proxy import Proxy
 from .routing import Router
 from .sessions import AgentPort
 from .settings import ServerConfig
