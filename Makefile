@@ -59,7 +59,8 @@ lint-packages: deb rpm
 # Debian packages the tests use: iproute2 (ip netns, for the multi-host tests), systemd
 # (systemd-analyze, for the unit checks), systemd-container + debootstrap + zstd (the test
 # under a real systemd, in systemd-nspawn), nftables (cutting one connection in the fault tests),
-# haproxy (the load balancer in front of two servers: tests/test_haproxy.py), python3-venv.
+# haproxy (the load balancer in front of two servers: tests/test_haproxy.py), iperf3 (the
+# bandwidth limit's measurements: tests/test_bandwidth.py), python3-venv.
 system-deps:
 	@missing=""; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
@@ -69,6 +70,7 @@ system-deps:
 	command -v zstd >/dev/null 2>&1 || missing="$$missing zstd"; \
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	command -v iperf3 >/dev/null 2>&1 || missing="$$missing iperf3"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

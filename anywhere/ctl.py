@@ -21,6 +21,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from . import proxyfile
+from .config import flag_type, format_bandwidth
 from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
 
 def __getattr__(name: str) -> Any:
@@ -77,6 +78,8 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["agent_ids"] = agents
     if args.balance:
         body["balance"] = args.balance
+    if args.bandwidth is not None:
+        body["bandwidth"] = args.bandwidth  # bits a second, checked by the file's own check
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
@@ -84,14 +87,16 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
+    limit = f" (bandwidth {format_bandwidth(p['bandwidth'])} each way)" if p.get("bandwidth") else ""
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
-                                 f"{p['local_ip']}:{p['local_port']}")
+                                 f"{p['local_ip']}:{p['local_port']}{limit}")
 
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/proxies")
     rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=human_bytes(p.get("bytes_in", 0)),
-                 bytes_out=human_bytes(p.get("bytes_out", 0)), agent_id=",".join(p.get("agent_ids") or [p["agent_id"]]))
+                 bytes_out=human_bytes(p.get("bytes_out", 0)), agent_id=",".join(p.get("agent_ids") or [p["agent_id"]]),
+                 bandwidth=format_bandwidth(p["bandwidth"]) if p.get("bandwidth") else "-")
             for p in data["proxies"]]
     failed = [f"proxy {p['name']} failed: {p['failed']}" for p in data["proxies"] if p.get("failed")]
     failed += [f"proxy {p['name']} ({p['balance']}): " + ", ".join(
@@ -101,7 +106,7 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
-        ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
+        ("whitelist", "WHITELIST"), ("bandwidth", "BANDWIDTH"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
         ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE")])]
         + ([""] + failed if failed else [])))
 
@@ -271,6 +276,9 @@ def add_admin_commands(sub: Any) -> None:
     add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")
     add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
     add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT)")
+    add.add_argument("--bandwidth", type=flag_type(proxyfile.PROXY_SPEC, "bandwidth"), metavar="RATE",
+                     help="a limit per direction for all the proxy's connections together, e.g. 10mbit (kbit, mbit, "
+                          "gbit: powers of 1000; 8kbit..100gbit); default (or 0, off): unlimited")
     add.set_defaults(func=cmd_proxy_add)
     lst = proxy.add_parser("list", parents=[common], help="list proxies")
     lst.set_defaults(func=cmd_proxy_list)

@@ -7,6 +7,7 @@
     remote_port = 8080
     #whitelist = 203.0.113.0/24, 2001:db8::/32
     #idle_timeout = 0
+    #bandwidth = 10mbit
     #enabled = true
 
 Owns the keys of a section (`PROXY_SPEC`, a configobj spec checked with config.py's checks),
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import format_bandwidth
+
 # one section per proxy; the keys without a default are required, and one of agent or agents
 PROXY_SPEC = """
 [__many__]
@@ -32,6 +35,7 @@ local_port = port()
 remote_port = port()
 whitelist = networks(default=list())
 idle_timeout = seconds_or_off(at_most=604800, default=0)
+bandwidth = bandwidth(default=0)
 enabled = boolean(default=True)
 """.strip().splitlines()
 
@@ -51,7 +55,7 @@ def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
             "local_ip": values["local_ip"],
             "local_port": values["local_port"], "remote_port": values["remote_port"],
             "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
-            "enabled": values["enabled"]}
+            "bandwidth": values["bandwidth"], "enabled": values["enabled"]}
 
 
 def render(proxies: list[dict[str, Any]], header: str = "") -> str:
@@ -72,6 +76,8 @@ def render(proxies: list[dict[str, Any]], header: str = "") -> str:
             lines.append("whitelist = " + ", ".join(proxy["whitelist"]))
         if proxy.get("idle_timeout"):
             lines.append(f"idle_timeout = {proxy['idle_timeout']:g}")
+        if proxy.get("bandwidth"):
+            lines.append(f"bandwidth = {format_bandwidth(proxy['bandwidth'])}")
         if proxy.get("enabled") is False:
             lines.append("enabled = false")
     return "\n".join(lines) + "\n"

@@ -642,6 +642,12 @@ class Stream:
     # a stream never hands its trunk over (carrier.Carrier); a class attribute, not one more per
     # instance: the 31st attribute cost every stream 0.45 KiB (its __dict__ outgrew the shared keys)
     handoff = None
+    # A proxy's bandwidth limit (shaper.py): the gates of its two directions, None while unlimited
+    # (class attributes, so an unlimited stream carries none), and whether it waits for tokens.
+    up: Any = None  # plain → trunk: what the stream reads from its socket
+    down: Any = None  # trunk → plain: what it writes to its socket
+    up_wait = False
+    down_wait = False
 
     def __init__(self, trunk: Trunk, sid: int, name: str = "",
                  on_close: Callable[["Stream", str], None] | None = None) -> None:
@@ -710,8 +716,8 @@ class Stream:
     def _update(self) -> None:
         if self.closed or self.sock is None:
             return
-        reading = not self.eof_read and self.send_window > 0 and self not in self.trunk.blocked
-        mask = (READ if reading else 0) | (WRITE if self.outbuf else 0)
+        reading = not self.eof_read and self.send_window > 0 and self not in self.trunk.blocked and not self.up_wait
+        mask = (READ if reading else 0) | (WRITE if self.outbuf and not self.down_wait else 0)
         if mask == self.mask:
             return
         if self.mask == 0:
@@ -741,6 +747,7 @@ class Stream:
         sock, trunk = self.sock, self.trunk
         if sock is None or self.closed:
             return
+        up = self.up  # a bandwidth limit (shaper.py): None for an unlimited proxy
         for _ in range(16):
             window = self.send_window
             if self.eof_read or window <= 0:
@@ -766,6 +773,12 @@ class Stream:
             elif trunk.out_bytes >= trunk.high:
                 trunk.blocked[self] = None
                 break
+            if up is not None:
+                allowed = self._up_allowed(up)
+                if not allowed:
+                    break
+                if allowed < limit:
+                    limit = allowed
             try:
                 n = sock.recv_into(_view[_HDR:_HDR + limit])
             except _WOULD_BLOCK:
@@ -792,6 +805,8 @@ class Stream:
                 self.bulk_mark = trunk.bulk_in
             self.send_window = window - n
             self.nbytes_in += n
+            if up is not None:
+                up.spend(n)
             self.last_active = trunk.loop.now  # for idle timeouts: the time of this loop pass will do
             if self.first_byte_at is None:
                 self._first_byte()
@@ -826,10 +841,13 @@ class Stream:
         self.last_active = self.trunk.loop.now
         if self.first_byte_at is None:
             self._first_byte()
-        if self.sock is None or outbuf:
+        if self.sock is None or outbuf or self.down is not None:
             outbuf += payload
             self._hold(n)
-            self._update()
+            if self.down is not None and len(outbuf) == n and not self.down_wait:
+                self._drain()  # limited: what the tokens allow goes now, the rest waits (shaper.py)
+            else:
+                self._update()
             return
         try:
             sent = self.sock.send(payload)
@@ -854,8 +872,17 @@ class Stream:
         global _held
         if not self.outbuf or self.sock is None:
             return
+        data: bytearray = self.outbuf
+        down = self.down
+        if down is not None:  # a bandwidth limit: at most what the tokens allow
+            allowed = self._down_allowed(down)
+            if not allowed:
+                self._update()
+                return
+            if allowed < len(data):
+                data = data[:allowed]  # a copy: outbuf is cut below, which a view would forbid
         try:
-            sent = self.sock.send(self.outbuf)
+            sent = self.sock.send(data)
         except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
@@ -863,6 +890,11 @@ class Stream:
             return
         del self.outbuf[:sent]
         _held -= sent
+        if down is not None:
+            down.spend(sent)
+            if self.outbuf and sent == len(data) and not down.available():
+                self.down_wait = True  # the tokens ran out, not the socket's room: wait for them
+                down.wait(self._resume_down)
         self._credit(sent)
         self._recount()
         if not self.outbuf and self.peer_ended:
@@ -945,6 +977,51 @@ class Stream:
         _committed += committed - self.committed
         self.committed = committed
 
+    # -- a bandwidth limit (shaper.py) -----------------------------------------------------------------
+    def shape(self, up: Any, down: Any) -> None:
+        """Put the stream under these gates (None: unlimited that way), now or anew on a change of
+        its proxy's limit; a stream that waited for the old gate goes on under the new one."""
+        for gate, resume in ((self.up, self._resume_up), (self.down, self._resume_down)):
+            if gate is not None:
+                gate.leave(resume)
+        self.up, self.down = up, down
+        self.up_wait = self.down_wait = False
+        if self.closed or self.sock is None:
+            return
+        if self.outbuf:
+            self._drain()
+        if not self.closed:
+            self.pump()
+
+    def _up_allowed(self, up: Any) -> int:
+        """What the gate lets this stream read now; 0: it waits (out of the selector) for tokens."""
+        allowed = up.available()
+        if not allowed:
+            self.up_wait = True
+            up.wait(self._resume_up)
+        elif self.up_wait:
+            self.up_wait = False  # tokens came back before its turn (pumped for another reason)
+            up.leave(self._resume_up)
+        return allowed
+
+    def _down_allowed(self, down: Any) -> int:
+        allowed = down.available()
+        if not allowed:
+            self.down_wait = True
+            down.wait(self._resume_down)
+        elif self.down_wait:
+            self.down_wait = False
+            down.leave(self._resume_down)
+        return allowed
+
+    def _resume_up(self) -> None:
+        self.up_wait = False
+        self.pump()
+
+    def _resume_down(self) -> None:
+        self.down_wait = False
+        self._drain()
+
     def on_peer_end(self) -> None:
         self.peer_ended = True
         if not self.outbuf and self.sock is not None:
@@ -984,6 +1061,8 @@ class Stream:
         if not trunk.streams:
             trunk.idle_since = trunk.loop.now
         trunk.blocked.pop(self, None)
+        if self.up is not None or self.down is not None:
+            self.shape(None, None)  # out of its gates' queues (closed: nothing more happens)
         trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
         _held -= len(self.outbuf)
         _committed -= self.committed

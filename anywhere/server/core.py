@@ -208,7 +208,11 @@ class Server:
     def _apply(self, change: Change) -> dict:
         """Swap in a prepared declared set (logged by the table); the removed proxies' connections closed."""
         removed = {p.name for p in change.removed}
+        limited = {old.name: old.shaper is not None for old, _ in change.changed}
         summary: dict[str, Any] = self.proxies.commit(change)
+        for _, new in change.changed:
+            if limited[new.name] != (new.shaper is not None):  # a limit came or went: the live streams follow
+                self.router.reshape(new)
         for proxy in change.added + [new for _, new in change.changed]:
             self.tally.known(proxy.name, proxy.agent_id)
         summary["closed_connections"] = self.router.close_connections(

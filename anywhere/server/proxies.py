@@ -20,7 +20,9 @@ ConfigError naming file, section, key and value), then `commit` swaps it in, han
 listening sockets over from the proxy that had it to the one that keeps it, and closing the ports
 no longer wanted (so a moved proxy's new port is bound before its old one closes).  A proxy whose
 target changed is a new object: the live connections keep the old one, with the target they were
-opened to.
+opened to.  A proxy's bandwidth limit (its `Shaper`, shaper.py) is the same object across such
+changes: a new rate applies in place to every live connection (the router re-shapes them when a
+limit comes or goes: core.py).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..common import printable, valid_agent_id
-from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
+from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY, MAX_BANDWIDTH, MIN_BANDWIDTH, parse_bandwidth
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
+from ..shaper import Shaper
 from ..state import entry_name
 from .settings import ServerConfig
 
@@ -46,7 +49,7 @@ ACCEPT_BUDGET = 64  # connections accepted per listener per loop pass
 PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 FIELDS = ("name", "agent_id", "agent_ids", "balance", "local_ip", "local_port", "remote_port", "whitelist", "enabled",
-          "idle_timeout")
+          "idle_timeout", "bandwidth")
 
 
 
@@ -87,6 +90,8 @@ class Proxy:
     file: str | None = None  # declared in this proxies.d file; None: made through the API
     agent_ids: list[str] = field(default_factory=list)  # every agent, agent_id first (balance.py)
     balance: str = "least-connections"
+    bandwidth: int = 0  # bits a second, each way, all its connections together; 0: unlimited
+    shaper: Shaper | None = field(repr=False, default=None)  # while bandwidth is set (ProxyTable.shape)
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -106,6 +111,8 @@ class Proxy:
                 "enabled": self.enabled, "idle_timeout": self.idle_timeout}
         if len(self.agent_ids) > 1:  # a proxy of one agent keeps the form older versions read
             spec.update(agent_ids=list(self.agent_ids), balance=self.balance)
+        if self.bandwidth:  # an unlimited proxy keeps the form older versions read
+            spec["bandwidth"] = self.bandwidth
         return spec
 
     @property
@@ -149,9 +156,16 @@ def validate_proxy(spec: Any) -> Proxy:
     idle = spec.get("idle_timeout", 0)
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 86400 * 7:
         raise Invalid(f"idle_timeout {idle!r} must be a number of seconds 0..604800 (0: the server's default)")
+    bandwidth = spec.get("bandwidth", 0)
+    if isinstance(bandwidth, str):
+        bandwidth = 0 if bandwidth.strip().lower() in ("0", "off", "") else parse_bandwidth(bandwidth)
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or \
+            not (bandwidth == 0 or MIN_BANDWIDTH <= bandwidth <= MAX_BANDWIDTH):
+        raise Invalid(f"bandwidth {spec.get('bandwidth')!r} must be bits a second {MIN_BANDWIDTH}..{MAX_BANDWIDTH} or "
+                      "a rate like \"10mbit\" (kbit, mbit, gbit: powers of 1000); 0: unlimited")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
-                 agent_ids=agent_ids, balance=balance)
+                 agent_ids=agent_ids, balance=balance, bandwidth=bandwidth)
 
 
 def _agent_ids(spec: dict) -> list[str]:
@@ -250,6 +264,7 @@ class ProxyTable:
         if proxy.enabled:
             self.listen(proxy)
         self.by_name[proxy.name] = proxy
+        self.shape(proxy)
 
     def remove(self, proxy: Proxy) -> None:
         self.close_listeners(proxy)
@@ -267,6 +282,7 @@ class ProxyTable:
                       printable(exc.message))
             return None
         self.by_name[proxy.name] = proxy
+        self.shape(proxy)
         if proxy.enabled and not self.try_listen(proxy):
             log.error("proxy %s restored but not serving: %s; retried every %g s (or: anywherectl proxy enable %s)",
                       proxy.name, proxy.failed, PROXY_RETRY, proxy.name)
@@ -346,7 +362,9 @@ class ProxyTable:
 
     def commit(self, change: Change) -> dict[str, Any]:
         """Swap a prepared set in: listeners handed over by port, the ports no longer wanted closed;
-        each change logged.  Returns the names added, removed, changed and unchanged."""
+        each change logged (first: the running proxies take some new values in place).  Returns the names
+        added, removed, changed and unchanged."""
+        self._log(change)
         held: dict[int, list[Acceptor]] = {}
         for proxy in change.removed + [old for old, _ in change.changed] + change.unchanged:
             if proxy.listeners:
@@ -356,9 +374,13 @@ class ProxyTable:
             del self.by_name[proxy.name]
         for old, new in change.changed:
             old.idle_timeout = new.idle_timeout  # the live connections through it take the new timeout too
+            new.shaper = old.shaper  # one limit for the old connections and the new ones: applied in place
+            self.shape(new)
+            old.bandwidth, old.shaper = new.bandwidth, new.shaper
             self.by_name[new.name] = new
         for proxy in change.added:
             self.by_name[proxy.name] = proxy
+            self.shape(proxy)
         for proxy in self._serving(change):
             listeners = held.pop(proxy.remote_port, None)
             if listeners is None:
@@ -371,8 +393,19 @@ class ProxyTable:
             for acceptor in listeners:
                 acceptor.close()
         change.release()  # nothing is left there; safe if anything was
-        self._log(change)
         return change.summary()
+
+    def shape(self, proxy: Proxy) -> None:
+        """Give the proxy the shaper its bandwidth needs: a new one, the same at a new rate, or none
+        (the old one's timers cancelled; its streams are re-shaped by the router: Router.reshape)."""
+        if proxy.bandwidth and proxy.shaper is None:
+            proxy.shaper = Shaper(self.loop, proxy.bandwidth, proxy.name)
+        elif proxy.bandwidth:
+            proxy.shaper.set_bandwidth(proxy.bandwidth)
+        elif proxy.shaper is not None:
+            proxy.shaper.up.release()
+            proxy.shaper.down.release()
+            proxy.shaper = None
 
     @staticmethod
     def _log(change: Change) -> None:
@@ -382,7 +415,8 @@ class ProxyTable:
         for old, proxy in change.changed:
             before, after = old.to_dict(), proxy.to_dict()
             log.info("proxy %s changed (%s): %s", proxy.name, proxy.file, ", ".join(
-                f"{k} {before[k]} → {v}" for k, v in after.items() if before[k] != v) or f"moved from {old.file}")
+                f"{k} {before.get(k, '-')} → {after.get(k, '-')}" for k in {**before, **after}
+                if before.get(k) != after.get(k)) or f"moved from {old.file}")
         for proxy in change.added:
             log.info("proxy %s declared in %s: port %d → agent %s → %s%s", proxy.name, proxy.file, proxy.remote_port,
                      proxy.agent_id, proxy.target, "" if proxy.enabled else " (disabled)")
