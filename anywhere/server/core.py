@@ -71,7 +71,7 @@ class Server:
         self.router = Router(loop, settings, self.port, self.trunk_path, self.warm_path, self.limits, self.tally,
                              lambda: self.audit, lambda: self.global_nets, self.metrics.setup_seconds, self.new_id,
                              self.wall_time)
-        self.proxies = ProxyTable(loop, settings, self.router.on_client)
+        self.proxies = ProxyTable(loop, settings, self.router.on_client, self.router.reshape)
         self.port.on_data = self.router.on_data
         self.port.on_trunk = self.trunk_path.add
         self.port.on_pool = self.warm_path.add
@@ -208,11 +208,7 @@ class Server:
     def _apply(self, change: Change) -> dict:
         """Swap in a prepared declared set (logged by the table); the removed proxies' connections closed."""
         removed = {p.name for p in change.removed}
-        limited = {old.name: old.shaper is not None for old, _ in change.changed}
         summary: dict[str, Any] = self.proxies.commit(change)
-        for _, new in change.changed:
-            if limited[new.name] != (new.shaper is not None):  # a limit came or went: the live streams follow
-                self.router.reshape(new)
         for proxy in change.added + [new for _, new in change.changed]:
             self.tally.known(proxy.name, proxy.agent_id)
         summary["closed_connections"] = self.router.close_connections(

@@ -22,7 +22,7 @@ no longer wanted (so a moved proxy's new port is bound before its old one closes
 target changed is a new object: the live connections keep the old one, with the target they were
 opened to.  A proxy's bandwidth limit (its `Shaper`, shaper.py) is the same object across such
 changes: a new rate applies in place to every live connection (the router re-shapes them when a
-limit comes or goes: core.py).
+limit comes or goes: `on_reshape`).
 """
 
 from __future__ import annotations
@@ -213,10 +213,12 @@ class ProxyTable:
     """The proxies by name, their listeners, and the stored entries that are not valid."""
 
     def __init__(self, loop: Loop, config: Callable[[], ServerConfig],
-                 on_client: Callable[[Proxy, socket.socket, Any], None]) -> None:
+                 on_client: Callable[[Proxy, socket.socket, Any], None],
+                 on_reshape: Callable[[Proxy], None] = lambda _proxy: None) -> None:
         self.loop = loop
         self._config = config
         self.on_client = on_client
+        self.on_reshape = on_reshape  # a limit came or went: the live connections follow (Router.reshape)
         self.by_name: dict[str, Proxy] = {}
         self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
         self.accepting = True  # False while draining or closed: no listener is bound again
@@ -374,10 +376,12 @@ class ProxyTable:
             del self.by_name[proxy.name]
         for old, new in change.changed:
             old.idle_timeout = new.idle_timeout  # the live connections through it take the new timeout too
-            new.shaper = old.shaper  # one limit for the old connections and the new ones: applied in place
+            new.shaper, limited = old.shaper, old.shaper is not None  # one limit for old and new connections
             self.shape(new)
             old.bandwidth, old.shaper = new.bandwidth, new.shaper
             self.by_name[new.name] = new
+            if limited != (new.shaper is not None):
+                self.on_reshape(new)
         for proxy in change.added:
             self.by_name[proxy.name] = proxy
             self.shape(proxy)
