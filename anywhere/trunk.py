@@ -60,6 +60,14 @@ a stream is done when both directions have ended.  ABORT, or the trunk going awa
 plain socket at once.  `Stream` offers what the server's connection table reads from a relay:
 byte counts, `close()`, `first_byte_at`, `last_active`.
 
+A proxy's bandwidth limit (shaper.py) applies to the server's streams of that proxy: `up` and
+`down` are the gates of its two directions (class attributes None for every other stream, so an
+unlimited stream checks one attribute per read, per DATA frame and per interest update, and
+nothing else).  A limited stream reads its plain socket at most what `up` allows and spends it;
+it writes to its plain socket at most what `down` allows, keeping the rest in `outbuf` (within
+its window, like any), so credit goes back only for what its socket took.  With no token left it
+drops READ (resp. WRITE) from its mask (`up_wait`, `down_wait`) until the gate's timer resumes it.
+
 Scheduling
 ----------
 On a link slower than the processes (a WAN, a saturated uplink), everything queued in front of a

@@ -30,6 +30,8 @@ from anywhere.shaper import MIN_BURST, Gate, TokenBucket, burst_for
 
 from conftest import free_port, wait_for
 
+SERVER = "anywhere.server_cli"
+
 IPERF3 = shutil.which("iperf3") or ("/usr/bin/iperf3" if os.path.exists("/usr/bin/iperf3") else None)
 need_iperf3 = pytest.mark.skipif(IPERF3 is None, reason="iperf3 is not installed (make system-deps installs it)")
 LIMIT = 20_000_000  # bits a second
@@ -301,3 +303,27 @@ def test_a_reload_applies_a_new_limit_to_the_live_connections_in_place(world, ec
         assert echo_through(c, 4_000_000) < 2.0
     listed = world.ctl("proxy", "list", "--admin-socket", world.sock).stdout
     assert "BANDWIDTH" in listed
+
+
+def test_the_limit_is_stored_listed_and_exported_and_anywhered_takes_the_flag_too(world):
+    world.start_server()
+    world.ctl("proxy", "add", "--admin-socket", world.sock, "--agent-id", "agent-1", "--local-ip", "127.0.0.1",
+              "--local-port", "80", "--remote-port", str(free_port()), "--name", "web", "--bandwidth", "1.5gbit",
+              prog=SERVER)
+    added = world.ctl("proxy", "add", "--admin-socket", world.sock, "--agent-id", "agent-1", "--local-ip",
+                      "127.0.0.1", "--local-port", "81", "--remote-port", str(free_port()), "--name", "free").stdout
+    assert "bandwidth" not in added
+    res = world.ctl("proxy", "add", "--admin-socket", world.sock, "--agent-id", "agent-1", "--local-ip", "127.0.0.1",
+                    "--local-port", "82", "--remote-port", str(free_port()), "--bandwidth", "10", check=False)
+    assert res.returncode != 0 and "argument --bandwidth: 10: must be a rate with a unit kbit, mbit or gbit" in res.stderr
+    world.server.stop()
+    with open(os.path.join(world.state_dir, "proxies.json")) as f:
+        stored = {p["name"]: p for p in json.load(f)["proxies"]}
+    assert stored["web"]["bandwidth"] == 1_500_000_000 and "bandwidth" not in stored["free"]
+    world.start_server()
+    listed = {p["name"]: p for p in world.api("GET", "/v1/proxies")["proxies"]}
+    assert listed["web"]["bandwidth"] == 1_500_000_000 and listed["free"]["bandwidth"] == 0
+    table = world.ctl("proxy", "list", "--admin-socket", world.sock).stdout
+    assert "BANDWIDTH" in table and "1500mbit" in table
+    exported = world.ctl("proxy", "export", "--admin-socket", world.sock).stdout
+    assert exported.count("bandwidth = ") == 1 and "bandwidth = 1500mbit" in exported
