@@ -62,8 +62,8 @@ byte counts, `close()`, `first_byte_at`, `last_active`.
 
 A proxy's bandwidth limit (shaper.py) applies to the server's streams of that proxy: `up` and
 `down` are the gates of its two directions (class attributes None for every other stream, so an
-unlimited stream checks one attribute per read, per DATA frame and per interest update, and
-nothing else).  A limited stream reads its plain socket at most what `up` allows and spends it;
+unlimited stream checks a module global, `_shaped`, the number of limited streams, per read,
+per DATA frame and per interest update, and nothing else while it is 0).  A limited stream reads its plain socket at most what `up` allows and spends it;
 it writes to its plain socket at most what `down` allows, keeping the rest in `outbuf` (within
 its window, like any), so credit goes back only for what its socket took.  With no token left it
 drops READ (resp. WRITE) from its mask (`up_wait`, `down_wait`) until the gate's timer resumes it.
@@ -205,6 +205,7 @@ _WINDOW_SIZE = mux.WINDOW_SIZE
 _budget = BUFFER_BUDGET
 _held = 0  # bytes in the outbufs of every stream
 _committed = 0  # the sum of Stream.committed: what may come to be held, beyond first windows
+_shaped = 0  # streams under a bandwidth limit, in the process: while 0, no stream looks for one
 
 
 _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP socket's send queue not yet sent
@@ -650,8 +651,12 @@ class Stream:
     # a stream never hands its trunk over (carrier.Carrier); a class attribute, not one more per
     # instance: the 31st attribute cost every stream 0.45 KiB (its __dict__ outgrew the shared keys)
     handoff = None
-    # A proxy's bandwidth limit (shaper.py): the gates of its two directions, None while unlimited
-    # (class attributes, so an unlimited stream carries none), and whether it waits for tokens.
+    # A proxy's bandwidth limit (shaper.py): the gates of its two directions, None while unlimited,
+    # and whether it waits for tokens.  Class attributes, so an unlimited stream carries none (a 30th
+    # instance attribute would unshare every stream's __dict__: 1.3 KiB more each); read only while
+    # the module's `_shaped` says some stream has a limit (Python 3.11 looks a class attribute up
+    # through an instance in about 60 ns, a module global in a few: the agent, and a server
+    # without limits, pay the latter per chunk).
     up: Any = None  # plain → trunk: what the stream reads from its socket
     down: Any = None  # trunk → plain: what it writes to its socket
     up_wait = False
@@ -724,8 +729,9 @@ class Stream:
     def _update(self) -> None:
         if self.closed or self.sock is None:
             return
-        reading = not self.eof_read and self.send_window > 0 and self not in self.trunk.blocked and not self.up_wait
-        mask = (READ if reading else 0) | (WRITE if self.outbuf and not self.down_wait else 0)
+        reading = not self.eof_read and self.send_window > 0 and self not in self.trunk.blocked and \
+            not (_shaped and self.up_wait)
+        mask = (READ if reading else 0) | (WRITE if self.outbuf and not (_shaped and self.down_wait) else 0)
         if mask == self.mask:
             return
         if self.mask == 0:
@@ -755,7 +761,7 @@ class Stream:
         sock, trunk = self.sock, self.trunk
         if sock is None or self.closed:
             return
-        up = self.up  # a bandwidth limit (shaper.py): None for an unlimited proxy
+        up = self.up if _shaped else None  # a bandwidth limit (shaper.py): None for an unlimited proxy
         for _ in range(16):
             window = self.send_window
             if self.eof_read or window <= 0:
@@ -849,7 +855,7 @@ class Stream:
         self.last_active = self.trunk.loop.now
         if self.first_byte_at is None:
             self._first_byte()
-        if self.sock is None or outbuf or self.down is not None:
+        if self.sock is None or outbuf or (_shaped and self.down is not None):
             outbuf += payload
             self._hold(n)
             if self.down is not None and len(outbuf) == n and not self.down_wait:
@@ -881,7 +887,7 @@ class Stream:
         if not self.outbuf or self.sock is None:
             return
         data: bytearray = self.outbuf
-        down = self.down
+        down = self.down if _shaped else None
         if down is not None:  # a bandwidth limit: at most what the tokens allow
             allowed = self._down_allowed(down)
             if not allowed:
@@ -989,10 +995,13 @@ class Stream:
     def shape(self, up: Any, down: Any) -> None:
         """Put the stream under these gates (None: unlimited that way), now or anew on a change of
         its proxy's limit; a stream that waited for the old gate goes on under the new one."""
+        global _shaped
+        was = self.up is not None or self.down is not None
         for gate, resume in ((self.up, self._resume_up), (self.down, self._resume_down)):
             if gate is not None:
                 gate.leave(resume)
         self.up, self.down = up, down
+        _shaped += (up is not None or down is not None) - was
         self.up_wait = self.down_wait = False
         if self.closed or self.sock is None:
             return
@@ -1069,7 +1078,7 @@ class Stream:
         if not trunk.streams:
             trunk.idle_since = trunk.loop.now
         trunk.blocked.pop(self, None)
-        if self.up is not None or self.down is not None:
+        if _shaped and (self.up is not None or self.down is not None):
             self.shape(None, None)  # out of its gates' queues (closed: nothing more happens)
         trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
         _held -= len(self.outbuf)
