@@ -61,12 +61,14 @@ plain socket at once.  `Stream` offers what the server's connection table reads 
 byte counts, `close()`, `first_byte_at`, `last_active`.
 
 A proxy's bandwidth limit (shaper.py) applies to the server's streams of that proxy: `up` and
-`down` are the gates of its two directions (class attributes None for every other stream, so an
-unlimited stream checks a module global, `_shaped`, the number of limited streams, per read,
-per DATA frame and per interest update, and nothing else while it is 0).  A limited stream reads its plain socket at most what `up` allows and spends it;
-it writes to its plain socket at most what `down` allows, keeping the rest in `outbuf` (within
-its window, like any), so credit goes back only for what its socket took.  With no token left it
-drops READ (resp. WRITE) from its mask (`up_wait`, `down_wait`) until the gate's timer resumes it.
+`down` are the gates of its two directions (class attributes, None for every other stream).  An
+unlimited stream checks one module global, `_shaped` (how many streams of the process have a
+limit), per read, per DATA frame and per interest update, and nothing else while it is 0.  A
+limited stream reads its plain socket at most what `up` allows and spends it; it writes to its
+plain socket at most what `down` allows, keeping the rest in `outbuf` (within its window, like
+any), so credit goes back only for what its socket took and the peer stops sending, and stops
+reading its own socket, when the window is used up.  With no token left the stream drops READ
+(resp. WRITE) from its mask (`up_wait`, `down_wait`) until the gate's timer resumes it.
 
 Scheduling
 ----------

@@ -233,8 +233,8 @@ def test_a_limited_proxy_measures_its_limit_and_another_of_the_same_agent_is_una
     limited, free = measure_both(limited_port, free_port_, reverse)
     print(f"\n{'-R ' if reverse else ''}limited: {limited['bps'] / 1e6:.2f} Mbit/s, free: {free['bps'] / 1e6:.1f} "
           f"Mbit/s")
-    assert LIMIT * 0.9 <= limited["bps"] <= LIMIT * 1.1
-    assert free["bps"] >= 5 * LIMIT  # far above the limit, at the same time
+    assert LIMIT * 0.9 <= limited["bps"] <= LIMIT * 1.1, limited
+    assert free["bps"] >= 5 * LIMIT, free  # far above the limit, at the same time
 
 
 def test_nothing_is_lost_under_the_limit_either_way(world, echo_target):
