@@ -178,8 +178,9 @@ def iperf3_server(port: int) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL)
 
 
-def iperf3(port: int, reverse: bool = False, seconds: int = SECONDS) -> dict:
-    args = [IPERF3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"] + (["-R"] if reverse else [])
+def iperf3(port: int, reverse: bool = False, seconds: int = SECONDS, parallel: int = 1) -> dict:
+    args = [IPERF3, "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J", "-P", str(parallel)] + \
+        (["-R"] if reverse else [])
     res = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
     assert res.returncode == 0, f"iperf3 {' '.join(args[1:])} failed: {res.stdout[-2000:]} {res.stderr[-2000:]}"
     end = json.loads(res.stdout)["end"]
@@ -201,10 +202,10 @@ def iperf_targets():
             proc.wait(10)
 
 
-def measure_both(limited: int, free: int, reverse: bool) -> tuple[dict, dict]:
+def measure_both(limited: int, free: int, reverse: bool, parallel: int) -> tuple[dict, dict]:
     """iperf3 through both proxies at the same time."""
     out: dict[str, dict] = {}
-    threads = [threading.Thread(target=lambda k=k, p=p: out.__setitem__(k, iperf3(p, reverse)))
+    threads = [threading.Thread(target=lambda k=k, p=p: out.__setitem__(k, iperf3(p, reverse, parallel=parallel)))
                for k, p in (("limited", limited), ("free", free))]
     for t in threads:
         t.start()
@@ -215,8 +216,11 @@ def measure_both(limited: int, free: int, reverse: bool) -> tuple[dict, dict]:
 
 
 @need_iperf3
-@pytest.mark.parametrize("reverse", [False, True], ids=["client-to-target", "target-to-client"])
-def test_a_limited_proxy_measures_its_limit_and_another_of_the_same_agent_is_unaffected(world, iperf_targets, reverse):
+@pytest.mark.parametrize("reverse, parallel", [(False, 1), (True, 1), (False, 4), (True, 4)],
+                         ids=["client-to-target", "target-to-client", "4-connections", "4-connections-reverse"])
+def test_a_limited_proxy_measures_its_limit_and_another_of_the_same_agent_is_unaffected(world, iperf_targets, reverse,
+                                                                                          parallel):
+    """Four connections at once share the limit: it is the proxy's, not each connection's."""
     world.start_server()
     world.start_agent("agent-1")
     limited_port, free_port_ = free_port(), free_port()
@@ -230,8 +234,8 @@ def test_a_limited_proxy_measures_its_limit_and_another_of_the_same_agent_is_una
     proxies = {p["name"]: p for p in world.api("GET", "/v1/proxies")["proxies"]}
     assert proxies["limited"]["bandwidth"] == LIMIT and proxies["free"]["bandwidth"] == 0
 
-    limited, free = measure_both(limited_port, free_port_, reverse)
-    print(f"\n{'-R ' if reverse else ''}limited: {limited['bps'] / 1e6:.2f} Mbit/s, free: {free['bps'] / 1e6:.1f} "
+    limited, free = measure_both(limited_port, free_port_, reverse, parallel)
+    print(f"\n-P {parallel} {'-R ' if reverse else ''}limited: {limited['bps'] / 1e6:.2f} Mbit/s, free: {free['bps'] / 1e6:.1f} "
           f"Mbit/s")
     assert LIMIT * 0.9 <= limited["bps"] <= LIMIT * 1.1, limited
     assert free["bps"] >= 5 * LIMIT, free  # far above the limit, at the same time
