@@ -73,7 +73,7 @@ class Server:
         self.router = Router(loop, settings, self.port, self.trunk_path, self.warm_path, self.limits, self.tally,
                              lambda: self.audit, lambda: self.global_nets, self.metrics.setup_seconds, self.new_id,
                              self.wall_time)
-        self.proxies = ProxyTable(loop, settings, self.router.on_client)
+        self.proxies = ProxyTable(loop, settings, self.router.on_client, self.router.reshape)
         self.port.on_data = self.router.on_data
         self.port.on_trunk = self.trunk_path.add
         self.port.on_pool = self.warm_path.add
