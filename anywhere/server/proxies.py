@@ -82,7 +82,7 @@ class ProxyTable:
         self.loop = loop
         self._config = config
         self.on_client = on_client
-        self.on_reshape = on_reshape  # a limit came or went: the live connections follow (Router.reshape)
+        self.on_reshape = on_reshape  # a limit came or went: the live connections follow (routing.reshape)
         self.by_name: dict[str, Proxy] = {}
         self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
         self.accepting = True  # False while draining or closed: no listener is bound again
@@ -288,7 +288,7 @@ class ProxyTable:
 
     def shape(self, proxy: Proxy) -> None:
         """Give the proxy the shaper its bandwidth needs: a new one, the same at a new rate, or none
-        (the old one's timers cancelled; its streams are re-shaped by the router: Router.reshape)."""
+        (the old one's timers cancelled; its streams are re-shaped by the router: routing.reshape)."""
         if proxy.bandwidth and proxy.shaper is None:
             proxy.shaper = Shaper(self.loop, proxy.bandwidth, proxy.name)
         elif proxy.bandwidth:

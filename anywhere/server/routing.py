@@ -380,16 +380,6 @@ class Router:
             closed += 1
         return closed
 
-    def reshape(self, proxy: Proxy) -> None:
-        """A reload gave the proxy a bandwidth limit or took it away: its live streams (trunks;
-        the per-connection data path is not limited) go under its gates now, or under none."""
-        gates = (proxy.shaper.up, proxy.shaper.down) if proxy.shaper is not None else (None, None)
-        streams = [t.relay for t in self.tunnels.values() if t.proxy.name == proxy.name] + \
-            [p.stream for p in self.pending.values() if p.proxy.name == proxy.name]
-        for stream in streams:
-            if isinstance(stream, Stream) and not stream.closed:
-                stream.shape(*gates)
-
     def count(self, agent_id: str | None = None, proxy: Proxy | None = None) -> int:
         return sum(1 for t in self.tunnels.values()
                    if (agent_id is None or t.agent_id == agent_id) and (proxy is None or t.proxy is proxy))
@@ -438,3 +428,14 @@ def _let_go(pending: Pending) -> None:
     if pending.warm is not None:
         warm, pending.warm = pending.warm, None
         warm.close("its client went to another agent")
+
+
+def reshape(router: Router, proxy: Proxy) -> None:
+    """A reload gave the proxy a bandwidth limit or took it away: its live streams (trunks; the
+    per-connection data path is not limited) go under its gates now, or under none."""
+    gates = (proxy.shaper.up, proxy.shaper.down) if proxy.shaper is not None else (None, None)
+    streams = [t.relay for t in router.tunnels.values() if t.proxy.name == proxy.name] + \
+        [p.stream for p in router.pending.values() if p.proxy.name == proxy.name]
+    for stream in streams:
+        if isinstance(stream, Stream) and not stream.closed:
+            stream.shape(*gates)
