@@ -72,6 +72,7 @@ MAX_PAYLOAD = 256 * 1024
 WINDOW_SIZE = 1024 * 1024  # a stream's receive window to begin with
 MAX_WINDOW = 4 * WINDOW_SIZE  # what a receiver may grow it to (the most a sender accepts)
 EARLY_WINDOW = 16 * 1024  # what a stream may send before READY
+MAX_UDP_IDLE = 86400  # seconds: the longest idle timeout of a UDP flow an OPEN may name
 _CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4, PING: PING_SIZE, PONG: PING_SIZE}
 _TRUNK_FRAMES = (PING, PONG)  # on stream 0, and only there
 
@@ -88,16 +89,20 @@ def ping_frame(kind: int, payload: bytes) -> bytes:
     return frame(kind, 0, payload)
 
 
-def open_frame(stream: int, host: str, port: int, window: int | None = None) -> bytes:
-    """OPEN; `window`: the first window the opener grants (only to a peer that said it takes one)."""
-    return frame(OPEN, stream, _open_payload(host, port, window))
+def open_frame(stream: int, host: str, port: int, window: int | None = None, udp: float | None = None) -> bytes:
+    """OPEN; `window`: the first window the opener grants (only to a peer that said it takes one);
+    `udp`: a UDP flow (trunk.DatagramStream) that ends after that many seconds without a datagram
+    (only to a peer that said it carries UDP)."""
+    return frame(OPEN, stream, _open_payload(host, port, window, udp))
 
 
 @functools.lru_cache(maxsize=1024)
-def _open_payload(host: str, port: int, window: int | None) -> bytes:  # the same few targets, over and over
+def _open_payload(host: str, port: int, window: int | None, udp: float | None = None) -> bytes:  # the same few targets
     fields: dict = {"host": host, "port": port}
     if window is not None:
         fields["window"] = window
+    if udp is not None:
+        fields["udp"] = udp
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -112,6 +117,13 @@ def parse_open(payload: bytes) -> tuple[str, int]:
 
 def parse_open_window(payload: bytes) -> tuple[str, int, int | None]:
     """(host, port, first window granted or None: WINDOW_SIZE) of an OPEN payload."""
+    host, port, window, _udp = parse_open_full(payload)
+    return host, port, window
+
+
+def parse_open_full(payload: bytes) -> tuple[str, int, int | None, float | None]:
+    """(host, port, window as parse_open_window, udp: None for TCP, else the flow's idle timeout
+    in seconds, 1..MAX_UDP_IDLE) of an OPEN payload."""
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -124,7 +136,10 @@ def parse_open_window(payload: bytes) -> tuple[str, int, int | None]:
     if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                                or not 0 < window <= WINDOW_SIZE):
         raise ProtocolError(f"OPEN window must be 1..{WINDOW_SIZE}")
-    return host, port, window
+    udp = data.get("udp")
+    if udp is not None and (isinstance(udp, bool) or not isinstance(udp, (int, float)) or not 0 < udp <= MAX_UDP_IDLE):
+        raise ProtocolError(f"OPEN udp must be an idle timeout of more than 0 and at most {MAX_UDP_IDLE} seconds")
+    return host, port, window, (float(udp) if udp is not None else None)
 
 
 def parse_window(payload: bytes) -> int:
