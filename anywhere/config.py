@@ -130,6 +130,11 @@ def check_agent_id(value: Any, default: Any = None) -> str:
 
 MAX_AGENTS_PER_PROXY = 16
 BALANCE_MODES = ("least-connections", "round-robin", "failover")
+PROTOCOLS = ("tcp", "udp")  # a proxy's protocol (server/udp.py carries udp)
+UDP_IDLE_TIMEOUT = 60.0  # seconds without a datagram either way after which a UDP flow ends
+MAX_UDP_IDLE = 86400  # the longest udp_idle_timeout (mux.MAX_UDP_IDLE: what an OPEN may name)
+MAX_FLOWS = 1024  # UDP flows (client address and port) at once per proxy, by default
+MAX_FLOWS_LIMIT = 65536  # the most max_flows may be
 
 
 def check_agent_ids(value: Any, default: Any = None) -> list[str]:
@@ -150,6 +155,13 @@ def check_balance(value: Any, default: Any = None) -> str:
     text = _text(value)
     if text not in BALANCE_MODES:
         raise _Bad(f"must be one of {', '.join(BALANCE_MODES)}")
+    return text
+
+
+def check_protocol(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if text not in PROTOCOLS:
+        raise _Bad(f"must be one of {', '.join(PROTOCOLS)}")
     return text
 
 
@@ -259,6 +271,7 @@ def check_loglevel(value: Any, default: Any = None) -> str:
 CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host,
+    "protocol": check_protocol,
     "servers": check_servers, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,

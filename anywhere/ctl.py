@@ -21,6 +21,8 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from . import proxyfile
+from .config import (MAX_FLOWS, MAX_FLOWS_LIMIT, MAX_UDP_IDLE, PROTOCOLS, UDP_IDLE_TIMEOUT, ValidateError, check_count,
+                     check_seconds)
 from .common import DEFAULT_ADMIN_SOCKET, CredentialsError, CtlError, human_bytes, port_arg, version_line
 
 def __getattr__(name: str) -> Any:
@@ -77,6 +79,12 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["agent_ids"] = agents
     if args.balance:
         body["balance"] = args.balance
+    if args.protocol:
+        body["protocol"] = args.protocol
+    if args.udp_idle_timeout is not None:
+        body["udp_idle_timeout"] = args.udp_idle_timeout
+    if args.max_flows is not None:
+        body["max_flows"] = args.max_flows
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
@@ -84,7 +92,8 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("POST", "/v1/proxies", body)
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
-    _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
+    udp = "udp " if p.get("protocol") == "udp" else ""
+    _emit(args, data, lambda _d: f"proxy {p['name']} added: {udp}port {p['remote_port']} → agent {agents} → "
                                  f"{p['local_ip']}:{p['local_port']}")
 
 
@@ -100,8 +109,8 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         for p in data["proxies"] if len(p.get("agents", ())) > 1]
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
-        ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
-        ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
+        ("state", "STATE"), ("protocol", "PROTO"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"),
+        ("local_port", "LOCAL PORT"), ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
         ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE")])]
         + ([""] + failed if failed else [])))
 
@@ -151,8 +160,8 @@ def cmd_agent_list(args: argparse.Namespace) -> None:
 def cmd_conn_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/connections")
     _emit(args, data, lambda d: table(d["connections"], [
-        ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"), ("target", "TARGET"),
-        ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
+        ("id", "ID"), ("proxy", "PROXY"), ("protocol", "PROTO"), ("agent_id", "AGENT"), ("source", "SOURCE"),
+        ("target", "TARGET"), ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
 
 
 
@@ -256,6 +265,20 @@ def _common() -> argparse.ArgumentParser:
 _port = port_arg  # the name older callers use
 
 
+def _udp_idle(text: str) -> float:
+    try:
+        return check_seconds(text, MAX_UDP_IDLE)
+    except ValidateError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _max_flows(text: str) -> int:
+    try:
+        return check_count(text, 1, MAX_FLOWS_LIMIT)
+    except ValidateError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def add_admin_commands(sub: Any) -> None:
     """The proxy/agent/conn verbs, shared by anywherectl and anywhered."""
     common = _common()
@@ -269,6 +292,14 @@ def add_admin_commands(sub: Any) -> None:
     add.add_argument("--local-ip", required=True, help="the target's address as seen from the agent")
     add.add_argument("--local-port", required=True, type=_port, help="the target's port")
     add.add_argument("--remote-port", required=True, type=_port, help="the public port on the server")
+    add.add_argument("--protocol", choices=PROTOCOLS, help="tcp (the default) or udp: datagrams, one flow per client "
+                     "address and port, carried whole over the agent's trunks")
+    add.add_argument("--udp-idle-timeout", type=_udp_idle, metavar="SECONDS",
+                     help=f"udp: a flow ends after this many seconds without a datagram either way (default "
+                          f"{UDP_IDLE_TIMEOUT:g}; more than 0, at most {MAX_UDP_IDLE})")
+    add.add_argument("--max-flows", type=_max_flows, metavar="N",
+                     help=f"udp: flows at once; datagrams from new sources beyond it are dropped (default {MAX_FLOWS}; "
+                          f"1..{MAX_FLOWS_LIMIT})")
     add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
     add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT)")
     add.set_defaults(func=cmd_proxy_add)

@@ -262,6 +262,7 @@ class Trunk:
         self.retired = False
         self.can_ping = False  # the peer understands PING (see Liveness)
         self.takes_window = False  # the peer takes the first window OPEN grants (see mux.py)
+        self.udp = False  # the peer carries UDP flows (DatagramStream; the agent says udp=1)
         self.last_rx = loop.time()
         self.idle_since = self.last_rx  # when its last stream ended (trunks on demand close after a while)
         self.rtt: float | None = None

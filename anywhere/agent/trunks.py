@@ -10,9 +10,13 @@ the server asks again when a client comes.
 connection reached, runs TLS, and, if the session it was opened for is still the welcomed one,
 hands the socket over; `Trunks` makes it a `trunk.Trunk` and says ``trunk`` on it (agent id,
 the session's token, ``ping=1``: it answers PING; ``window=1``: it takes a stream's first window
-from OPEN).  From then on the server opens streams on it: each OPEN names a target, dialled
+from OPEN; ``udp=1``: it carries UDP flows).  From then on the server opens streams on it: each OPEN names a target, dialled
 through `target.Targets` (the allowlist); READY once it answers, FAIL with the reason if not.
 The stream exists while its target is dialled, so an ABORT meanwhile cancels the dial.
+An OPEN with ``udp`` (the flow's idle timeout) is a UDP flow (server/udp.py): a
+`trunk.DatagramStream` joined to a UDP socket connected to the target (`Targets.dial_udp`, the
+same allowlist); datagrams go both ways whole; the server ends the flow when it idles, and the
+agent too, `UDP_IDLE_MARGIN` seconds later, should the server's ABORT never come.
 
 Ownership (trunk.py, "Ownership"): a trunk belongs to the session it was opened in (its
 ``owner`` is the session's number).  When the session ends, `retire` stops counting its trunks,
@@ -38,11 +42,18 @@ from typing import Callable
 
 from .. import mux
 from ..framed import FramedConn
-from ..loop import Loop, Timer
-from ..trunk import Stream, Trunk
+from ..loop import READ, Loop, Timer
+from ..trunk import DatagramStream, Stream, Trunk
 from ..wire import MAX_TRUNKS, PROTO_VERSION, encode
 from .session import Session, backoff_delay
 from .target import Targets, target_name
+
+import errno
+
+UDP_IDLE_MARGIN = 5.0  # seconds after the flow's idle timeout: the agent ends a flow the server did not
+UDP_RECV_BUDGET = 64  # datagrams read from one flow's socket per loop pass
+_UDP_BUF = bytearray(65536)
+_UDP_VIEW = memoryview(_UDP_BUF)
 
 class SetupState(enum.Enum):
     DIALING = "dialing"  # connecting to the server
@@ -129,7 +140,8 @@ class Trunks:
         trunk = Trunk(self.loop, sock, leftover, name=f"to {peer}", on_open=self._on_stream_open,
                       on_close=self._on_trunk_close)
         fields = {"session": session.token} if session.token is not None else {}
-        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, **fields))
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, udp=1,
+                                 **fields))
         trunk.owner = session.number
         trunk.can_ping = session.trunk_ping
         self.current.append(trunk)
@@ -169,7 +181,11 @@ class Trunks:
                 self.loop.call_later(backoff_delay(1, config.backoff_min, config.backoff_max), self.refill)
 
     # -- a stream: its target ------------------------------------------------------------------------
-    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None) -> None:
+    def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None,
+                        udp: float | None = None) -> None:
+        if udp is not None:
+            self._on_flow_open(trunk, sid, host, port, window, udp)
+            return
         target = target_name(host, port)
 
         def ended(st: Stream, reason: str) -> None:
@@ -197,6 +213,74 @@ class Trunks:
             trunk.control(mux.frame(mux.READY, sid))
             stream.attach(sock, read_now=False, registered=True)
         stream.dialer = self.targets.dial(host, port, dialled, keep_registered=True)
+
+    def _on_flow_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None, idle: float) -> None:
+        """A UDP flow: a DatagramStream and a UDP socket connected to the target."""
+        target = target_name(host, port)
+        loop, log = self.loop, self.session.log
+        timer: list = [None]
+
+        def deliver(datagram: bytes) -> None:
+            sock = stream.sock
+            if sock is None:
+                stream.dropped += 1
+                return
+            try:
+                sock.send(datagram)
+            except OSError:  # a full socket buffer, or the target's ICMP error for an earlier one
+                stream.dropped += 1
+
+        def ended(st: Stream, reason: str) -> None:
+            if timer[0] is not None:
+                timer[0].cancel()
+            log.log(logging.DEBUG if reason.startswith(("aborted by peer", "done")) else logging.INFO,
+                    "udp flow %d to %s ended (%s): %d datagrams to the target, %d back, %d dropped", sid, target, reason,
+                    stream.datagrams_out, stream.datagrams_in, stream.dropped)
+        stream = DatagramStream(trunk, sid, f"udp target {target}", ended, deliver)
+        if window is not None:
+            stream.send_window = window
+
+        def check() -> None:
+            timer[0] = None
+            quiet = loop.time() - stream.last_active
+            if quiet >= idle + UDP_IDLE_MARGIN:
+                stream.close(f"idle for {quiet:.0f} s")
+            else:
+                timer[0] = loop.call_later(idle + UDP_IDLE_MARGIN - quiet, check)
+
+        def readable(_mask: int) -> None:
+            sock = stream.sock
+            for _ in range(UDP_RECV_BUDGET):
+                if stream.closed or sock is None:
+                    return
+                try:
+                    n = sock.recv_into(_UDP_BUF)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        continue  # ICMP for an earlier datagram: the target is not listening (yet)
+                    stream.close(f"{stream.name} read failed: {exc.strerror or exc}")
+                    return
+                stream.send_datagram(_UDP_VIEW[:n])
+
+        def dialled(sock: socket.socket | None, error: str | None) -> None:
+            stream.dialer = None
+            if stream.closed or trunk.closed:
+                if sock is not None:
+                    sock.close()
+                return
+            if sock is None:
+                log.warning("udp flow %d: cannot reach %s: %s", sid, target, error)
+                trunk.control(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
+                stream.on_close = None
+                stream.close("target unreachable", notify=False)
+                return
+            stream.sock, stream.mask = sock, READ
+            loop.register(sock, READ, readable)
+            trunk.control(mux.frame(mux.READY, sid))
+            timer[0] = loop.call_later(idle + UDP_IDLE_MARGIN, check)
+        stream.dialer = self.targets.dial_udp(host, port, dialled)
 
     # -- ending --------------------------------------------------------------------------------------
     def close(self, reason: str) -> None:

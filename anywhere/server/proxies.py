@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..common import printable, valid_agent_id
-from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
+from ..config import (BALANCE_MODES, MAX_AGENTS_PER_PROXY, MAX_FLOWS, MAX_FLOWS_LIMIT, MAX_UDP_IDLE, PROTOCOLS,
+                      UDP_IDLE_TIMEOUT)
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
 from ..state import entry_name
 from .settings import ServerConfig
+from .udp import UdpListener
 
 log = logging.getLogger("anywhere.server")
 
@@ -46,7 +48,8 @@ ACCEPT_BUDGET = 64  # connections accepted per listener per loop pass
 PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 FIELDS = ("name", "agent_id", "agent_ids", "balance", "local_ip", "local_port", "remote_port", "whitelist", "enabled",
-          "idle_timeout")
+          "idle_timeout", "protocol", "udp_idle_timeout", "max_flows")
+# proxy_protocol (another branch) is checked where protocol is, in validate_proxy: it applies to tcp only
 
 
 
@@ -65,6 +68,10 @@ def parse_whitelist(entries: Any, what: str = "whitelist") -> list[Network]:
         return parse_networks(entries)
     except ValueError as exc:
         raise ValueError(f"{what} entry {exc.args[0].strip()!r} is not an IP address or CIDR") from None
+
+
+def _kind(proxy: "Proxy") -> int:
+    return socket.SOCK_DGRAM if proxy.protocol == "udp" else socket.SOCK_STREAM
 
 
 def allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: list[Network]) -> bool:
@@ -87,6 +94,10 @@ class Proxy:
     file: str | None = None  # declared in this proxies.d file; None: made through the API
     agent_ids: list[str] = field(default_factory=list)  # every agent, agent_id first (balance.py)
     balance: str = "least-connections"
+    protocol: str = "tcp"  # or udp: datagrams, one flow per client address and port (udp.py)
+    udp_idle_timeout: float = UDP_IDLE_TIMEOUT
+    max_flows: int = MAX_FLOWS
+    udp: Any = field(repr=False, default=None)  # udp.UdpProxy while a udp proxy listens
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -106,6 +117,8 @@ class Proxy:
                 "enabled": self.enabled, "idle_timeout": self.idle_timeout}
         if len(self.agent_ids) > 1:  # a proxy of one agent keeps the form older versions read
             spec.update(agent_ids=list(self.agent_ids), balance=self.balance)
+        if self.protocol != "tcp":  # a tcp proxy keeps the form older versions read
+            spec.update(protocol=self.protocol, udp_idle_timeout=self.udp_idle_timeout, max_flows=self.max_flows)
         return spec
 
     @property
@@ -149,9 +162,20 @@ def validate_proxy(spec: Any) -> Proxy:
     idle = spec.get("idle_timeout", 0)
     if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle <= 86400 * 7:
         raise Invalid(f"idle_timeout {idle!r} must be a number of seconds 0..604800 (0: the server's default)")
+    protocol = spec.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        raise Invalid(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+    udp_idle = spec.get("udp_idle_timeout", UDP_IDLE_TIMEOUT)
+    if isinstance(udp_idle, bool) or not isinstance(udp_idle, (int, float)) or not 0 < udp_idle <= MAX_UDP_IDLE:
+        raise Invalid(f"udp_idle_timeout {udp_idle!r} must be a number of seconds greater than 0 (at most {MAX_UDP_IDLE})")
+    max_flows = spec.get("max_flows", MAX_FLOWS)
+    if isinstance(max_flows, bool) or not isinstance(max_flows, int) or not 1 <= max_flows <= MAX_FLOWS_LIMIT:
+        raise Invalid(f"max_flows {max_flows!r} must be a whole number 1..{MAX_FLOWS_LIMIT}")
+    # (proxy_protocol, once it exists, is refused here for protocol udp: it is a TCP header)
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
-                 agent_ids=agent_ids, balance=balance)
+                 agent_ids=agent_ids, balance=balance, protocol=protocol, udp_idle_timeout=float(udp_idle),
+                 max_flows=max_flows)
 
 
 def _agent_ids(spec: dict) -> list[str]:
@@ -182,7 +206,7 @@ class Change:
     removed: list[Proxy] = field(default_factory=list)
     changed: list[tuple[Proxy, Proxy]] = field(default_factory=list)  # (running, declared)
     unchanged: list[Proxy] = field(default_factory=list)
-    bound: dict[int, list[socket.socket]] = field(default_factory=dict)
+    bound: dict[tuple[int, str], list[socket.socket]] = field(default_factory=dict)  # by (port, protocol)
 
     def release(self) -> None:
         for socks in self.bound.values():
@@ -199,10 +223,12 @@ class ProxyTable:
     """The proxies by name, their listeners, and the stored entries that are not valid."""
 
     def __init__(self, loop: Loop, config: Callable[[], ServerConfig],
-                 on_client: Callable[[Proxy, socket.socket, Any], None]) -> None:
+                 on_client: Callable[[Proxy, socket.socket, Any], None],
+                 on_datagram: Callable[[Proxy, bytes, Any, UdpListener], None] | None = None) -> None:
         self.loop = loop
         self._config = config
         self.on_client = on_client
+        self.on_datagram = on_datagram  # a UDP proxy's datagrams (udp.UdpFlows)
         self.by_name: dict[str, Proxy] = {}
         self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
         self.accepting = True  # False while draining or closed: no listener is bound again
@@ -281,15 +307,22 @@ class ProxyTable:
         if proxy.remote_port == config.port:  # a stored proxy, and the agent port changed since
             raise Conflict(f"remote port {proxy.remote_port} is the agent port")
         try:
-            socks = listen(config.proxy_bind, proxy.remote_port)
+            socks = listen(config.proxy_bind, proxy.remote_port, kind=_kind(proxy))
         except OSError as exc:
             raise Conflict(f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
         proxy.listeners = [self._acceptor(proxy, sock) for sock in socks]
 
-    def _acceptor(self, proxy: Proxy, sock: socket.socket) -> Acceptor:
+    def _acceptor(self, proxy: Proxy, sock: socket.socket) -> Any:
+        if proxy.protocol == "udp":
+            return UdpListener(self.loop, sock, self._handler(proxy), f"udp port {proxy.remote_port}")
         return Acceptor(self.loop, sock, self._handler(proxy), f"port {proxy.remote_port}", ACCEPT_BUDGET)
 
-    def _handler(self, proxy: Proxy) -> Callable[[socket.socket, Any], None]:
+    def _handler(self, proxy: Proxy) -> Callable[..., None]:
+        if proxy.protocol == "udp":
+            on_datagram = self.on_datagram
+            if on_datagram is None:
+                raise Conflict(f"proxy {proxy.name}: this server does not carry UDP")
+            return lambda datagram, addr, listener: on_datagram(proxy, datagram, addr, listener)
         return lambda conn, addr: self.on_client(proxy, conn, addr)
 
     # -- proxies declared in files: a reload's diff, in two steps -----------------------------------
@@ -325,12 +358,13 @@ class ProxyTable:
             else:
                 change.changed.append((old, proxy))
         change.removed = [p for name, p in running.items() if name not in wanted]
-        held = {p.remote_port for p in running.values() if p.listeners}
+        held = {(p.remote_port, p.protocol) for p in running.values() if p.listeners}
         for proxy in self._serving(change):
-            if proxy.remote_port in held or proxy.remote_port in change.bound:
+            key = (proxy.remote_port, proxy.protocol)
+            if key in held or key in change.bound:
                 continue
             try:
-                change.bound[proxy.remote_port] = listen(self._config().proxy_bind, proxy.remote_port)
+                change.bound[key] = listen(self._config().proxy_bind, proxy.remote_port, kind=_kind(proxy))
             except OSError as exc:
                 problems.append(f"{proxy.where('remote_port')}: {exc.strerror or exc}")  # "cannot listen on ..."
         if problems:
@@ -347,10 +381,10 @@ class ProxyTable:
     def commit(self, change: Change) -> dict[str, Any]:
         """Swap a prepared set in: listeners handed over by port, the ports no longer wanted closed;
         each change logged.  Returns the names added, removed, changed and unchanged."""
-        held: dict[int, list[Acceptor]] = {}
+        held: dict[tuple[int, str], list[Any]] = {}
         for proxy in change.removed + [old for old, _ in change.changed] + change.unchanged:
             if proxy.listeners:
-                held[proxy.remote_port] = proxy.listeners
+                held[(proxy.remote_port, proxy.protocol)] = proxy.listeners
                 proxy.listeners = []
         for proxy in change.removed:
             del self.by_name[proxy.name]
@@ -360,12 +394,13 @@ class ProxyTable:
         for proxy in change.added:
             self.by_name[proxy.name] = proxy
         for proxy in self._serving(change):
-            listeners = held.pop(proxy.remote_port, None)
+            key = (proxy.remote_port, proxy.protocol)
+            listeners = held.pop(key, None)
             if listeners is None:
-                proxy.listeners = [self._acceptor(proxy, sock) for sock in change.bound.pop(proxy.remote_port)]
+                proxy.listeners = [self._acceptor(proxy, sock) for sock in change.bound.pop(key)]
                 continue
             for acceptor in listeners:
-                acceptor.handle, acceptor.what = self._handler(proxy), f"port {proxy.remote_port}"
+                acceptor.handle = self._handler(proxy)
             proxy.listeners = listeners
         for listeners in held.values():
             for acceptor in listeners:

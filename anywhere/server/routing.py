@@ -50,7 +50,7 @@ log = logging.getLogger("anywhere.server")
 class Pending:
     conn_id: int
     proxy: Proxy
-    sock: socket.socket
+    sock: socket.socket | None  # None for a UDP flow
     peer: str
     started: float
     timer: Timer | None = None
@@ -59,6 +59,7 @@ class Pending:
     agent_id: str = ""  # the agent asked now
     tried: list[str] | None = None  # the agents asked so far (a proxy of several agents)
     attempt: Timer | None = None  # this agent's share of data_timeout (a proxy of several agents)
+    flow: Any = None  # a UDP flow (udp.Flow) instead of a client socket
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Tunnel:
         return {"id": self.conn_id, "proxy": self.proxy.name, "agent_id": self.agent_id,
                 "source": self.peer, "target": self.proxy.target, "remote_port": self.proxy.remote_port,
                 "bytes_in": self.relay.bytes_a_to_b, "bytes_out": self.relay.bytes_b_to_a,
-                "age": round(now - self.started, 3), "since": self.started_wall}
+                "age": round(now - self.started, 3), "since": self.started_wall, "protocol": self.proxy.protocol}
 
 
 class Router:
@@ -102,6 +103,7 @@ class Router:
         self.live_per_proxy: dict[str, int] = {}  # tunnels + pending clients per proxy
         self.pending_per_agent: dict[str, int] = {}
         self.balancer = Balancer(loop.time, self.unusable)
+        self.udp: Any = None  # udp.UdpFlows, set by the composition root
         trunks.router = warm.router = self
 
     def unusable(self, agent_id: str) -> str | None:
@@ -141,6 +143,42 @@ class Router:
                          if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve")
             return
         pending = Pending(self._new_id(), proxy, sock, peer, self.loop.time(), agent_id=session.agent_id)
+        pending.timer = self.loop.call_later(self._config().data_timeout, self._pending_timeout, pending.conn_id)
+        self._add_pending(pending)
+        self._ask(pending, session)
+
+    # -- UDP flows (udp.py) ---------------------------------------------------------------------------
+    def admit_flow(self, proxy: Proxy, addr: Any, peer: str, flows: int) -> bool:
+        """May the first datagram of a new source open a flow?  Refusals are counted and logged
+        (throttled) as for TCP clients; the source gets nothing."""
+        ip = client_ip(addr)
+        nets = proxy.nets or self._global_nets()
+        if nets and not allowed(ip, nets):
+            which = "proxy's" if proxy.nets else "global"
+            self._refuse(None, proxy, "whitelist", peer, f"refused: not in the {which} whitelist")
+            return False
+        if flows >= proxy.max_flows:
+            self._refuse(None, proxy, "limit", peer, f"refused: the proxy has max_flows = {proxy.max_flows} UDP flows")
+            return False
+        return True
+
+    def open_flow(self, proxy: Proxy, flow: Any, addr: Any, peer: str) -> None:
+        """A new UDP flow: like a TCP client (limits, agent, data path), without a socket."""
+        ip = client_ip(addr)
+        agent = self.balancer.pick(proxy) if len(proxy.agent_ids) > 1 else proxy.agent_id
+        limit = self.limits.over_limit(proxy, ip, len(self.tunnels) + len(self.pending),
+                                       self.live_per_proxy.get(proxy.name, 0),
+                                       self.pending_per_agent.get(agent or "", 0), agent)
+        session = self.port.online(agent) if agent else None
+        if limit or session is None:
+            self.udp.end(flow)
+            if limit:
+                self._refuse(None, proxy, "limit", peer, f"refused: {limit}")
+            else:
+                self._refuse(None, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline"
+                             if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve")
+            return
+        pending = Pending(self._new_id(), proxy, None, peer, self.loop.time(), agent_id=session.agent_id, flow=flow)
         pending.timer = self.loop.call_later(self._config().data_timeout, self._pending_timeout, pending.conn_id)
         self._add_pending(pending)
         self._ask(pending, session)
@@ -190,14 +228,20 @@ class Router:
         self.balancer.added(pending.proxy.name, agent)
         pending.agent_id = agent
 
-    def _refuse(self, sock: socket.socket, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
-        _close(sock)
+    def _refuse(self, sock: socket.socket | None, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
+        if sock is not None:
+            _close(sock)
         self.limits.throttled_log(("client", proxy.name, reason, peer.rsplit(":", 1)[0]),
                                   f"proxy {proxy.name}: client {peer} {detail}")
         self.tally.reject(proxy, reason, peer, detail)
 
     def ask_agent(self, pending: Pending, session: AgentSession) -> None:
         """A trunk stream; without a trunk, `open` on a warm data connection, else on the admin connection."""
+        if pending.flow is not None:  # UDP: trunks only
+            if not self.trunks.offer(pending):
+                self.attempt_failed(pending, f"agent {pending.agent_id} has no trunks (pool_size = 0: per-client data "
+                                    "connections, which carry TCP only); UDP flows need trunks", "target_refused")
+            return
         if not self.trunks.offer(pending) and not self.warm.offer(pending):
             session.conn.send("open", conn=pending.conn_id, host=pending.proxy.local_ip, port=pending.proxy.local_port)
 
@@ -353,7 +397,10 @@ class Router:
             stream.close("client gone")
         if reason != "server stopping":
             log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
-        _close(pending.sock)
+        if pending.flow is not None:
+            self.udp.end(pending.flow)
+        else:
+            _close(pending.sock)
 
     # -- many at once ----------------------------------------------------------------------------------------
     def close_connections(self, which: Callable[[Proxy, str], bool], reason: str) -> int:
@@ -375,6 +422,8 @@ class Router:
         """Close tunneled connections idle longer than their proxy's (or the server's) idle_timeout."""
         default = self._config().idle_timeout
         for tunnel in list(self.tunnels.values()):
+            if tunnel.proxy.protocol == "udp":
+                continue  # udp_idle_timeout, udp.py
             timeout = tunnel.proxy.idle_timeout or default
             if timeout and now - tunnel.relay.last_active >= timeout:
                 tunnel.relay.close(f"idle for {timeout:g} s")

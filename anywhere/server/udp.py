@@ -1,0 +1,188 @@
+"""UDP proxies: datagrams on a proxy's port, one flow per client address and port.
+
+Theory of operation
+-------------------
+A proxy with ``protocol = udp`` binds UDP sockets (`UdpListener`) on its remote_port, on the same
+addresses as TCP proxies (proxy_bind; "" is dual-stack).  remote_port is unique per proxy whatever
+the protocol: a UDP proxy does not share its port number with a TCP proxy (simplest to reason
+about, and `anywherectl proxy del PORT` stays unambiguous).  Each datagram's source
+(address, port) is a flow (`Flow`): the first datagram of a new source is checked against the
+whitelist (the proxy's, else the global one: a source it refuses gets nothing and opens no flow),
+`max_flows` (beyond it, datagrams of new sources are dropped, counted as a ``limit`` rejection,
+logged throttled) and the limits of routing, then routing places it like a TCP client (a
+`routing.Pending` without a socket) on a trunk of its agent as a `trunk.DatagramStream`, OPEN
+carrying ``udp`` (the flow's idle timeout).  Only a trunk whose agent said ``udp=1`` in its
+``trunk`` message gets one; an agent that did not, or one without trunks (pool_size = 0, the
+deprecated per-client data connections, which carry TCP only), fails the flow with a log line that
+says so.  Datagrams of a flow waiting for its stream (the agent's trunks opened on demand, READY
+not yet back) are held, at most `HOLD_DATAGRAMS` and `HOLD_BYTES`; beyond, dropped.
+
+The trunk is reliable: nothing is lost or reordered inside the tunnel, but a datagram the agent's
+link loses is sent again by TCP, so a lossy link adds delay instead of loss (as in frp and
+rathole).  Datagrams are never buffered without bound: one that does not fit in its flow's send
+window, or arrives while the trunk's queue is full, is dropped at the edge and counted
+(`dropped`, per proxy; GET /v1/proxies ``datagrams_dropped``).
+
+A flow ends after `udp_idle_timeout` seconds without a datagram either way (`sweep`, here; the
+agent keeps its own timer as a backstop) by closing its stream (ABORT: the agent closes its UDP
+socket), when killed (conn kill), or with its trunk.  Flows are listed and counted as connections
+(routing's tunnels, marked ``protocol: udp``).
+
+Rules: no buffer without a bound; nothing here decides which agent or trunk (routing, paths); the
+listener socket is shared by all flows of a port and closed only with the proxy's listeners.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from typing import Any, Callable
+
+from ..dgram import MAX_DATAGRAM
+from ..loop import READ, Loop
+from ..net import format_addr
+
+log = logging.getLogger("anywhere.server")
+
+HOLD_DATAGRAMS = 8  # datagrams a flow holds while waiting for its stream
+HOLD_BYTES = 64 * 1024
+RECV_BUDGET = 64  # datagrams read per listener per loop pass
+_RECV_BUF = bytearray(65536)
+_RECV_VIEW = memoryview(_RECV_BUF)
+
+
+class UdpListener:
+    """One bound UDP socket of a proxy: reads datagrams, `handle(datagram, addr, self)` each."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, handle: Callable[[bytes, Any, "UdpListener"], None],
+                 what: str) -> None:
+        self.loop, self.sock, self.handle, self.what = loop, sock, handle, what
+        self.closed = False
+        loop.register(sock, READ, self._on_ready)
+
+    def _on_ready(self, _mask: int) -> None:
+        for _ in range(RECV_BUDGET):
+            if self.closed:
+                return
+            try:
+                n, addr = self.sock.recvfrom_into(_RECV_BUF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP errors of earlier sends (ECONNREFUSED...): nothing to do
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("recvfrom on %s: %s", self.what, exc.strerror or exc)
+                continue
+            self.handle(bytes(_RECV_VIEW[:n]), addr, self)
+
+    def send(self, datagram: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(datagram, addr)
+        except OSError:
+            pass  # UDP: a datagram the kernel will not take (full buffer, unreachable) is lost
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.close_socket(self.sock, True)
+
+
+class Flow:
+    """One client address and port of a UDP proxy."""
+
+    def __init__(self, proxy: Any, addr: Any, listener: UdpListener) -> None:
+        self.proxy = proxy
+        self.addr = addr
+        self.peer = format_addr(addr)
+        self.listener = listener  # where its replies are sent from (the socket its datagrams came to)
+        self.stream: Any = None  # the DatagramStream, once READY
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+        self.ended = False
+
+    def deliver(self, datagram: bytes) -> None:
+        """A datagram from the target: to the client."""
+        self.listener.send(datagram, self.addr)
+
+    def hold(self, datagram: bytes) -> bool:
+        if len(self.held) >= HOLD_DATAGRAMS or self.held_bytes + len(datagram) > HOLD_BYTES:
+            return False
+        self.held.append(datagram)
+        self.held_bytes += len(datagram)
+        return True
+
+
+class UdpFlows:
+    """Every UDP flow of the server, by (proxy name, client address)."""
+
+    def __init__(self, loop: Loop, router: Any, global_nets: Callable[[], list]) -> None:
+        self.loop = loop
+        self.router = router
+        self._global_nets = global_nets
+        self.flows: dict[tuple[str, Any], Flow] = {}
+        self.per_proxy: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}  # per proxy: datagrams dropped at the edge
+        self._sweep = loop.call_later(1.0, self.sweep)
+
+    def _drop(self, proxy: Any, n: int = 1) -> None:
+        self.dropped[proxy.name] = self.dropped.get(proxy.name, 0) + n
+
+    def on_datagram(self, proxy: Any, datagram: bytes, addr: Any, listener: UdpListener) -> None:
+        if len(datagram) > MAX_DATAGRAM:  # only over IPv6 (jumbo): not carried
+            self._drop(proxy)
+            return
+        flow = self.flows.get((proxy.name, addr))
+        if flow is not None:
+            stream = flow.stream
+            if stream is not None:
+                if not stream.send_datagram(datagram):
+                    self._drop(proxy)
+            elif not flow.hold(datagram):
+                self._drop(proxy)
+            return
+        router = self.router
+        if not router.accepting:
+            return
+        peer = format_addr(addr)
+        if not router.admit_flow(proxy, addr, peer, self.per_proxy.get(proxy.name, 0)):
+            return
+        flow = Flow(proxy, addr, listener)
+        flow.hold(datagram)
+        self.flows[(proxy.name, addr)] = flow
+        self.per_proxy[proxy.name] = self.per_proxy.get(proxy.name, 0) + 1
+        router.open_flow(proxy, flow, addr, peer)
+
+    def ready(self, flow: Flow, stream: Any) -> None:
+        """Its stream is open (READY): what it held goes now."""
+        flow.stream = stream
+        held, flow.held, flow.held_bytes = flow.held, [], 0
+        for datagram in held:
+            if not stream.send_datagram(datagram):
+                self._drop(flow.proxy)
+
+    def end(self, flow: Flow) -> None:
+        """The flow is over (its stream closed, or it was never placed): forget it."""
+        if flow.ended:
+            return
+        flow.ended = True
+        key = (flow.proxy.name, flow.addr)
+        if self.flows.get(key) is flow:
+            del self.flows[key]
+            self.per_proxy[flow.proxy.name] -= 1
+            if not self.per_proxy[flow.proxy.name]:
+                del self.per_proxy[flow.proxy.name]
+        if flow.stream is not None and flow.stream.dropped:
+            self._drop(flow.proxy, 0)  # counted as they happened
+        flow.held = []
+
+    def sweep(self) -> None:
+        """Every second: flows idle for their proxy's udp_idle_timeout end."""
+        now = self.loop.time()
+        for flow in list(self.flows.values()):
+            stream = flow.stream
+            if stream is not None and now - stream.last_active >= flow.proxy.udp_idle_timeout:
+                stream.close(f"idle for {flow.proxy.udp_idle_timeout:g} s")
+        self._sweep = self.loop.call_later(1.0, self.sweep)
+
+    def close(self) -> None:
+        self._sweep.cancel()
