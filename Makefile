@@ -69,6 +69,8 @@ system-deps:
 	command -v zstd >/dev/null 2>&1 || missing="$$missing zstd"; \
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing="$$missing dnsmasq-base"; \
+	command -v dig >/dev/null 2>&1 || missing="$$missing bind9-dnsutils"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

@@ -160,8 +160,8 @@ def cmd_agent_list(args: argparse.Namespace) -> None:
 def cmd_conn_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/connections")
     _emit(args, data, lambda d: table(d["connections"], [
-        ("id", "ID"), ("proxy", "PROXY"), ("protocol", "PROTO"), ("agent_id", "AGENT"), ("source", "SOURCE"),
-        ("target", "TARGET"), ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
+        ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"),
+        ("target", "TARGET"), ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S"), ("protocol", "PROTO")]))
 
 
 

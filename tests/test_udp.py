@@ -277,3 +277,70 @@ def test_bad_values_in_files_and_flags(tmp_path):
                                   "--local-port", "53", "--remote-port", "5353", flag, value, "--admin-socket",
                                   str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=60)
             assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_an_agent_that_did_not_announce_udp_is_sent_no_flow(world, creds):
+    from hostile import HostileAgent
+    from anywhere import mux
+    server = world.start_server()
+    old = HostileAgent(world.port, creds.ca, creds.agent("agent-2"), "agent-2")  # an older agent: no udp=1
+    try:
+        assert old.connect()["type"] == "welcome"
+        old.keep_alive()
+        trunk = old.trunk(ping=1, window=1)
+        wait_for(lambda: any(a["agent_id"] == "agent-2" and a["trunks"] == 1
+                             for a in world.api("GET", "/v1/agents")["agents"]), 5, what="its trunk to register")
+        remote = free_udp_port()
+        world.api("POST", "/v1/proxies", {"agent_id": "agent-2", "local_ip": "127.0.0.1", "local_port": 53,
+                                          "remote_port": remote, "protocol": "udp"})
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(b"hello", ("127.0.0.1", remote))
+            line = wait_for(lambda: log_lines(server, "does not carry UDP"), 5, what="the refusal in the log")[0]
+        assert "agent agent-2 does not carry UDP (an older version: upgrade it)" in line
+        assert not any(kind == mux.OPEN for kind, _, _ in trunk.frames)
+        trunk._read(time.monotonic() + 0.5)
+        assert not any(kind == mux.OPEN for kind, _, _ in trunk.frames)
+        assert not udp_conns(world)
+    finally:
+        old.close()
+
+
+def test_per_client_data_connections_carry_no_udp(world, udp_echo):
+    conf = world.tmp / "anywhered.conf"
+    conf.write_text("[server]\npool_size = 0\n")
+    server = world.start_server("--config", str(conf))
+    world.start_agent()
+    remote = udp_proxy(world, udp_echo.port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1)
+        s.sendto(b"hello", ("127.0.0.1", remote))
+        line = wait_for(lambda: log_lines(server, "UDP flows need trunks"), 5, what="the refusal in the log")[0]
+        with pytest.raises(socket.timeout):
+            s.recvfrom(100)
+    assert "pool_size = 0" in line and not udp_echo.sources
+
+
+def test_a_udp_proxy_from_a_file_and_a_reload_that_makes_it_tcp(world, udp_echo, echo_target):
+    from pathlib import Path
+    world.proxies_dir = str(world.tmp / "proxies.d")
+    Path(world.proxies_dir).mkdir()
+    remote = free_udp_port()
+    conf = Path(world.proxies_dir) / "dns.conf"
+    conf.write_text(f"[dns]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {udp_echo.port}\n"
+                    f"remote_port = {remote}\nprotocol = udp\nudp_idle_timeout = 30\n")
+    world.start_server()
+    world.start_agent()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(b"from a file", ("127.0.0.1", remote))
+        assert s.recvfrom(100)[0] == b"from a file"
+    [proxy] = world.api("GET", "/v1/proxies")["proxies"]
+    assert proxy["protocol"] == "udp" and proxy["udp_idle_timeout"] == 30 and proxy["source"].startswith("file:")
+    # the same port, now tcp: the UDP socket closes, a TCP listener takes the port number
+    conf.write_text(f"[dns]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {echo_target.port}\n"
+                    f"remote_port = {remote}\n")
+    world.api("POST", "/v1/reload")
+    from conftest import echo
+    assert echo(remote, b"now tcp") == b"now tcp"
+    [proxy] = world.api("GET", "/v1/proxies")["proxies"]
+    assert proxy["protocol"] == "tcp"

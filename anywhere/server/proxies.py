@@ -390,6 +390,7 @@ class ProxyTable:
             del self.by_name[proxy.name]
         for old, new in change.changed:
             old.idle_timeout = new.idle_timeout  # the live connections through it take the new timeout too
+            old.udp_idle_timeout = new.udp_idle_timeout  # and its live UDP flows their new one
             self.by_name[new.name] = new
         for proxy in change.added:
             self.by_name[proxy.name] = proxy

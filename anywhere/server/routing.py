@@ -333,7 +333,8 @@ class Router:
             audit.write("connection", proxy=proxy.name, agent=tunnel.agent_id, source=tunnel.peer,
                         target=proxy.target, bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3),
                         reason=reason)
-        level = logging.INFO if reason in ("done", "server stopping") else logging.WARNING
+        level = logging.INFO if reason in ("done", "server stopping") or (
+            proxy.protocol == "udp" and reason.startswith("idle")) else logging.WARNING  # how a UDP flow ends
         if log.isEnabledFor(level):
             log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id,
                     tunnel.peer, proxy.target, proxy.name, reason, bytes_in, bytes_out, duration)
@@ -395,12 +396,15 @@ class Router:
             stream, pending.stream = pending.stream, None
             stream.on_close = None
             stream.close("client gone")
+        if pending.flow is not None:  # a source that keeps sending asks again each time: throttled
+            if reason != "server stopping":
+                self.limits.throttled_log(("flow", pending.proxy.name, kind, pending.peer.rsplit(":", 1)[0]),
+                                          f"proxy {pending.proxy.name}: udp flow {pending.peer} closed: {reason}")
+            self.udp.end(pending.flow)
+            return
         if reason != "server stopping":
             log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
-        if pending.flow is not None:
-            self.udp.end(pending.flow)
-        else:
-            _close(pending.sock)
+        _close(pending.sock)
 
     # -- many at once ----------------------------------------------------------------------------------------
     def close_connections(self, which: Callable[[Proxy, str], bool], reason: str) -> int:

@@ -48,6 +48,7 @@ log = logging.getLogger("anywhere.server")
 HOLD_DATAGRAMS = 8  # datagrams a flow holds while waiting for its stream
 HOLD_BYTES = 64 * 1024
 RECV_BUDGET = 64  # datagrams read per listener per loop pass
+SWEEP = 0.5  # seconds between looks for idle flows (a flow ends within this much after its timeout)
 _RECV_BUF = bytearray(65536)
 _RECV_VIEW = memoryview(_RECV_BUF)
 
@@ -122,7 +123,7 @@ class UdpFlows:
         self.flows: dict[tuple[str, Any], Flow] = {}
         self.per_proxy: dict[str, int] = {}
         self.dropped: dict[str, int] = {}  # per proxy: datagrams dropped at the edge
-        self._sweep = loop.call_later(1.0, self.sweep)
+        self._sweep: Any = None  # armed while there are flows (an idle server has no timer for UDP)
 
     def _drop(self, proxy: Any, n: int = 1) -> None:
         self.dropped[proxy.name] = self.dropped.get(proxy.name, 0) + n
@@ -150,6 +151,8 @@ class UdpFlows:
         flow.hold(datagram)
         self.flows[(proxy.name, addr)] = flow
         self.per_proxy[proxy.name] = self.per_proxy.get(proxy.name, 0) + 1
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(SWEEP, self.sweep)
         router.open_flow(proxy, flow, addr, peer)
 
     def ready(self, flow: Flow, stream: Any) -> None:
@@ -171,18 +174,20 @@ class UdpFlows:
             self.per_proxy[flow.proxy.name] -= 1
             if not self.per_proxy[flow.proxy.name]:
                 del self.per_proxy[flow.proxy.name]
-        if flow.stream is not None and flow.stream.dropped:
-            self._drop(flow.proxy, 0)  # counted as they happened
         flow.held = []
 
     def sweep(self) -> None:
-        """Every second: flows idle for their proxy's udp_idle_timeout end."""
+        """Every SWEEP seconds while there are flows: those idle for their proxy's udp_idle_timeout end."""
+        self._sweep = None
         now = self.loop.time()
         for flow in list(self.flows.values()):
             stream = flow.stream
             if stream is not None and now - stream.last_active >= flow.proxy.udp_idle_timeout:
                 stream.close(f"idle for {flow.proxy.udp_idle_timeout:g} s")
-        self._sweep = self.loop.call_later(1.0, self.sweep)
+        if self.flows:
+            self._sweep = self.loop.call_later(SWEEP, self.sweep)
 
     def close(self) -> None:
-        self._sweep.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
