@@ -109,9 +109,9 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         for p in data["proxies"] if len(p.get("agents", ())) > 1]
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
-        ("state", "STATE"), ("protocol", "PROTO"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"),
+        ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"),
         ("local_port", "LOCAL PORT"), ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
-        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE")])]
+        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE"), ("protocol", "PROTO")])]
         + ([""] + failed if failed else [])))
 
 
