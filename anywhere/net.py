@@ -350,3 +350,44 @@ class Dialer:
                 sock.close()
             return
         callback(sock, reason)
+
+
+RECV_BUDGET = 64  # datagrams read per UDP listener per loop pass
+_RECV_BUF = bytearray(65536)
+_RECV_VIEW = memoryview(_RECV_BUF)
+
+
+class UdpListener:
+    """One bound UDP socket (a UDP proxy's, server/udp.py): reads at most `RECV_BUDGET` datagrams
+    per readiness event, `handle(datagram, addr, self)` each; `send` drops what the kernel refuses."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, handle: Callable[[bytes, Any, "UdpListener"], None],
+                 what: str) -> None:
+        self.loop, self.sock, self.handle, self.what = loop, sock, handle, what
+        self.closed = False
+        loop.register(sock, READ, self._on_ready)
+
+    def _on_ready(self, _mask: int) -> None:
+        for _ in range(RECV_BUDGET):
+            if self.closed:
+                return
+            try:
+                n, addr = self.sock.recvfrom_into(_RECV_BUF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP errors of earlier sends (ECONNREFUSED...): nothing to do
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("recvfrom on %s: %s", self.what, exc.strerror or exc)
+                continue
+            self.handle(bytes(_RECV_VIEW[:n]), addr, self)
+
+    def send(self, datagram: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(datagram, addr)
+        except OSError:
+            pass  # UDP: a datagram the kernel will not take (full buffer, unreachable) is lost
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.close_socket(self.sock, True)

@@ -35,6 +35,7 @@ session; nothing here speaks on the admin connection.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import socket
 import ssl
@@ -47,8 +48,6 @@ from ..trunk import DatagramStream, Stream, Trunk
 from ..wire import MAX_TRUNKS, PROTO_VERSION, encode
 from .session import Session, backoff_delay
 from .target import Targets, target_name
-
-import errno
 
 UDP_IDLE_MARGIN = 5.0  # seconds after the flow's idle timeout: the agent ends a flow the server did not
 UDP_RECV_BUDGET = 64  # datagrams read from one flow's socket per loop pass
@@ -215,72 +214,10 @@ class Trunks:
         stream.dialer = self.targets.dial(host, port, dialled, keep_registered=True)
 
     def _on_flow_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None, idle: float) -> None:
-        """A UDP flow: a DatagramStream and a UDP socket connected to the target."""
-        target = target_name(host, port)
-        loop, log = self.loop, self.session.log
-        timer: list = [None]
-
-        def deliver(datagram: bytes) -> None:
-            sock = stream.sock
-            if sock is None:
-                stream.dropped += 1
-                return
-            try:
-                sock.send(datagram)
-            except OSError:  # a full socket buffer, or the target's ICMP error for an earlier one
-                stream.dropped += 1
-
-        def ended(st: Stream, reason: str) -> None:
-            if timer[0] is not None:
-                timer[0].cancel()
-            log.log(logging.DEBUG if reason.startswith(("aborted by peer", "done")) else logging.INFO,
-                    "udp flow %d to %s ended (%s): %d datagrams to the target, %d back, %d dropped", sid, target, reason,
-                    stream.datagrams_out, stream.datagrams_in, stream.dropped)
-        stream = DatagramStream(trunk, sid, f"udp target {target}", ended, deliver)
+        flow = UdpFlow(self.loop, self.session.log, trunk, sid, target_name(host, port), idle)
         if window is not None:
-            stream.send_window = window
-
-        def check() -> None:
-            timer[0] = None
-            quiet = loop.time() - stream.last_active
-            if quiet >= idle + UDP_IDLE_MARGIN:
-                stream.close(f"idle for {quiet:.0f} s")
-            else:
-                timer[0] = loop.call_later(idle + UDP_IDLE_MARGIN - quiet, check)
-
-        def readable(_mask: int) -> None:
-            sock = stream.sock
-            for _ in range(UDP_RECV_BUDGET):
-                if stream.closed or sock is None:
-                    return
-                try:
-                    n = sock.recv_into(_UDP_BUF)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        continue  # ICMP for an earlier datagram: the target is not listening (yet)
-                    stream.close(f"{stream.name} read failed: {exc.strerror or exc}")
-                    return
-                stream.send_datagram(_UDP_VIEW[:n])
-
-        def dialled(sock: socket.socket | None, error: str | None) -> None:
-            stream.dialer = None
-            if stream.closed or trunk.closed:
-                if sock is not None:
-                    sock.close()
-                return
-            if sock is None:
-                log.warning("udp flow %d: cannot reach %s: %s", sid, target, error)
-                trunk.control(mux.frame(mux.FAIL, sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
-                stream.on_close = None
-                stream.close("target unreachable", notify=False)
-                return
-            stream.sock, stream.mask = sock, READ
-            loop.register(sock, READ, readable)
-            trunk.control(mux.frame(mux.READY, sid))
-            timer[0] = loop.call_later(idle + UDP_IDLE_MARGIN, check)
-        stream.dialer = self.targets.dial_udp(host, port, dialled)
+            flow.stream.send_window = window
+        flow.stream.dialer = self.targets.dial_udp(host, port, flow.dialled)
 
     # -- ending --------------------------------------------------------------------------------------
     def close(self, reason: str) -> None:
@@ -292,3 +229,73 @@ class Trunks:
             self._liveness.cancel()
         for trunk in self.current + list(self.retired):
             trunk.close(reason)
+
+
+class UdpFlow:
+    """A UDP flow's agent end: a DatagramStream and a UDP socket connected to the target (the
+    stream's `sock`, closed with it); ends on its own `UDP_IDLE_MARGIN` after the server should have."""
+
+    def __init__(self, loop: Loop, log: logging.Logger | logging.LoggerAdapter, trunk: Trunk, sid: int, target: str,
+                 idle: float) -> None:
+        self.loop, self.log, self.trunk, self.sid, self.target, self.idle = loop, log, trunk, sid, target, idle
+        self.timer: Timer | None = None
+        self.stream = DatagramStream(trunk, sid, f"udp target {target}", self._ended, self._deliver)
+
+    def _deliver(self, datagram: bytes) -> None:
+        sock = self.stream.sock
+        try:
+            if sock is None:
+                raise OSError("not connected yet")
+            sock.send(datagram)
+        except OSError:  # a full socket buffer, or the target's ICMP error for an earlier one: UDP
+            self.stream.dropped += 1
+
+    def _readable(self, _mask: int) -> None:
+        stream = self.stream
+        for _ in range(UDP_RECV_BUDGET):
+            if stream.closed or stream.sock is None:
+                return
+            try:
+                n = stream.sock.recv_into(_UDP_BUF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue  # ICMP for an earlier datagram: the target is not listening (yet)
+                stream.close(f"{stream.name} read failed: {exc.strerror or exc}")
+                return
+            stream.send_datagram(_UDP_VIEW[:n])
+
+    def _check(self) -> None:
+        self.timer = None
+        quiet = self.loop.time() - self.stream.last_active
+        if quiet >= self.idle + UDP_IDLE_MARGIN:
+            self.stream.close(f"idle for {quiet:.0f} s")
+        else:
+            self.timer = self.loop.call_later(self.idle + UDP_IDLE_MARGIN - quiet, self._check)
+
+    def dialled(self, sock: socket.socket | None, error: str | None) -> None:
+        stream, trunk = self.stream, self.trunk
+        stream.dialer = None
+        if stream.closed or trunk.closed:
+            if sock is not None:
+                sock.close()
+            return
+        if sock is None:
+            self.log.warning("udp flow %d: cannot reach %s: %s", self.sid, self.target, error)
+            trunk.control(mux.frame(mux.FAIL, self.sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
+            stream.on_close = None
+            stream.close("target unreachable", notify=False)
+            return
+        stream.sock, stream.mask = sock, READ
+        self.loop.register(sock, READ, self._readable)
+        trunk.control(mux.frame(mux.READY, self.sid))
+        self.timer = self.loop.call_later(self.idle + UDP_IDLE_MARGIN, self._check)
+
+    def _ended(self, stream: Stream, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.log.log(logging.DEBUG if reason.startswith(("aborted by peer", "done")) else logging.INFO,
+                     "udp flow %d to %s ended (%s): %d datagrams to the target, %d back, %d dropped", self.sid,
+                     self.target, reason, stream.datagrams_out, stream.datagrams_in, stream.dropped)

@@ -32,7 +32,6 @@ from . import api, metrics
 from .counters import Tally
 from .limits import Limits
 from .paths import TrunkPath, WarmPath
-from .udp import UdpFlows
 from .proxies import ACCEPT_BUDGET, Change, Network, Proxy, ProxyTable, parse_whitelist, validate_proxy
 from .routing import Router
 from .sessions import AgentPort, AgentSession
@@ -72,9 +71,7 @@ class Server:
         self.router = Router(loop, settings, self.port, self.trunk_path, self.warm_path, self.limits, self.tally,
                              lambda: self.audit, lambda: self.global_nets, self.metrics.setup_seconds, self.new_id,
                              self.wall_time)
-        self.udp = UdpFlows(loop, self.router, lambda: self.global_nets)
-        self.router.udp = self.udp
-        self.proxies = ProxyTable(loop, settings, self.router.on_client, self.udp.on_datagram)
+        self.proxies = ProxyTable(loop, settings, self.router.on_client, self.router.udp.on_datagram)
         self.port.on_data = self.router.on_data
         self.port.on_trunk = self.trunk_path.add
         self.port.on_pool = self.warm_path.add
@@ -252,7 +249,6 @@ class Server:
         self.router.close()
         self.warm_path.close()
         self.trunk_path.close()
-        self.udp.close()
         for timer in self._timers:
             timer.cancel()
         self.save_stats(wait=True)

@@ -305,6 +305,11 @@ class WarmPath:
         conns.append(conn)
 
     def offer(self, pending: Any) -> bool:
+        if pending.flow is not None:  # a UDP flow for an agent without trunks: these carry TCP only
+            self.loop.call_soon(self.router.attempt_failed, pending, f"agent {pending.agent_id} has no trunks "
+                                "(pool_size = 0: per-client data connections, which carry TCP only); UDP flows need "
+                                "trunks", "target_refused")
+            return True
         conns = self.warm.get(pending.agent_id)
         if not conns:
             return False

@@ -37,10 +37,9 @@ from ..config import (BALANCE_MODES, MAX_AGENTS_PER_PROXY, MAX_FLOWS, MAX_FLOWS_
                       UDP_IDLE_TIMEOUT)
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
-from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, listen, parse_networks
+from ..net import HOSTNAME_RE, Acceptor, UdpListener, Network, hostport, is_ip, listen, parse_networks
 from ..state import entry_name
 from .settings import ServerConfig
-from .udp import UdpListener
 
 log = logging.getLogger("anywhere.server")
 

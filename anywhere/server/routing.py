@@ -42,6 +42,7 @@ from .balance import Balancer
 from .proxies import Network, Proxy, allowed
 from .sessions import AgentPort, AgentSession, Role
 from .settings import ServerConfig
+from .udp import UdpFlows
 
 log = logging.getLogger("anywhere.server")
 
@@ -103,8 +104,8 @@ class Router:
         self.live_per_proxy: dict[str, int] = {}  # tunnels + pending clients per proxy
         self.pending_per_agent: dict[str, int] = {}
         self.balancer = Balancer(loop.time, self.unusable)
-        self.udp: Any = None  # udp.UdpFlows, set by the composition root
         trunks.router = warm.router = self
+        self.udp = UdpFlows(loop, self, global_nets)
 
     def unusable(self, agent_id: str) -> str | None:
         """Why `agent_id` cannot take a client now: offline, or every trunk of it stale; None: it can."""
@@ -124,61 +125,29 @@ class Router:
         if not self.accepting:
             _close(sock)
             return
-        ip = client_ip(addr)
+        self.admit(proxy, client_ip(addr), peer, sock)
+
+    def admit(self, proxy: Proxy, ip: Any, peer: str, sock: socket.socket | None, flow: Any = None) -> None:
+        """A new client (or UDP flow, udp.py, with no socket): whitelist, limits, agent, then a data path."""
         nets = proxy.nets or self._global_nets()
         if nets and not allowed(ip, nets):
             which = "proxy's" if proxy.nets else "global"
-            self._refuse(sock, proxy, "whitelist", peer, f"refused: not in the {which} whitelist")
+            self._refuse(sock, proxy, "whitelist", peer, f"refused: not in the {which} whitelist", flow)
             return
         agent = self.balancer.pick(proxy) if len(proxy.agent_ids) > 1 else proxy.agent_id
         limit = self.limits.over_limit(proxy, ip, len(self.tunnels) + len(self.pending),
                                        self.live_per_proxy.get(proxy.name, 0),
                                        self.pending_per_agent.get(agent or "", 0), agent)
         if limit:
-            self._refuse(sock, proxy, "limit", peer, f"refused: {limit}")
+            self._refuse(sock, proxy, "limit", peer, f"refused: {limit}", flow)
             return
         session = self.port.online(agent) if agent else None
         if session is None:
             self._refuse(sock, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline"
-                         if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve")
+                         if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve",
+                         flow)
             return
-        pending = Pending(self._new_id(), proxy, sock, peer, self.loop.time(), agent_id=session.agent_id)
-        pending.timer = self.loop.call_later(self._config().data_timeout, self._pending_timeout, pending.conn_id)
-        self._add_pending(pending)
-        self._ask(pending, session)
-
-    # -- UDP flows (udp.py) ---------------------------------------------------------------------------
-    def admit_flow(self, proxy: Proxy, addr: Any, peer: str, flows: int) -> bool:
-        """May the first datagram of a new source open a flow?  Refusals are counted and logged
-        (throttled) as for TCP clients; the source gets nothing."""
-        ip = client_ip(addr)
-        nets = proxy.nets or self._global_nets()
-        if nets and not allowed(ip, nets):
-            which = "proxy's" if proxy.nets else "global"
-            self._refuse(None, proxy, "whitelist", peer, f"refused: not in the {which} whitelist")
-            return False
-        if flows >= proxy.max_flows:
-            self._refuse(None, proxy, "limit", peer, f"refused: the proxy has max_flows = {proxy.max_flows} UDP flows")
-            return False
-        return True
-
-    def open_flow(self, proxy: Proxy, flow: Any, addr: Any, peer: str) -> None:
-        """A new UDP flow: like a TCP client (limits, agent, data path), without a socket."""
-        ip = client_ip(addr)
-        agent = self.balancer.pick(proxy) if len(proxy.agent_ids) > 1 else proxy.agent_id
-        limit = self.limits.over_limit(proxy, ip, len(self.tunnels) + len(self.pending),
-                                       self.live_per_proxy.get(proxy.name, 0),
-                                       self.pending_per_agent.get(agent or "", 0), agent)
-        session = self.port.online(agent) if agent else None
-        if limit or session is None:
-            self.udp.end(flow)
-            if limit:
-                self._refuse(None, proxy, "limit", peer, f"refused: {limit}")
-            else:
-                self._refuse(None, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline"
-                             if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve")
-            return
-        pending = Pending(self._new_id(), proxy, None, peer, self.loop.time(), agent_id=session.agent_id, flow=flow)
+        pending = Pending(self._new_id(), proxy, sock, peer, self.loop.time(), agent_id=session.agent_id, flow=flow)
         pending.timer = self.loop.call_later(self._config().data_timeout, self._pending_timeout, pending.conn_id)
         self._add_pending(pending)
         self._ask(pending, session)
@@ -228,20 +197,16 @@ class Router:
         self.balancer.added(pending.proxy.name, agent)
         pending.agent_id = agent
 
-    def _refuse(self, sock: socket.socket | None, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
-        if sock is not None:
-            _close(sock)
+    def _refuse(self, sock: socket.socket | None, proxy: Proxy, reason: str, peer: str, detail: str,
+                flow: Any = None) -> None:
+        """Count and log (throttled) a refused client or flow; close its socket, or end the flow."""
+        _close(sock) if flow is None else self.udp.end(flow)
         self.limits.throttled_log(("client", proxy.name, reason, peer.rsplit(":", 1)[0]),
                                   f"proxy {proxy.name}: client {peer} {detail}")
         self.tally.reject(proxy, reason, peer, detail)
 
     def ask_agent(self, pending: Pending, session: AgentSession) -> None:
         """A trunk stream; without a trunk, `open` on a warm data connection, else on the admin connection."""
-        if pending.flow is not None:  # UDP: trunks only
-            if not self.trunks.offer(pending):
-                self.attempt_failed(pending, f"agent {pending.agent_id} has no trunks (pool_size = 0: per-client data "
-                                    "connections, which carry TCP only); UDP flows need trunks", "target_refused")
-            return
         if not self.trunks.offer(pending) and not self.warm.offer(pending):
             session.conn.send("open", conn=pending.conn_id, host=pending.proxy.local_ip, port=pending.proxy.local_port)
 
@@ -333,8 +298,8 @@ class Router:
             audit.write("connection", proxy=proxy.name, agent=tunnel.agent_id, source=tunnel.peer,
                         target=proxy.target, bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3),
                         reason=reason)
-        level = logging.INFO if reason in ("done", "server stopping") or (
-            proxy.protocol == "udp" and reason.startswith("idle")) else logging.WARNING  # how a UDP flow ends
+        level = logging.INFO if reason in ("done", "server stopping") or proxy.protocol == "udp" and reason.startswith(
+            "idle") else logging.WARNING  # a UDP flow ends when idle
         if log.isEnabledFor(level):
             log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id,
                     tunnel.peer, proxy.target, proxy.name, reason, bytes_in, bytes_out, duration)
@@ -396,12 +361,8 @@ class Router:
             stream, pending.stream = pending.stream, None
             stream.on_close = None
             stream.close("client gone")
-        if pending.flow is not None:  # a source that keeps sending asks again each time: throttled
-            if reason != "server stopping":
-                self.limits.throttled_log(("flow", pending.proxy.name, kind, pending.peer.rsplit(":", 1)[0]),
-                                          f"proxy {pending.proxy.name}: udp flow {pending.peer} closed: {reason}")
-            self.udp.end(pending.flow)
-            return
+        if pending.flow is not None:
+            return self.udp.dropped_pending(pending, reason, kind)
         if reason != "server stopping":
             log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
         _close(pending.sock)
@@ -426,13 +387,12 @@ class Router:
         """Close tunneled connections idle longer than their proxy's (or the server's) idle_timeout."""
         default = self._config().idle_timeout
         for tunnel in list(self.tunnels.values()):
-            if tunnel.proxy.protocol == "udp":
-                continue  # udp_idle_timeout, udp.py
-            timeout = tunnel.proxy.idle_timeout or default
+            timeout = 0 if tunnel.proxy.protocol == "udp" else tunnel.proxy.idle_timeout or default  # udp: udp.py
             if timeout and now - tunnel.relay.last_active >= timeout:
                 tunnel.relay.close(f"idle for {timeout:g} s")
 
     def close(self) -> None:
+        self.udp.close()
         for pending in list(self.pending.values()):
             self.drop_pending(pending, "server stopping")
 

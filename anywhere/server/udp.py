@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A proxy with ``protocol = udp`` binds UDP sockets (`UdpListener`) on its remote_port, on the same
+A proxy with ``protocol = udp`` binds UDP sockets (net.UdpListener) on its remote_port, on the same
 addresses as TCP proxies (proxy_bind; "" is dual-stack).  remote_port is unique per proxy whatever
 the protocol: a UDP proxy does not share its port number with a TCP proxy (simplest to reason
 about, and `anywherectl proxy del PORT` stays unambiguous).  Each datagram's source
@@ -34,58 +34,19 @@ listener socket is shared by all flows of a port and closed only with the proxy'
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 from typing import Any, Callable
 
 from ..dgram import MAX_DATAGRAM
-from ..loop import READ, Loop
-from ..net import format_addr
+from ..loop import Loop
+from ..net import UdpListener, client_ip, format_addr
+from .proxies import allowed
 
 log = logging.getLogger("anywhere.server")
 
 HOLD_DATAGRAMS = 8  # datagrams a flow holds while waiting for its stream
 HOLD_BYTES = 64 * 1024
-RECV_BUDGET = 64  # datagrams read per listener per loop pass
 SWEEP = 0.5  # seconds between looks for idle flows (a flow ends within this much after its timeout)
-_RECV_BUF = bytearray(65536)
-_RECV_VIEW = memoryview(_RECV_BUF)
-
-
-class UdpListener:
-    """One bound UDP socket of a proxy: reads datagrams, `handle(datagram, addr, self)` each."""
-
-    def __init__(self, loop: Loop, sock: socket.socket, handle: Callable[[bytes, Any, "UdpListener"], None],
-                 what: str) -> None:
-        self.loop, self.sock, self.handle, self.what = loop, sock, handle, what
-        self.closed = False
-        loop.register(sock, READ, self._on_ready)
-
-    def _on_ready(self, _mask: int) -> None:
-        for _ in range(RECV_BUDGET):
-            if self.closed:
-                return
-            try:
-                n, addr = self.sock.recvfrom_into(_RECV_BUF)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ICMP errors of earlier sends (ECONNREFUSED...): nothing to do
-                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    log.debug("recvfrom on %s: %s", self.what, exc.strerror or exc)
-                continue
-            self.handle(bytes(_RECV_VIEW[:n]), addr, self)
-
-    def send(self, datagram: bytes, addr: Any) -> None:
-        try:
-            self.sock.sendto(datagram, addr)
-        except OSError:
-            pass  # UDP: a datagram the kernel will not take (full buffer, unreachable) is lost
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.loop.close_socket(self.sock, True)
 
 
 class Flow:
@@ -144,8 +105,14 @@ class UdpFlows:
         router = self.router
         if not router.accepting:
             return
-        peer = format_addr(addr)
-        if not router.admit_flow(proxy, addr, peer, self.per_proxy.get(proxy.name, 0)):
+        peer, ip = format_addr(addr), client_ip(addr)
+        nets = proxy.nets or self._global_nets()
+        if nets and not allowed(ip, nets):  # checked again by routing; here so that it comes before max_flows
+            which = "proxy's" if proxy.nets else "global"
+            self._refuse(proxy, "whitelist", peer, f"refused: not in the {which} whitelist")
+            return
+        if self.per_proxy.get(proxy.name, 0) >= proxy.max_flows:
+            self._refuse(proxy, "limit", peer, f"refused: the proxy has max_flows = {proxy.max_flows} UDP flows")
             return
         flow = Flow(proxy, addr, listener)
         flow.hold(datagram)
@@ -153,7 +120,21 @@ class UdpFlows:
         self.per_proxy[proxy.name] = self.per_proxy.get(proxy.name, 0) + 1
         if self._sweep is None:
             self._sweep = self.loop.call_later(SWEEP, self.sweep)
-        router.open_flow(proxy, flow, addr, peer)
+        router.admit(proxy, ip, peer, None, flow)
+
+    def _refuse(self, proxy: Any, reason: str, peer: str, detail: str) -> None:
+        """A datagram of a new source refused: counted, logged throttled, as routing does for clients."""
+        self.router.limits.throttled_log(("client", proxy.name, reason, peer.rsplit(":", 1)[0]),
+                                         f"proxy {proxy.name}: udp client {peer} {detail}")
+        self.router.tally.reject(proxy, reason, peer, detail)
+
+    def dropped_pending(self, pending: Any, reason: str, kind: str | None) -> None:
+        """Routing gave up on a flow before its stream was open: logged throttled (a source that keeps
+        sending is asked for again with each datagram), and forgotten."""
+        if reason != "server stopping":
+            self.router.limits.throttled_log(("flow", pending.proxy.name, kind, pending.peer.rsplit(":", 1)[0]),
+                                             f"proxy {pending.proxy.name}: udp flow {pending.peer} closed: {reason}")
+        self.end(pending.flow)
 
     def ready(self, flow: Flow, stream: Any) -> None:
         """Its stream is open (READY): what it held goes now."""
