@@ -31,7 +31,7 @@ from typing import Any, Callable
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator
 
-from . import wire
+from . import mux, wire
 from .errors import ConfigError
 from .common import valid_agent_id
 from .net import HOSTNAME_RE, is_ip, parse_networks, split_hostport
@@ -132,7 +132,7 @@ MAX_AGENTS_PER_PROXY = 16
 BALANCE_MODES = ("least-connections", "round-robin", "failover")
 PROTOCOLS = ("tcp", "udp")  # a proxy's protocol (server/udp.py carries udp)
 UDP_IDLE_TIMEOUT = 60.0  # seconds without a datagram either way after which a UDP flow ends
-MAX_UDP_IDLE = 86400  # the longest udp_idle_timeout (mux.MAX_UDP_IDLE: what an OPEN may name)
+MAX_UDP_IDLE = mux.MAX_UDP_IDLE  # the longest udp_idle_timeout: what an OPEN may name
 MAX_FLOWS = 1024  # UDP flows (client address and port) at once per proxy, by default
 MAX_FLOWS_LIMIT = 65536  # the most max_flows may be
 

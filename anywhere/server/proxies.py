@@ -96,7 +96,6 @@ class Proxy:
     protocol: str = "tcp"  # or udp: datagrams, one flow per client address and port (udp.py)
     udp_idle_timeout: float = UDP_IDLE_TIMEOUT
     max_flows: int = MAX_FLOWS
-    udp: Any = field(repr=False, default=None)  # udp.UdpProxy while a udp proxy listens
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
