@@ -111,7 +111,7 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"),
         ("local_port", "LOCAL PORT"), ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
-        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE"), ("protocol", "PROTO")])]
+        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("protocol", "PROTO"), ("source", "SOURCE")])]
         + ([""] + failed if failed else [])))
 
 
