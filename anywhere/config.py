@@ -32,7 +32,7 @@ from typing import Any, Callable
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
 from validate import ValidateError, Validator
 
-from . import proxyproto, wire
+from . import mux, proxyproto, wire
 from .errors import ConfigError
 from .common import MAX_PORT_RANGE, parse_port_range, range_text, valid_agent_id
 from .net import HOSTNAME_RE, is_ip, parse_networks, split_hostport
@@ -139,6 +139,11 @@ def check_agent_id(value: Any, default: Any = None) -> str:
 
 MAX_AGENTS_PER_PROXY = 16
 BALANCE_MODES = ("least-connections", "round-robin", "failover")
+PROTOCOLS = ("tcp", "udp")  # a proxy's protocol (server/udp.py carries udp)
+UDP_IDLE_TIMEOUT = 60.0  # seconds without a datagram either way after which a UDP flow ends
+MAX_UDP_IDLE = mux.MAX_UDP_IDLE  # the longest udp_idle_timeout: what an OPEN may name
+MAX_FLOWS = 1024  # UDP flows (client address and port) at once per proxy, by default
+MAX_FLOWS_LIMIT = 65536  # the most max_flows may be
 
 
 def check_agent_ids(value: Any, default: Any = None) -> list[str]:
@@ -169,6 +174,13 @@ def check_proxy_protocol(value: Any, default: Any = None) -> str:
     text = _text(value)
     if text not in PROXY_PROTOCOLS:
         raise _Bad("must be v1, v2 or off")
+    return text
+
+
+def check_protocol(value: Any, default: Any = None) -> str:
+    text = _text(value)
+    if text not in PROTOCOLS:
+        raise _Bad(f"must be one of {', '.join(PROTOCOLS)}")
     return text
 
 
@@ -319,6 +331,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "port": check_port, "port_range": check_port_range, "count": check_count, "seconds": check_seconds, "path": check_path, "name": check_name,
     "agentid": check_agent_id, "agentids": check_agent_ids, "balance": check_balance, "host": check_host,
     "proxy_protocol": check_proxy_protocol,
+    "protocol": check_protocol,
     "servers": check_servers, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,

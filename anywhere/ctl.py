@@ -23,7 +23,8 @@ from urllib.parse import quote
 from . import proxyfile, proxyproto
 from .common import (DEFAULT_ADMIN_SOCKET, MAX_PORT_RANGE, CredentialsError, CtlError, human_bytes, parse_port_range,
                      port_arg, port_range_arg, version_line)
-from .config import flag_type, format_bandwidth
+from .config import (MAX_FLOWS, MAX_FLOWS_LIMIT, MAX_UDP_IDLE, PROTOCOLS, UDP_IDLE_TIMEOUT, ValidateError, check_count,
+                     check_seconds, flag_type, format_bandwidth)
 
 
 def __getattr__(name: str) -> Any:
@@ -84,6 +85,12 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["proxy_protocol"] = args.proxy_protocol
     if args.bandwidth is not None:
         body["bandwidth"] = args.bandwidth  # bits a second, checked by the file's own check
+    if args.protocol:
+        body["protocol"] = args.protocol
+    if args.udp_idle_timeout is not None:
+        body["udp_idle_timeout"] = args.udp_idle_timeout
+    if args.max_flows is not None:
+        body["max_flows"] = args.max_flows
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
@@ -105,9 +112,10 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         return
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
+    udp = "udp " if p.get("protocol") == "udp" else ""
     pp = f" (PROXY protocol {p['proxy_protocol']})" if p.get("proxy_protocol") else ""
     limit = f" (bandwidth {format_bandwidth(p['bandwidth'])} each way)" if p.get("bandwidth") else ""
-    _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
+    _emit(args, data, lambda _d: f"proxy {p['name']} added: {udp}port {p['remote_port']} → agent {agents} → "
                                  f"{p['local_ip']}:{p['local_port']}{pp}{limit}")
 
 
@@ -128,7 +136,7 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
         ("whitelist", "WHITELIST"), ("bandwidth", "BANDWIDTH"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
-        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE")])]
+        ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("protocol", "PROTO"), ("source", "SOURCE")])]
         + ([""] + failed if failed else [])))
 
 
@@ -182,8 +190,8 @@ def cmd_agent_list(args: argparse.Namespace) -> None:
 def cmd_conn_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/connections")
     _emit(args, data, lambda d: table(d["connections"], [
-        ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"), ("target", "TARGET"),
-        ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S")]))
+        ("id", "ID"), ("proxy", "PROXY"), ("agent_id", "AGENT"), ("source", "SOURCE"),
+        ("target", "TARGET"), ("bytes_in", "BYTES IN"), ("bytes_out", "BYTES OUT"), ("age", "AGE S"), ("protocol", "PROTO")]))
 
 
 
@@ -287,6 +295,20 @@ def _common() -> argparse.ArgumentParser:
 _port = port_arg  # the name older callers use
 
 
+def _udp_idle(text: str) -> float:
+    try:
+        return check_seconds(text, MAX_UDP_IDLE)
+    except ValidateError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _max_flows(text: str) -> int:
+    try:
+        return check_count(text, 1, MAX_FLOWS_LIMIT)
+    except ValidateError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
 def add_admin_commands(sub: Any) -> None:
     """The proxy/agent/conn verbs, shared by anywherectl and anywhered."""
     common = _common()
@@ -305,6 +327,14 @@ def add_admin_commands(sub: Any) -> None:
                      "remote ports, a range of the same length (or one port for all)")
     add.add_argument("--remote-port", required=True, type=port_range_arg, help="the public port on the server, or a "
                      f"range START-END (at most {MAX_PORT_RANGE} ports): one proxy per port, all added or none")
+    add.add_argument("--protocol", choices=PROTOCOLS, help="tcp (the default) or udp: datagrams, one flow per client "
+                     "address and port, carried whole over the agent's trunks")
+    add.add_argument("--udp-idle-timeout", type=_udp_idle, metavar="SECONDS",
+                     help=f"udp: a flow ends after this many seconds without a datagram either way (default "
+                          f"{UDP_IDLE_TIMEOUT:g}; more than 0, at most {MAX_UDP_IDLE})")
+    add.add_argument("--max-flows", type=_max_flows, metavar="N",
+                     help=f"udp: flows at once; datagrams from new sources beyond it are dropped (default {MAX_FLOWS}; "
+                          f"1..{MAX_FLOWS_LIMIT})")
     add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
     add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT); with a range, each is NAME:PORT "
                      "(default AGENT:PORT)")

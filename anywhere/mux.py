@@ -82,6 +82,7 @@ MAX_PAYLOAD = 256 * 1024
 WINDOW_SIZE = 1024 * 1024  # a stream's receive window to begin with
 MAX_WINDOW = 4 * WINDOW_SIZE  # what a receiver may grow it to (the most a sender accepts)
 EARLY_WINDOW = 16 * 1024  # what a stream may send before READY
+MAX_UDP_IDLE = 86400  # seconds: the longest idle timeout of a UDP flow an OPEN may name
 _CONTROL_MAX = {OPEN: 1024, READY: 0, FAIL: 1024, END: 0, ABORT: 1024, WINDOW: 4, PING: PING_SIZE, PONG: PING_SIZE}
 _TRUNK_FRAMES = (PING, PONG)  # on stream 0, and only there
 
@@ -99,12 +100,13 @@ def ping_frame(kind: int, payload: bytes) -> bytes:
 
 
 def open_frame(stream: int, host: str, port: int, window: int | None = None,
-               origin: proxyproto.Origin | None = None) -> bytes:
+               origin: proxyproto.Origin | None = None, udp: float | None = None) -> bytes:
     """OPEN; `window`: the first window the opener grants (only to a peer that said it takes one);
     `origin`: the client and the address it dialled, for the target's PROXY header (only to a peer
-    that announced ``pp``)."""
+    that announced ``pp``); `udp`: a UDP flow (trunk.DatagramStream) that ends after that many
+    seconds without a datagram (only to a peer that said it carries UDP)."""
     if origin is None:
-        return frame(OPEN, stream, _open_payload(host, port, window))
+        return frame(OPEN, stream, _open_payload(host, port, window, udp))
     fields: dict = {"host": host, "port": port}
     if window is not None:
         fields["window"] = window
@@ -113,10 +115,12 @@ def open_frame(stream: int, host: str, port: int, window: int | None = None,
 
 
 @functools.lru_cache(maxsize=1024)
-def _open_payload(host: str, port: int, window: int | None) -> bytes:  # the same few targets, over and over
+def _open_payload(host: str, port: int, window: int | None, udp: float | None = None) -> bytes:  # the same few targets
     fields: dict = {"host": host, "port": port}
     if window is not None:
         fields["window"] = window
+    if udp is not None:
+        fields["udp"] = udp
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
@@ -131,13 +135,15 @@ def parse_open(payload: bytes) -> tuple[str, int]:
 
 class OpenRequest(NamedTuple):
     """An OPEN: its target, the first window granted (None: WINDOW_SIZE), the PROXY header's origin
-    (None: no header), and `problem`: why the stream must fail (its PROXY fields are malformed)."""
+    (None: no header), `problem`: why the stream must fail (its PROXY fields are malformed), and
+    `udp`: None for TCP, else a UDP flow's idle timeout in seconds (1..MAX_UDP_IDLE)."""
 
     host: str
     port: int
     window: int | None
     origin: proxyproto.Origin | None
     problem: str | None
+    udp: float | None = None
 
 
 def parse_open_request(payload: bytes) -> OpenRequest:
@@ -145,15 +151,26 @@ def parse_open_request(payload: bytes) -> OpenRequest:
     PROXY fields only fill `problem` (the stream fails, the trunk goes on)."""
     data = _open_json(payload)
     host, port, window = _open_target(data)
+    udp = data.get("udp")
+    if udp is not None and (isinstance(udp, bool) or not isinstance(udp, (int, float)) or not 0 < udp <= MAX_UDP_IDLE):
+        raise ProtocolError(f"OPEN udp must be an idle timeout of more than 0 and at most {MAX_UDP_IDLE} seconds")
+    udp = float(udp) if udp is not None else None
     try:
-        return OpenRequest(host, port, window, proxyproto.parse_open_fields(data), None)
+        return OpenRequest(host, port, window, proxyproto.parse_open_fields(data), None, udp)
     except ValueError as exc:
-        return OpenRequest(host, port, window, None, str(exc)[:200])
+        return OpenRequest(host, port, window, None, str(exc)[:200], udp)
 
 
 def parse_open_window(payload: bytes) -> tuple[str, int, int | None]:
     """(host, port, first window granted or None: WINDOW_SIZE) of an OPEN payload."""
     return _open_target(_open_json(payload))
+
+
+def parse_open_full(payload: bytes) -> tuple[str, int, int | None, float | None]:
+    """(host, port, window as parse_open_window, udp: None for TCP, else the flow's idle timeout
+    in seconds, 1..MAX_UDP_IDLE) of an OPEN payload."""
+    request = parse_open_request(payload)
+    return request.host, request.port, request.window, request.udp
 
 
 def _open_json(payload: bytes) -> Any:

@@ -179,8 +179,10 @@ class Acceptor:
         self.sock.close()
 
 
-def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -> list[socket.socket]:
-    """Bind listeners on every host ("" or "::" means every address, v4 and v6).
+def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024,
+           kind: int = socket.SOCK_STREAM) -> list[socket.socket]:
+    """Bind listeners on every host ("" or "::" means every address, v4 and v6); `kind`
+    SOCK_DGRAM: bound UDP sockets instead (a UDP proxy's).
 
     Raises OSError (with the address in its message) if any bind fails; nothing stays open then.
     """
@@ -188,14 +190,14 @@ def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -
     try:
         for host in hosts or [""]:
             if host in ("", "::", "*"):
-                socks.append(_listen_any(port, backlog))
+                socks.append(_listen_any(port, backlog, kind))
                 continue
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
             seen = set()
             for family, _type, _proto, _name, sockaddr in infos:
                 if sockaddr[:2] not in seen:
                     seen.add(sockaddr[:2])
-                    socks.append(_bind(family, sockaddr, backlog, v6only=True))
+                    socks.append(_bind(family, sockaddr, backlog, v6only=True, kind=kind))
     except OSError:
         for s in socks:
             s.close()
@@ -203,18 +205,18 @@ def listen(hosts: list[str] | tuple[str, ...], port: int, backlog: int = 1024) -
     return socks
 
 
-def _listen_any(port: int, backlog: int) -> socket.socket:
+def _listen_any(port: int, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
     if socket.has_ipv6:
         try:
-            return _bind(socket.AF_INET6, ("::", port), backlog, v6only=False)
+            return _bind(socket.AF_INET6, ("::", port), backlog, v6only=False, kind=kind)
         except OSError as exc:
             if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
-    return _bind(socket.AF_INET, ("0.0.0.0", port), backlog, v6only=True)
+    return _bind(socket.AF_INET, ("0.0.0.0", port), backlog, v6only=True, kind=kind)
 
 
-def _bind(family: int, sockaddr: Address, backlog: int, v6only: bool) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
+def _bind(family: int, sockaddr: Address, backlog: int, v6only: bool, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
@@ -223,8 +225,9 @@ def _bind(family: int, sockaddr: Address, backlog: int, v6only: bool) -> socket.
             sock.bind(sockaddr)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {format_addr(sockaddr)}: {exc.strerror}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
-        sock.listen(backlog)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -347,3 +350,44 @@ class Dialer:
                 sock.close()
             return
         callback(sock, reason)
+
+
+RECV_BUDGET = 64  # datagrams read per UDP listener per loop pass
+_RECV_BUF = bytearray(65536)
+_RECV_VIEW = memoryview(_RECV_BUF)
+
+
+class UdpListener:
+    """One bound UDP socket (a UDP proxy's, server/udp.py): reads at most `RECV_BUDGET` datagrams
+    per readiness event, `handle(datagram, addr, self)` each; `send` drops what the kernel refuses."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, handle: Callable[[bytes, Any, "UdpListener"], None],
+                 what: str) -> None:
+        self.loop, self.sock, self.handle, self.what = loop, sock, handle, what
+        self.closed = False
+        loop.register(sock, READ, self._on_ready)
+
+    def _on_ready(self, _mask: int) -> None:
+        for _ in range(RECV_BUDGET):
+            if self.closed:
+                return
+            try:
+                n, addr = self.sock.recvfrom_into(_RECV_BUF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP errors of earlier sends (ECONNREFUSED...): nothing to do
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    log.debug("recvfrom on %s: %s", self.what, exc.strerror or exc)
+                continue
+            self.handle(bytes(_RECV_VIEW[:n]), addr, self)
+
+    def send(self, datagram: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(datagram, addr)
+        except OSError:
+            pass  # UDP: a datagram the kernel will not take (full buffer, unreachable) is lost
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.close_socket(self.sock, True)

@@ -10,6 +10,9 @@
     #proxy_protocol = off
     #bandwidth = 10mbit
     #enabled = true
+    #protocol = tcp              # or udp: datagrams, one flow per client address and port
+    #udp_idle_timeout = 60       # udp: a flow ends after this many seconds without a datagram
+    #max_flows = 1024            # udp: flows at once; datagrams from new sources beyond are dropped
 
 A port range declares one proxy per port, each named SECTION:PORT (PORT the remote port), with
 local ports in the same order, or the one local port for all (at most config.MAX_PORT_RANGE
@@ -44,6 +47,9 @@ PROXY_SPEC = """
 agent = agentid(default=None)
 agents = agentids(default=None)
 balance = balance(default=least-connections)
+protocol = protocol(default=tcp)
+udp_idle_timeout = seconds(at_most=86400, default=60)
+max_flows = count(1, 65536, default=1024)
 local_ip = host()
 local_port = port_range()
 remote_port = port_range()
@@ -71,7 +77,8 @@ def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
             "local_ip": values["local_ip"],
             "local_port": values["local_port"], "remote_port": values["remote_port"],
             "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
-            "bandwidth": values["bandwidth"], "enabled": values["enabled"]} | (
+            "bandwidth": values["bandwidth"], "enabled": values["enabled"], "protocol": values["protocol"],
+            "udp_idle_timeout": values["udp_idle_timeout"], "max_flows": values["max_flows"]} | (
         {"proxy_protocol": values["proxy_protocol"]} if values["proxy_protocol"] != "off" else {})
 
 
@@ -90,6 +97,12 @@ def render(proxies: list[dict[str, Any]], header: str = "") -> str:
             lines.append(f"balance = {proxy['balance']}")
         lines += [f"local_ip = {proxy['local_ip']}", f"local_port = {proxy['local_port']}",
                   f"remote_port = {proxy['remote_port']}"]
+        if proxy.get("protocol", "tcp") != "tcp":
+            lines.append(f"protocol = {proxy['protocol']}")
+            if proxy.get("udp_idle_timeout", 60) != 60:
+                lines.append(f"udp_idle_timeout = {proxy['udp_idle_timeout']:g}")
+            if proxy.get("max_flows", 1024) != 1024:
+                lines.append(f"max_flows = {proxy['max_flows']}")
         if proxy.get("whitelist"):
             lines.append("whitelist = " + ", ".join(proxy["whitelist"]))
         if proxy.get("idle_timeout"):

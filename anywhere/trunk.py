@@ -161,7 +161,7 @@ import socket
 import ssl
 from typing import Any, Callable
 
-from . import mux, tls
+from . import dgram, mux, tls
 from .loop import READ, WRITE, Loop
 from .scratch import SCRATCH as _scratch, SCRATCH_VIEW as _view
 from .common import printable
@@ -244,7 +244,7 @@ def buffer_usage() -> dict[str, int]:
 
 class Trunk:
     def __init__(self, loop: Loop, sock: ssl.SSLSocket, leftover: bytes, *, name: str,
-                 on_open: Callable[["Trunk", int, str, int, int | None, Any], None] | None = None,
+                 on_open: Callable[..., None] | None = None,
                  on_close: Callable[["Trunk", str], None] | None = None) -> None:
         self.loop = loop
         self.sock = sock
@@ -279,6 +279,7 @@ class Trunk:
         self.can_ping = False  # the peer understands PING (see Liveness)
         self.takes_window = False  # the peer takes the first window OPEN grants (see mux.py)
         self.takes_pp = False  # the peer writes the PROXY header OPEN asks for (see mux.py, proxyproto.py)
+        self.udp = False  # the peer carries UDP flows (DatagramStream; the agent says udp=1)
         self.last_rx = loop.time()
         self.idle_since = self.last_rx  # when its last stream ended (trunks on demand close after a while)
         self.rtt: float | None = None
@@ -576,7 +577,10 @@ class Trunk:
                 log.warning("trunk %s: stream %d refused: %s", self.name, sid, request.problem)
                 self.control(mux.frame(mux.FAIL, sid, request.problem.encode()))
                 return
-            self.on_open(self, sid, request.host, request.port, request.window, request.origin)
+            if request.udp is None:
+                self.on_open(self, sid, request.host, request.port, request.window, request.origin)
+            else:  # a UDP flow: udp is its idle timeout (DatagramStream)
+                self.on_open(self, sid, request.host, request.port, request.window, None, request.udp)
             return
         stream = self.streams.get(sid)
         if stream is None:
@@ -1132,3 +1136,72 @@ class Stream:
                 log.exception("stream on_close callback failed")
         if trunk.retired and not trunk.streams:
             trunk.close("its session is over and its last stream has ended")
+
+
+class DatagramStream(Stream):
+    """A UDP flow on a trunk: a stream whose endpoint is a datagram flow instead of a TCP socket.
+
+    Each datagram travels whole, length-prefixed (dgram.py), in the stream's DATA bytes; the window
+    and credit machinery is Stream's (a datagram is sent only when the whole of it fits in the send
+    window; credit is returned as datagrams are handed on, which is at once: UDP has no outbuf).
+    What does not fit (the window used up, or the trunk's queue over `high`) is dropped here, at the
+    edge, and counted in `dropped`, as a router drops what it cannot queue: the trunk is reliable,
+    so nothing is lost inside the tunnel, and nothing is buffered without bound either.
+    `deliver(datagram)` hands a datagram from the peer to the endpoint (the server sends it to its
+    client's address, the agent to its connected UDP socket); it must not raise.  `sock`, if the
+    owner sets it (the agent's connected socket, registered with `mask`), is closed with the
+    stream.  No half-close: a flow has no EOF; it ends by ABORT (idle timeout, kill) or with its
+    trunk.  Stream's TCP path (attach, pump, _drain) is never used, and is not slowed by this."""
+
+    def __init__(self, trunk: Trunk, sid: int, name: str, on_close: Callable[["Stream", str], None] | None,
+                 deliver: Callable[[bytes], None]) -> None:
+        super().__init__(trunk, sid, name, on_close)
+        self.deliver = deliver
+        self.decoder = dgram.DatagramDecoder()
+        self.dropped = 0  # datagrams dropped at this edge (no window, or the trunk congested)
+        self.datagrams_in = self.datagrams_out = 0
+
+    def attach(self, sock: socket.socket, read_now: bool = True, registered: bool = False) -> None:
+        raise TypeError("a datagram stream has no socket to attach")
+
+    def _update(self) -> None:
+        pass  # the owner of `sock` registers it
+
+    def pump(self) -> None:
+        pass  # nothing to read: datagrams are pushed (send_datagram)
+
+    def send_datagram(self, datagram: bytes | memoryview) -> bool:
+        """Send one datagram from the endpoint to the peer; False if it was dropped (counted)."""
+        trunk = self.trunk
+        n = len(datagram)
+        framed = n + dgram.PREFIX
+        if self.closed or trunk.closed or framed > self.send_window or trunk.out_bytes >= trunk.high \
+                or n > dgram.MAX_DATAGRAM:
+            self.dropped += 1
+            return False
+        trunk.write(mux.HEADER.pack(_DATA_WORD | framed, self.sid) + n.to_bytes(dgram.PREFIX, "big") + bytes(datagram))
+        self.send_window -= framed
+        self.nbytes_in += n
+        self.datagrams_in += 1
+        self.last_active = trunk.loop.now
+        if self.first_byte_at is None:
+            self._first_byte()
+        return True
+
+    def on_data(self, payload: memoryview | bytes) -> None:
+        n = len(payload)
+        if n > self.recv_window:
+            raise ProtocolError(f"stream {self.sid}: more data than its window")
+        self.last_active = self.trunk.loop.now
+        for datagram in self.decoder.feed(payload):  # ProtocolError (oversize): the trunk ends it
+            self.nbytes_out += len(datagram)
+            self.datagrams_out += 1
+            if self.first_byte_at is None:
+                self._first_byte()
+            self.deliver(datagram)
+            if self.closed:
+                return
+        self._credit(n)  # handed on at once: nothing is held but the decoder's one partial datagram
+
+    def on_peer_end(self) -> None:
+        self.close("ended by peer", notify=False)

@@ -14,6 +14,9 @@ A refusal reaches the caller's callback like a failed dial, ``callback(None, rea
 later loop pass, and names the target and the list, so the server can tell its client's operator
 why.  `allowlist` and `timeout` are replaced by a reload; dials already under way keep theirs.
 
+UDP flows (`dial_udp`) pass the same list the same way; "dialling" is creating a UDP socket
+connected to the first permitted address (a name is resolved in the loop's thread pool).
+
 Rules: this module holds no connection, logs nothing and never talks to the server: answering
 ``fail`` is the data path's.  The host comes from the server: it is shown only through
 `target_name` (printable, bounded).
@@ -22,7 +25,7 @@ Rules: this module holds no connection, logs nothing and never talks to the serv
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 from ..allow import Allowlist
 from ..common import printable
@@ -61,3 +64,65 @@ class Targets:
         # a name the list does not hold: dialled only at resolved addresses its networks allow
         return Dialer(self.loop, host, port, self.timeout, callback, refused=refused, keep_registered=keep_registered,
                       address_ok=lambda address: allowlist.permits_address(address, port))
+
+    def dial_udp(self, host: str, port: int, callback: DialCallback) -> "UdpDial":
+        """A non-blocking UDP socket connected to host:port if the allowlist permits it; `callback`
+        as `dial`'s, always on a later loop pass.  Cancel the returned UdpDial to give up."""
+        return UdpDial(self.loop, self.allowlist, host, port, callback)
+
+
+class UdpDial:
+    """One UDP target being reached: the allowlist, the name resolved if need be, a connected socket."""
+
+    def __init__(self, loop: Loop, allowlist: Allowlist, host: str, port: int, callback: DialCallback) -> None:
+        self.loop, self.callback, self.cancelled = loop, callback, False
+        self.port = port
+        literal = is_ip(host.split("%", 1)[0])
+        refused = f"{target_name(host, port)} is not in this agent's allowlist (allow = {allowlist})"
+        if allowlist.permits_address(host, port) if literal else allowlist.permits_name(host, port):
+            ok: Callable[[str], bool] = lambda address: True  # noqa: E731
+        elif literal or not allowlist.has_networks:
+            loop.call_soon(self._done, None, refused)
+            return
+        else:
+            ok = lambda address: allowlist.permits_address(address, port)  # noqa: E731
+        self.refused, self.ok = refused, ok
+        if literal:
+            loop.call_soon(self._connect, [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)])
+            return
+        loop.run_in_thread(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM), self._resolved)
+
+    def _resolved(self, infos: Any, error: BaseException | None) -> None:
+        if error is not None:
+            self._done(None, f"cannot resolve {self.refused.split(' is not', 1)[0]}: {error}")
+            return
+        self._connect([(info[0], info[4][0]) for info in infos])
+
+    def _connect(self, addresses: list[tuple[int, str]]) -> None:
+        if self.cancelled:
+            return
+        last = self.refused
+        for family, address in addresses:
+            if not self.ok(address):
+                continue
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setblocking(False)
+                sock.connect((address, self.port))
+            except OSError as exc:
+                sock.close()
+                last = f"cannot reach {hostport(address, self.port)}: {exc.strerror or exc}"
+                continue
+            self._done(sock, None)
+            return
+        self._done(None, last)
+
+    def _done(self, sock: socket.socket | None, error: str | None) -> None:
+        if self.cancelled:
+            if sock is not None:
+                sock.close()
+            return
+        self.callback(sock, error)
+
+    def cancel(self) -> None:
+        self.cancelled = True

@@ -10,13 +10,18 @@ the server asks again when a client comes.
 connection reached, runs TLS, and, if the session it was opened for is still the welcomed one,
 hands the socket over; `Trunks` makes it a `trunk.Trunk` and says ``trunk`` on it (agent id,
 the session's token, ``ping=1``: it answers PING; ``window=1``: it takes a stream's first window
-from OPEN; ``pp=1``: it writes a PROXY protocol header when OPEN asks for one).  From then on the
+from OPEN; ``pp=1``: it writes a PROXY protocol header when OPEN asks for one; ``udp=1``: it
+carries UDP flows).  From then on the
 server opens streams on it: each OPEN names a target, dialled through `target.Targets` (the
 allowlist); READY once it answers, FAIL with the reason if not.  The stream exists while its
 target is dialled, so an ABORT meanwhile cancels the dial.  An OPEN with PROXY fields (a proxy
 with ``proxy_protocol``, proxyproto.py) has the header put at the head of the stream's output
 before the dial starts, so it is the target's first byte, ahead of the client's early bytes, and
 the target is read only once it is written (a target that speaks first hears nothing before it).
+An OPEN with ``udp`` (the flow's idle timeout) is a UDP flow (server/udp.py): a
+`trunk.DatagramStream` joined to a UDP socket connected to the target (`Targets.dial_udp`, the
+same allowlist); datagrams go both ways whole; the server ends the flow when it idles, and the
+agent too, `UDP_IDLE_MARGIN` seconds later, should the server's ABORT never come.
 
 Ownership (trunk.py, "Ownership"): a trunk belongs to the session it was opened in (its
 ``owner`` is the session's number).  When the session ends, `retire` stops counting its trunks,
@@ -35,6 +40,7 @@ session; nothing here speaks on the admin connection.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import socket
 import ssl
@@ -42,11 +48,16 @@ from typing import Callable
 
 from .. import mux, proxyproto
 from ..framed import FramedConn
-from ..loop import Loop, Timer
-from ..trunk import Stream, Trunk
+from ..loop import READ, Loop, Timer
+from ..trunk import DatagramStream, Stream, Trunk
 from ..wire import MAX_TRUNKS, PROTO_VERSION, encode
 from .session import Session, backoff_delay
 from .target import Targets, target_name
+
+UDP_IDLE_MARGIN = 5.0  # seconds after the flow's idle timeout: the agent ends a flow the server did not
+UDP_RECV_BUDGET = 64  # datagrams read from one flow's socket per loop pass
+_UDP_BUF = bytearray(65536)
+_UDP_VIEW = memoryview(_UDP_BUF)
 
 class SetupState(enum.Enum):
     DIALING = "dialing"  # connecting to the server
@@ -133,7 +144,7 @@ class Trunks:
         trunk = Trunk(self.loop, sock, leftover, name=f"to {peer}", on_open=self._on_stream_open,
                       on_close=self._on_trunk_close)
         fields = {"session": session.token} if session.token is not None else {}
-        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, pp=1,
+        trunk.write(encode("trunk", proto=PROTO_VERSION, agent_id=session.agent_id, ping=1, window=1, pp=1, udp=1,
                             **fields))
         trunk.owner = session.number
         trunk.can_ping = session.trunk_ping
@@ -175,7 +186,10 @@ class Trunks:
 
     # -- a stream: its target ------------------------------------------------------------------------
     def _on_stream_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None = None,
-                        origin: proxyproto.Origin | None = None) -> None:
+                        origin: proxyproto.Origin | None = None, udp: float | None = None) -> None:
+        if udp is not None:
+            self._on_flow_open(trunk, sid, host, port, window, udp)
+            return
         target = target_name(host, port)
 
         def ended(st: Stream, reason: str) -> None:
@@ -206,6 +220,12 @@ class Trunks:
             stream.attach(sock, read_now=False, registered=True)
         stream.dialer = self.targets.dial(host, port, dialled, keep_registered=True)
 
+    def _on_flow_open(self, trunk: Trunk, sid: int, host: str, port: int, window: int | None, idle: float) -> None:
+        flow = UdpFlow(self.loop, self.session.log, trunk, sid, target_name(host, port), idle)
+        if window is not None:
+            flow.stream.send_window = window
+        flow.stream.dialer = self.targets.dial_udp(host, port, flow.dialled)
+
     # -- ending --------------------------------------------------------------------------------------
     def close(self, reason: str) -> None:
         """Close every trunk, current and retired, and stop checking them.  Idempotent."""
@@ -216,3 +236,73 @@ class Trunks:
             self._liveness.cancel()
         for trunk in self.current + list(self.retired):
             trunk.close(reason)
+
+
+class UdpFlow:
+    """A UDP flow's agent end: a DatagramStream and a UDP socket connected to the target (the
+    stream's `sock`, closed with it); ends on its own `UDP_IDLE_MARGIN` after the server should have."""
+
+    def __init__(self, loop: Loop, log: logging.Logger | logging.LoggerAdapter, trunk: Trunk, sid: int, target: str,
+                 idle: float) -> None:
+        self.loop, self.log, self.trunk, self.sid, self.target, self.idle = loop, log, trunk, sid, target, idle
+        self.timer: Timer | None = None
+        self.stream = DatagramStream(trunk, sid, f"udp target {target}", self._ended, self._deliver)
+
+    def _deliver(self, datagram: bytes) -> None:
+        sock = self.stream.sock
+        try:
+            if sock is None:
+                raise OSError("not connected yet")
+            sock.send(datagram)
+        except OSError:  # a full socket buffer, or the target's ICMP error for an earlier one: UDP
+            self.stream.dropped += 1
+
+    def _readable(self, _mask: int) -> None:
+        stream = self.stream
+        for _ in range(UDP_RECV_BUDGET):
+            if stream.closed or stream.sock is None:
+                return
+            try:
+                n = stream.sock.recv_into(_UDP_BUF)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    continue  # ICMP for an earlier datagram: the target is not listening (yet)
+                stream.close(f"{stream.name} read failed: {exc.strerror or exc}")
+                return
+            stream.send_datagram(_UDP_VIEW[:n])
+
+    def _check(self) -> None:
+        self.timer = None
+        quiet = self.loop.time() - self.stream.last_active
+        if quiet >= self.idle + UDP_IDLE_MARGIN:
+            self.stream.close(f"idle for {quiet:.0f} s")
+        else:
+            self.timer = self.loop.call_later(self.idle + UDP_IDLE_MARGIN - quiet, self._check)
+
+    def dialled(self, sock: socket.socket | None, error: str | None) -> None:
+        stream, trunk = self.stream, self.trunk
+        stream.dialer = None
+        if stream.closed or trunk.closed:
+            if sock is not None:
+                sock.close()
+            return
+        if sock is None:
+            self.log.warning("udp flow %d: cannot reach %s: %s", self.sid, self.target, error)
+            trunk.control(mux.frame(mux.FAIL, self.sid, (error or "unknown error").encode("utf-8", "replace")[:1024]))
+            stream.on_close = None
+            stream.close("target unreachable", notify=False)
+            return
+        stream.sock, stream.mask = sock, READ
+        self.loop.register(sock, READ, self._readable)
+        trunk.control(mux.frame(mux.READY, self.sid))
+        self.timer = self.loop.call_later(self.idle + UDP_IDLE_MARGIN, self._check)
+
+    def _ended(self, stream: Stream, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.log.log(logging.DEBUG if reason.startswith(("aborted by peer", "done")) else logging.INFO,
+                     "udp flow %d to %s ended (%s): %d datagrams to the target, %d back, %d dropped", self.sid,
+                     self.target, reason, stream.datagrams_out, stream.datagrams_in, stream.dropped)

@@ -73,7 +73,8 @@ class Server:
         self.router = Router(loop, settings, self.port, self.trunk_path, self.warm_path, self.limits, self.tally,
                              lambda: self.audit, lambda: self.global_nets, self.metrics.setup_seconds, self.new_id,
                              self.wall_time)
-        self.proxies = ProxyTable(loop, settings, self.router.on_client, lambda proxy: reshape(self.router, proxy))
+        self.proxies = ProxyTable(loop, settings, self.router.on_client, on_reshape=lambda proxy: reshape(self.router, proxy),
+                                  on_datagram=self.router.udp.on_datagram)
         self.port.on_data = self.router.on_data
         self.port.on_trunk = self.trunk_path.add
         self.port.on_pool = self.warm_path.add

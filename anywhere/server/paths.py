@@ -43,7 +43,7 @@ from .. import mux
 from ..common import printable
 from ..framed import FramedConn
 from ..loop import Loop
-from ..trunk import Stream, Trunk
+from ..trunk import DatagramStream, Stream, Trunk
 from ..wire import MAX_TRUNKS
 from .sessions import AgentPort, AgentSession, Role
 from .settings import ServerConfig
@@ -108,6 +108,7 @@ class TrunkPath:
         trunk.can_ping = msg.get("ping") == 1
         trunk.takes_window = msg.get("window") == 1
         trunk.takes_pp = msg.get("pp") == 1
+        trunk.udp = msg.get("udp") == 1  # the agent carries UDP flows (DatagramStream)
         trunks.append(trunk)
         log.debug("trunk from agent %s (%s) up; %d now", agent_id, peer, len(trunks))
         self.serve_waiting(agent_id)
@@ -210,6 +211,8 @@ class TrunkPath:
         else:  # a fast path: the least busy trunk
             trunk = min(live, key=lambda t: len(t.streams) + (t.out_bytes >> 16))
         router, conn_id = self.router, pending.conn_id
+        if pending.flow is not None:
+            return self._offer_flow(pending, trunk)
         stream = Stream(trunk, trunk.new_stream_id(), name=f"client {pending.peer}",
                         on_close=lambda st, reason: router.on_stream_close(conn_id, st, reason))
         stream.on_ready = lambda: self._on_ready(conn_id, stream)
@@ -238,6 +241,27 @@ class TrunkPath:
                         agent_id, printable(session.version, 64), pending.proxy.name)
         self.router.attempt_failed(pending, f"agent {agent_id} is too old for proxy_protocol", "target_refused")
 
+    def _offer_flow(self, pending: Any, trunk: Trunk) -> bool:
+        """A UDP flow (udp.py) on `trunk`: a DatagramStream, OPEN with ``udp``; its held datagrams go
+        at READY.  An agent that did not announce UDP gets none: the flow fails, saying why."""
+        router, conn_id, flow, proxy, agent_id = self.router, pending.conn_id, pending.flow, pending.proxy, pending.agent_id
+        if not trunk.udp:
+            self.loop.call_soon(router.attempt_failed, pending, f"agent {pending.agent_id} does not carry UDP (an "
+                                "older version: upgrade it)", "target_refused")
+            return True
+
+        def closed(st: Stream, reason: str) -> None:
+            router.on_stream_close(conn_id, st, reason)
+            if conn_id not in router.pending:  # not handed to another agent of the proxy
+                router.udp.end(flow)
+        stream = DatagramStream(trunk, trunk.new_stream_id(), f"udp client {pending.peer}", closed, flow.deliver)
+        stream.on_ready = lambda: self._on_ready(conn_id, stream)
+        stream.on_fail = lambda reason: router.on_agent_fail(agent_id, conn_id, reason)
+        pending.stream = stream
+        window = stream.grant_first_window() if trunk.takes_window else None
+        trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window, proxy.udp_idle_timeout))
+        return True
+
     def _on_ready(self, conn_id: int, stream: Stream) -> None:
         pending = self.router.take_pending(conn_id)
         if pending is None:
@@ -247,6 +271,9 @@ class TrunkPath:
             pending.timer.cancel()
         pending.stream = None
         self.router.add_tunnel(pending, stream)
+        if pending.flow is not None:
+            self.router.udp.ready(pending.flow, stream)  # its held datagrams go now
+            return
         if stream.sock is None:  # held back until now (a proxy of several agents)
             stream.attach(pending.sock)
         stream.open_window(mux.WINDOW_SIZE - mux.EARLY_WINDOW)
@@ -314,6 +341,11 @@ class WarmPath:
         conns.append(conn)
 
     def offer(self, pending: Any) -> bool:
+        if pending.flow is not None:  # a UDP flow for an agent without trunks: these carry TCP only
+            self.loop.call_soon(self.router.attempt_failed, pending, f"agent {pending.agent_id} has no trunks "
+                                "(pool_size = 0: per-client data connections, which carry TCP only); UDP flows need "
+                                "trunks", "target_refused")
+            return True
         conns = self.warm.get(pending.agent_id)
         if not conns:
             return False

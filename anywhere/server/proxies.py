@@ -38,7 +38,7 @@ from typing import Any, Callable
 from ..common import printable
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
-from ..net import Acceptor, listen
+from ..net import Acceptor, UdpListener, listen
 from ..shaper import Shaper
 from ..state import entry_name
 from .proxy import Proxy, validate_proxy
@@ -51,6 +51,10 @@ ACCEPT_BUDGET = 64  # connections accepted per listener per loop pass
 PROXY_RETRY = 2.0  # seconds between tries to bind the port of a failed proxy
 
 
+def _kind(proxy: Proxy) -> int:
+    return socket.SOCK_DGRAM if proxy.protocol == "udp" else socket.SOCK_STREAM
+
+
 @dataclass
 class Change:
     """A declared set checked against the running proxies, the ports it newly needs bound (not yet
@@ -60,7 +64,7 @@ class Change:
     removed: list[Proxy] = field(default_factory=list)
     changed: list[tuple[Proxy, Proxy]] = field(default_factory=list)  # (running, declared)
     unchanged: list[Proxy] = field(default_factory=list)
-    bound: dict[int, list[socket.socket]] = field(default_factory=dict)
+    bound: dict[tuple[int, str], list[socket.socket]] = field(default_factory=dict)  # by (port, protocol)
 
     def release(self) -> None:
         for socks in self.bound.values():
@@ -78,11 +82,13 @@ class ProxyTable:
 
     def __init__(self, loop: Loop, config: Callable[[], ServerConfig],
                  on_client: Callable[[Proxy, socket.socket, Any], None],
-                 on_reshape: Callable[[Proxy], None] = lambda _proxy: None) -> None:
+                 on_reshape: Callable[[Proxy], None] = lambda _proxy: None,
+                 on_datagram: Callable[[Proxy, bytes, Any, UdpListener], None] | None = None) -> None:
         self.loop = loop
         self._config = config
         self.on_client = on_client
         self.on_reshape = on_reshape  # a limit came or went: the live connections follow (routing.reshape)
+        self.on_datagram = on_datagram  # a UDP proxy's datagrams (udp.UdpFlows)
         self.by_name: dict[str, Proxy] = {}
         self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
         self.accepting = True  # False while draining or closed: no listener is bound again
@@ -183,15 +189,22 @@ class ProxyTable:
         if proxy.remote_port == config.port:  # a stored proxy, and the agent port changed since
             raise Conflict(f"remote port {proxy.remote_port} is the agent port")
         try:
-            socks = listen(config.proxy_bind, proxy.remote_port)
+            socks = listen(config.proxy_bind, proxy.remote_port, kind=_kind(proxy))
         except OSError as exc:
             raise Conflict(f"cannot listen on remote port {proxy.remote_port}: {exc.strerror or exc}") from None
         proxy.listeners = [self._acceptor(proxy, sock) for sock in socks]
 
-    def _acceptor(self, proxy: Proxy, sock: socket.socket) -> Acceptor:
+    def _acceptor(self, proxy: Proxy, sock: socket.socket) -> Any:
+        if proxy.protocol == "udp":
+            return UdpListener(self.loop, sock, self._handler(proxy), f"udp port {proxy.remote_port}")
         return Acceptor(self.loop, sock, self._handler(proxy), f"port {proxy.remote_port}", ACCEPT_BUDGET)
 
-    def _handler(self, proxy: Proxy) -> Callable[[socket.socket, Any], None]:
+    def _handler(self, proxy: Proxy) -> Callable[..., None]:
+        if proxy.protocol == "udp":
+            on_datagram = self.on_datagram
+            if on_datagram is None:
+                raise Conflict(f"proxy {proxy.name}: this server does not carry UDP")
+            return lambda datagram, addr, listener: on_datagram(proxy, datagram, addr, listener)
         return lambda conn, addr: self.on_client(proxy, conn, addr)
 
     # -- proxies declared in files: a reload's diff, in two steps -----------------------------------
@@ -230,12 +243,13 @@ class ProxyTable:
             else:
                 change.changed.append((old, proxy))
         change.removed = [p for name, p in running.items() if name not in wanted]
-        held = {p.remote_port for p in running.values() if p.listeners}
+        held = {(p.remote_port, p.protocol) for p in running.values() if p.listeners}
         for proxy in self._serving(change):
-            if proxy.remote_port in held or proxy.remote_port in change.bound:
+            key = (proxy.remote_port, proxy.protocol)
+            if key in held or key in change.bound:
                 continue
             try:
-                change.bound[proxy.remote_port] = listen(self._config().proxy_bind, proxy.remote_port)
+                change.bound[key] = listen(self._config().proxy_bind, proxy.remote_port, kind=_kind(proxy))
             except OSError as exc:
                 problems.append(f"{proxy.where('remote_port')}: {exc.strerror or exc}")  # "cannot listen on ..."
         if problems:
@@ -254,10 +268,10 @@ class ProxyTable:
         each change logged (first: the running proxies take some new values in place).  Returns the names
         added, removed, changed and unchanged."""
         self._log(change)
-        held: dict[int, list[Acceptor]] = {}
+        held: dict[tuple[int, str], list[Any]] = {}
         for proxy in change.removed + [old for old, _ in change.changed] + change.unchanged:
             if proxy.listeners:
-                held[proxy.remote_port] = proxy.listeners
+                held[(proxy.remote_port, proxy.protocol)] = proxy.listeners
                 proxy.listeners = []
         for proxy in change.removed:
             del self.by_name[proxy.name]
@@ -266,6 +280,7 @@ class ProxyTable:
             new.shaper, limited = old.shaper, old.shaper is not None  # one limit for old and new connections
             self.shape(new)
             old.bandwidth, old.shaper = new.bandwidth, new.shaper
+            old.udp_idle_timeout = new.udp_idle_timeout  # and its live UDP flows their new one
             self.by_name[new.name] = new
             if limited != (new.shaper is not None):
                 self.on_reshape(new)
@@ -273,12 +288,13 @@ class ProxyTable:
             self.by_name[proxy.name] = proxy
             self.shape(proxy)
         for proxy in self._serving(change):
-            listeners = held.pop(proxy.remote_port, None)
+            key = (proxy.remote_port, proxy.protocol)
+            listeners = held.pop(key, None)
             if listeners is None:
-                proxy.listeners = [self._acceptor(proxy, sock) for sock in change.bound.pop(proxy.remote_port)]
+                proxy.listeners = [self._acceptor(proxy, sock) for sock in change.bound.pop(key)]
                 continue
             for acceptor in listeners:
-                acceptor.handle, acceptor.what = self._handler(proxy), f"port {proxy.remote_port}"
+                acceptor.handle = self._handler(proxy)
             proxy.listeners = listeners
         for listeners in held.values():
             for acceptor in listeners:

@@ -14,7 +14,8 @@ from typing import Any
 
 from .. import proxyproto
 from ..common import printable, valid_agent_id
-from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY, MAX_BANDWIDTH, MIN_BANDWIDTH, parse_bandwidth
+from ..config import (BALANCE_MODES, MAX_AGENTS_PER_PROXY, MAX_BANDWIDTH, MAX_FLOWS, MAX_FLOWS_LIMIT, MAX_UDP_IDLE,
+                      MIN_BANDWIDTH, PROTOCOLS, UDP_IDLE_TIMEOUT, parse_bandwidth)
 from ..errors import Invalid
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, parse_networks
 from ..shaper import Shaper
@@ -22,7 +23,7 @@ from .ranges import expand
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 FIELDS = ("name", "agent_id", "agent_ids", "balance", "local_ip", "local_port", "remote_port", "whitelist", "enabled",
-          "idle_timeout", "proxy_protocol", "bandwidth")
+          "idle_timeout", "proxy_protocol", "bandwidth", "protocol", "udp_idle_timeout", "max_flows")
 
 
 
@@ -68,6 +69,9 @@ class Proxy:
     proxy_protocol: str | None = None  # "v1" or "v2": the agent sends the target a PROXY header; None: off
     bandwidth: int = 0  # bits a second, each way, all its connections together; 0: unlimited
     shaper: Shaper | None = field(repr=False, default=None)  # while bandwidth is set (ProxyTable.shape)
+    protocol: str = "tcp"  # or udp: datagrams, one flow per client address and port (udp.py)
+    udp_idle_timeout: float = UDP_IDLE_TIMEOUT
+    max_flows: int = MAX_FLOWS
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -95,6 +99,8 @@ class Proxy:
             spec["proxy_protocol"] = self.proxy_protocol
         if self.bandwidth:  # an unlimited proxy keeps the form older versions read
             spec["bandwidth"] = self.bandwidth
+        if self.protocol != "tcp":  # a tcp proxy keeps the form older versions read
+            spec.update(protocol=self.protocol, udp_idle_timeout=self.udp_idle_timeout, max_flows=self.max_flows)
         return spec
 
     @property
@@ -143,7 +149,21 @@ def validate_proxy(spec: Any) -> Proxy:
         proxy_protocol = proxyproto.parse_version(pp)
     except ValueError:
         raise Invalid(f"proxy_protocol {printable(repr(pp), 80)} must be \"v1\", \"v2\", \"off\" or null (off)") from None
-    # TCP is the only protocol today; a UDP proxy (issue 19) is to refuse proxy_protocol here, by name
+    protocol = spec.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        raise Invalid(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
+    if protocol == "udp" and proxy_protocol is not None:
+        raise Invalid(f"proxy_protocol {proxy_protocol} is for tcp proxies: a PROXY header heads a TCP stream, not "
+                      "datagrams")
+    if protocol == "udp" and bandwidth:
+        raise Invalid("bandwidth is for tcp proxies (a limit on UDP flows is not built yet); leave it out of a udp "
+                      "proxy")
+    udp_idle = spec.get("udp_idle_timeout", UDP_IDLE_TIMEOUT)
+    if isinstance(udp_idle, bool) or not isinstance(udp_idle, (int, float)) or not 0 < udp_idle <= MAX_UDP_IDLE:
+        raise Invalid(f"udp_idle_timeout {udp_idle!r} must be a number of seconds greater than 0 (at most {MAX_UDP_IDLE})")
+    max_flows = spec.get("max_flows", MAX_FLOWS)
+    if isinstance(max_flows, bool) or not isinstance(max_flows, int) or not 1 <= max_flows <= MAX_FLOWS_LIMIT:
+        raise Invalid(f"max_flows {max_flows!r} must be a whole number 1..{MAX_FLOWS_LIMIT}")
     bandwidth = spec.get("bandwidth", 0)
     if isinstance(bandwidth, str):
         bandwidth = 0 if bandwidth.strip().lower() in ("0", "off", "") else parse_bandwidth(bandwidth)
@@ -153,7 +173,8 @@ def validate_proxy(spec: Any) -> Proxy:
                       "a rate like \"10mbit\" (kbit, mbit, gbit: powers of 1000); 0: unlimited")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
-                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol, bandwidth=bandwidth)
+                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol, bandwidth=bandwidth,
+                 protocol=protocol, udp_idle_timeout=float(udp_idle), max_flows=max_flows)
 
 
 def proxies_from(body: Any) -> tuple[list[Proxy], bool]:

@@ -47,6 +47,7 @@ from .balance import Balancer
 from .proxy import Network, Proxy, allowed
 from .sessions import AgentPort, AgentSession, Role
 from .settings import ServerConfig
+from .udp import UdpFlows
 
 log = logging.getLogger("anywhere.server")
 
@@ -55,7 +56,7 @@ log = logging.getLogger("anywhere.server")
 class Pending:
     conn_id: int
     proxy: Proxy
-    sock: socket.socket
+    sock: socket.socket | None  # None for a UDP flow
     peer: str
     started: float
     timer: Timer | None = None
@@ -65,6 +66,7 @@ class Pending:
     tried: list[str] | None = None  # the agents asked so far (a proxy of several agents)
     attempt: Timer | None = None  # this agent's share of data_timeout (a proxy of several agents)
     origin: Any = None  # proxyproto.Origin: the client and the address it dialled (a proxy with proxy_protocol)
+    flow: Any = None  # a UDP flow (udp.Flow) instead of a client socket
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Tunnel:
         return {"id": self.conn_id, "proxy": self.proxy.name, "agent_id": self.agent_id,
                 "source": self.peer, "target": self.proxy.target, "remote_port": self.proxy.remote_port,
                 "bytes_in": self.relay.bytes_a_to_b, "bytes_out": self.relay.bytes_b_to_a,
-                "age": round(now - self.started, 3), "since": self.started_wall}
+                "age": round(now - self.started, 3), "since": self.started_wall, "protocol": self.proxy.protocol}
 
 
 class Router:
@@ -109,6 +111,7 @@ class Router:
         self.pending_per_agent: dict[str, int] = {}
         self.balancer = Balancer(loop.time, self.unusable)
         trunks.router = warm.router = self
+        self.udp = UdpFlows(loop, self, global_nets)
 
     def unusable(self, agent_id: str) -> str | None:
         """Why `agent_id` cannot take a client now: offline, or every trunk of it stale; None: it can."""
@@ -128,32 +131,37 @@ class Router:
         if not self.accepting:
             _close(sock)
             return
-        ip = client_ip(addr)
-        nets = proxy.nets or self._global_nets()
-        if nets and not allowed(ip, nets):
-            which = "proxy's" if proxy.nets else "global"
-            self._refuse(sock, proxy, "whitelist", peer, f"refused: not in the {which} whitelist")
-            return
-        agent = self.balancer.pick(proxy) if len(proxy.agent_ids) > 1 else proxy.agent_id
-        limit = self.limits.over_limit(proxy, ip, len(self.tunnels) + len(self.pending),
-                                       self.live_per_proxy.get(proxy.name, 0),
-                                       self.pending_per_agent.get(agent or "", 0), agent)
-        if limit:
-            self._refuse(sock, proxy, "limit", peer, f"refused: {limit}")
-            return
-        session = self.port.online(agent) if agent else None
-        if session is None:
-            self._refuse(sock, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline"
-                         if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve")
-            return
         try:
             origin = _origin(proxy, sock, addr)
         except (OSError, ValueError) as exc:
             log.warning("proxy %s: client %s closed: no address for its PROXY header: %s", proxy.name, peer, exc)
             _close(sock)
             return
+        self.admit(proxy, client_ip(addr), peer, sock, origin=origin)
+
+    def admit(self, proxy: Proxy, ip: Any, peer: str, sock: socket.socket | None, flow: Any = None,
+              origin: Any = None) -> None:
+        """A new client (or UDP flow, udp.py, with no socket): whitelist, limits, agent, then a data path."""
+        nets = proxy.nets or self._global_nets()
+        if nets and not allowed(ip, nets):
+            which = "proxy's" if proxy.nets else "global"
+            self._refuse(sock, proxy, "whitelist", peer, f"refused: not in the {which} whitelist", flow)
+            return
+        agent = self.balancer.pick(proxy) if len(proxy.agent_ids) > 1 else proxy.agent_id
+        limit = self.limits.over_limit(proxy, ip, len(self.tunnels) + len(self.pending),
+                                       self.live_per_proxy.get(proxy.name, 0),
+                                       self.pending_per_agent.get(agent or "", 0), agent)
+        if limit:
+            self._refuse(sock, proxy, "limit", peer, f"refused: {limit}", flow)
+            return
+        session = self.port.online(agent) if agent else None
+        if session is None:
+            self._refuse(sock, proxy, "agent_offline", peer, f"closed: agent {proxy.agent_id} offline"
+                         if len(proxy.agent_ids) == 1 else f"closed: no agent of {', '.join(proxy.agent_ids)} can serve",
+                         flow)
+            return
         pending = Pending(self._new_id(), proxy, sock, peer, self.loop.time(), agent_id=session.agent_id,
-                          origin=origin)
+                          origin=origin, flow=flow)
         pending.timer = self.loop.call_later(self._config().data_timeout, self._pending_timeout, pending.conn_id)
         self._add_pending(pending)
         self._ask(pending, session)
@@ -203,8 +211,10 @@ class Router:
         self.balancer.added(pending.proxy.name, agent)
         pending.agent_id = agent
 
-    def _refuse(self, sock: socket.socket, proxy: Proxy, reason: str, peer: str, detail: str) -> None:
-        _close(sock)
+    def _refuse(self, sock: socket.socket | None, proxy: Proxy, reason: str, peer: str, detail: str,
+                flow: Any = None) -> None:
+        """Count and log (throttled) a refused client or flow; close its socket, or end the flow."""
+        _close(sock) if flow is None else self.udp.end(flow)
         self.limits.throttled_log(("client", proxy.name, reason, peer.rsplit(":", 1)[0]),
                                   f"proxy {proxy.name}: client {peer} {detail}")
         self.tally.reject(proxy, reason, peer, detail)
@@ -302,7 +312,8 @@ class Router:
             audit.write("connection", proxy=proxy.name, agent=tunnel.agent_id, source=tunnel.peer,
                         target=proxy.target, bytes_in=bytes_in, bytes_out=bytes_out, duration=round(duration, 3),
                         reason=reason)
-        level = logging.INFO if reason in ("done", "server stopping") else logging.WARNING
+        level = logging.INFO if reason in ("done", "server stopping") or proxy.protocol == "udp" and reason.startswith(
+            "idle") else logging.WARNING  # a UDP flow ends when idle
         if log.isEnabledFor(level):
             log.log(level, "connection %d %s → %s via %s closed (%s): %d bytes in, %d out, %.1f s", conn_id,
                     tunnel.peer, proxy.target, proxy.name, reason, bytes_in, bytes_out, duration)
@@ -364,6 +375,8 @@ class Router:
             stream, pending.stream = pending.stream, None
             stream.on_close = None
             stream.close("client gone")
+        if pending.flow is not None:
+            return self.udp.dropped_pending(pending, reason, kind)
         if reason != "server stopping":
             log.warning("proxy %s: client %s closed: %s", pending.proxy.name, pending.peer, reason)
         _close(pending.sock)
@@ -388,11 +401,12 @@ class Router:
         """Close tunneled connections idle longer than their proxy's (or the server's) idle_timeout."""
         default = self._config().idle_timeout
         for tunnel in list(self.tunnels.values()):
-            timeout = tunnel.proxy.idle_timeout or default
+            timeout = 0 if tunnel.proxy.protocol == "udp" else tunnel.proxy.idle_timeout or default  # udp: udp.py
             if timeout and now - tunnel.relay.last_active >= timeout:
                 tunnel.relay.close(f"idle for {timeout:g} s")
 
     def close(self) -> None:
+        self.udp.close()
         for pending in list(self.pending.values()):
             self.drop_pending(pending, "server stopping")
 

@@ -102,7 +102,12 @@ class View:
                         agent_online=any(a["state"] in ("online", "backing off") for a in agents),
                         connections=row.active,
                         connections_total=row.connections_total, rejected=row.rejected,
-                        bytes_in=row.bytes_in, bytes_out=row.bytes_out)
+                        bytes_in=row.bytes_in, bytes_out=row.bytes_out, protocol=proxy.protocol)
+            if proxy.protocol == "udp":
+                udp = self.router.udp
+                item.update(udp_idle_timeout=proxy.udp_idle_timeout, max_flows=proxy.max_flows,
+                            flows=udp.per_proxy.get(proxy.name, 0) if udp else 0,
+                            datagrams_dropped=udp.dropped.get(proxy.name, 0) if udp else 0)
             out.append(item)
         return out
 
