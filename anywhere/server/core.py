@@ -18,6 +18,7 @@ import logging
 import secrets
 import ssl
 import time
+from functools import partial
 from typing import Any, Callable
 
 from .. import state, tls
@@ -73,8 +74,7 @@ class Server:
         self.router = Router(loop, settings, self.port, self.trunk_path, self.warm_path, self.limits, self.tally,
                              lambda: self.audit, lambda: self.global_nets, self.metrics.setup_seconds, self.new_id,
                              self.wall_time)
-        self.proxies = ProxyTable(loop, settings, self.router.on_client, on_reshape=lambda proxy: reshape(self.router, proxy),
-                                  on_datagram=self.router.udp.on_datagram)
+        self.proxies = ProxyTable(loop, settings, self.router.on_client, partial(reshape, self.router), self.router.udp.on_datagram)
         self.port.on_data = self.router.on_data
         self.port.on_trunk = self.trunk_path.add
         self.port.on_pool = self.warm_path.add

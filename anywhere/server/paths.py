@@ -80,6 +80,17 @@ class TrunkPath:
         self.waiting: dict[str, list[int]] = {}  # per agent, clients held while every trunk is stale
         self.pp_warned: dict[str, AgentSession] = {}  # per agent, the session told too old for proxy_protocol
 
+    def unusable(self, agent_id: str) -> str | None:
+        """Why `agent_id` cannot take a client now: offline, or every trunk of it stale; None: it can."""
+        if self.port.online(agent_id) is None:
+            return "offline"
+        trunks = self.trunks.get(agent_id)
+        if trunks:
+            now, hb = self.loop.time(), self._config().heartbeat
+            if all(t.stale(now, hb) for t in trunks):
+                return "no live trunk"
+        return None
+
     def add(self, conn: FramedConn, msg: dict) -> None:
         """A trunk joins the agent's current session; one opened for a session that is over (its
         `session` names another) is refused, so a stale path never takes new clients."""

@@ -154,7 +154,7 @@ class ProxyTable:
             raise Conflict(f"none of the {len(proxies)} proxies of the range added: " + "; ".join(shown))
         self.by_name.update((proxy.name, proxy) for proxy in proxies)
         for proxy in proxies:
-            self.shape(proxy)
+            shape(self.loop, proxy)
 
     def remove(self, *proxies: Proxy) -> None:
         """Unlist and close (a proxy, or a range's): an `add_all` undone."""
@@ -174,7 +174,7 @@ class ProxyTable:
                       printable(exc.message))
             return None
         self.by_name[proxy.name] = proxy
-        self.shape(proxy)
+        shape(self.loop, proxy)
         if proxy.enabled and not self.try_listen(proxy):
             log.error("proxy %s restored but not serving: %s; retried every %g s (or: anywherectl proxy enable %s)",
                       proxy.name, proxy.failed, PROXY_RETRY, proxy.name)
@@ -278,7 +278,7 @@ class ProxyTable:
         for old, new in change.changed:
             old.idle_timeout = new.idle_timeout  # the live connections through it take the new timeout too
             new.shaper, limited = old.shaper, old.shaper is not None  # one limit for old and new connections
-            self.shape(new)
+            shape(self.loop, new)
             old.bandwidth, old.shaper = new.bandwidth, new.shaper
             old.udp_idle_timeout = new.udp_idle_timeout  # and its live UDP flows their new one
             self.by_name[new.name] = new
@@ -286,7 +286,7 @@ class ProxyTable:
                 self.on_reshape(new)
         for proxy in change.added:
             self.by_name[proxy.name] = proxy
-            self.shape(proxy)
+            shape(self.loop, proxy)
         for proxy in self._serving(change):
             key = (proxy.remote_port, proxy.protocol)
             listeners = held.pop(key, None)
@@ -301,18 +301,6 @@ class ProxyTable:
                 acceptor.close()
         change.release()  # nothing is left there; safe if anything was
         return change.summary()
-
-    def shape(self, proxy: Proxy) -> None:
-        """Give the proxy the shaper its bandwidth needs: a new one, the same at a new rate, or none
-        (the old one's timers cancelled; its streams are re-shaped by the router: routing.reshape)."""
-        if proxy.bandwidth and proxy.shaper is None:
-            proxy.shaper = Shaper(self.loop, proxy.bandwidth, proxy.name)
-        elif proxy.bandwidth:
-            proxy.shaper.set_bandwidth(proxy.bandwidth)
-        elif proxy.shaper is not None:
-            proxy.shaper.up.release()
-            proxy.shaper.down.release()
-            proxy.shaper = None
 
     @staticmethod
     def _log(change: Change) -> None:
@@ -401,3 +389,16 @@ class ProxyTable:
         not valid, as they were (declared proxies live in their files)."""
         made = [p for p in self.by_name.values() if p.file is None]
         return [p.to_dict() for p in sorted(made, key=lambda p: p.remote_port)] + self.unrestored
+
+
+def shape(loop: Loop, proxy: Proxy) -> None:
+    """Give the proxy the shaper its bandwidth needs: a new one, the same at a new rate, or none
+    (the old one's timers cancelled; its streams are re-shaped by the router: routing.reshape)."""
+    if proxy.bandwidth and proxy.shaper is None:
+        proxy.shaper = Shaper(loop, proxy.bandwidth, proxy.name)
+    elif proxy.bandwidth:
+        proxy.shaper.set_bandwidth(proxy.bandwidth)
+    elif proxy.shaper is not None:
+        proxy.shaper.up.release()
+        proxy.shaper.down.release()
+        proxy.shaper = None

@@ -149,6 +149,22 @@ def validate_proxy(spec: Any) -> Proxy:
         proxy_protocol = proxyproto.parse_version(pp)
     except ValueError:
         raise Invalid(f"proxy_protocol {printable(repr(pp), 80)} must be \"v1\", \"v2\", \"off\" or null (off)") from None
+    bandwidth = spec.get("bandwidth", 0)
+    if isinstance(bandwidth, str):
+        bandwidth = 0 if bandwidth.strip().lower() in ("0", "off", "") else parse_bandwidth(bandwidth)
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or \
+            not (bandwidth == 0 or MIN_BANDWIDTH <= bandwidth <= MAX_BANDWIDTH):
+        raise Invalid(f"bandwidth {spec.get('bandwidth')!r} must be bits a second {MIN_BANDWIDTH}..{MAX_BANDWIDTH} or "
+                      "a rate like \"10mbit\" (kbit, mbit, gbit: powers of 1000); 0: unlimited")
+    protocol, udp_idle, max_flows = _udp_fields(spec, proxy_protocol, bandwidth)
+    return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
+                 remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
+                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol, bandwidth=bandwidth,
+                 protocol=protocol, udp_idle_timeout=udp_idle, max_flows=max_flows)
+
+
+def _udp_fields(spec: dict, proxy_protocol: str | None, bandwidth: int) -> tuple[str, float, int]:
+    """protocol, udp_idle_timeout and max_flows; a UDP proxy takes no PROXY header and no limit."""
     protocol = spec.get("protocol", "tcp")
     if protocol not in PROTOCOLS:
         raise Invalid(f"protocol {protocol!r} must be one of {', '.join(PROTOCOLS)}")
@@ -164,17 +180,7 @@ def validate_proxy(spec: Any) -> Proxy:
     max_flows = spec.get("max_flows", MAX_FLOWS)
     if isinstance(max_flows, bool) or not isinstance(max_flows, int) or not 1 <= max_flows <= MAX_FLOWS_LIMIT:
         raise Invalid(f"max_flows {max_flows!r} must be a whole number 1..{MAX_FLOWS_LIMIT}")
-    bandwidth = spec.get("bandwidth", 0)
-    if isinstance(bandwidth, str):
-        bandwidth = 0 if bandwidth.strip().lower() in ("0", "off", "") else parse_bandwidth(bandwidth)
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or \
-            not (bandwidth == 0 or MIN_BANDWIDTH <= bandwidth <= MAX_BANDWIDTH):
-        raise Invalid(f"bandwidth {spec.get('bandwidth')!r} must be bits a second {MIN_BANDWIDTH}..{MAX_BANDWIDTH} or "
-                      "a rate like \"10mbit\" (kbit, mbit, gbit: powers of 1000); 0: unlimited")
-    return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
-                 remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
-                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol, bandwidth=bandwidth,
-                 protocol=protocol, udp_idle_timeout=float(udp_idle), max_flows=max_flows)
+    return protocol, float(udp_idle), max_flows
 
 
 def proxies_from(body: Any) -> tuple[list[Proxy], bool]:

@@ -109,20 +109,9 @@ class Router:
         self.tunnels: dict[int, Tunnel] = {}
         self.live_per_proxy: dict[str, int] = {}  # tunnels + pending clients per proxy
         self.pending_per_agent: dict[str, int] = {}
-        self.balancer = Balancer(loop.time, self.unusable)
+        self.balancer = Balancer(loop.time, trunks.unusable)
         trunks.router = warm.router = self
         self.udp = UdpFlows(loop, self, global_nets)
-
-    def unusable(self, agent_id: str) -> str | None:
-        """Why `agent_id` cannot take a client now: offline, or every trunk of it stale; None: it can."""
-        if self.port.online(agent_id) is None:
-            return "offline"
-        trunks = self.trunks.trunks.get(agent_id)
-        if trunks:
-            now, hb = self.loop.time(), self._config().heartbeat
-            if all(t.stale(now, hb) for t in trunks):
-                return "no live trunk"
-        return None
 
     # -- clients -----------------------------------------------------------------------------------------
     def on_client(self, proxy: Proxy, sock: socket.socket, addr: Any) -> None:

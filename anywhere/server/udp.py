@@ -40,7 +40,7 @@ from typing import Any, Callable
 from ..dgram import MAX_DATAGRAM
 from ..loop import Loop
 from ..net import UdpListener, client_ip, format_addr
-from .proxies import allowed
+from .proxy import allowed
 
 log = logging.getLogger("anywhere.server")
 

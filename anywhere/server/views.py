@@ -120,7 +120,7 @@ class View:
         state = self.proxies_table.state(proxy)
         if state != "listening":
             return f"proxy {state}" + (f": {proxy.failed}" if proxy.failed else "")
-        why = {a: self.router.unusable(a) or self._too_old(proxy, a) for a in proxy.agent_ids}
+        why = {a: self.trunks.unusable(a) or self._too_old(proxy, a) for a in proxy.agent_ids}
         if any(reason is None for reason in why.values()):
             return None
         return "no agent can serve: " + ", ".join(f"{a} {reason}" for a, reason in why.items())
