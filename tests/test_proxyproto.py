@@ -97,7 +97,7 @@ def test_open_fields_round_trip(ip, sport, dport, version):
     o = origin(version, (str(ip), sport), (str(ip), dport))
     frame = mux.open_frame(7, "db.internal", 5432, 65536, o)
     request = mux.parse_open_request(frame[mux.HEADER_SIZE:])
-    assert request == (("db.internal", 5432, 65536, o, None))
+    assert request == ("db.internal", 5432, 65536, o, None, None)
     assert len(frame) - mux.HEADER_SIZE <= 1024  # OPEN's limit, with the longest host name it may carry
     assert proxyproto.header(request.origin) == proxyproto.header(o)
 

@@ -270,7 +270,7 @@ class TrunkPath:
         stream.on_fail = lambda reason: router.on_agent_fail(agent_id, conn_id, reason)
         pending.stream = stream
         window = stream.grant_first_window() if trunk.takes_window else None
-        trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window, proxy.udp_idle_timeout))
+        trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window, udp=proxy.udp_idle_timeout))
         return True
 
     def _on_ready(self, conn_id: int, stream: Stream) -> None:
