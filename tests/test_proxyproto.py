@@ -105,7 +105,7 @@ def test_open_fields_round_trip(ip, sport, dport, version):
 def test_open_without_pp_has_no_origin_and_is_what_it_was():
     payload = mux.open_frame(1, "10.0.0.2", 80)[mux.HEADER_SIZE:]
     assert payload == b'{"host":"10.0.0.2","port":80}'
-    assert mux.parse_open_request(payload) == ("10.0.0.2", 80, None, None, None)
+    assert mux.parse_open_request(payload) == ("10.0.0.2", 80, None, None, None, None)
 
 
 def test_open_with_pp_and_the_longest_host_fits_the_limit():
