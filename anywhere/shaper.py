@@ -21,11 +21,11 @@ Rules:
      a TLS record's worth at a time instead of many small reads.
   2. A gate whose bucket is empty keeps its waiting streams in order (a dict, oldest first) and
      one timer, due when the bucket holds `wake` = min(burst, max(`MIN_WAKE`, rate × `WAKE_TIME`))
-     again; then the waiting streams go in turn, oldest first, until the tokens run out; those
+     again; then the waiting streams go in turn, oldest first, until fewer than `wake` are left;
+     a stream moves data only with `wake` tokens or all it has to move (`Gate.grant`), never the
+     few bytes that accrue in a microsecond, which cost a record and a loop pass each; those
      that got no turn keep their place ahead of the ones that just went (round robin, as the
-     trunk's `_resume`).  A timer that fires late (a loaded machine) owes the waiting streams the
-     tokens of its lateness, up to `CATCH_UP_TIME` of the rate, above the burst: without that a
-     limited proxy ran 12% below its rate on a busy machine.  A stream that closes leaves its gates; so what a gate holds is bounded
+     trunk's `_resume`).  A stream that closes leaves its gates; so what a gate holds is bounded
      by the proxy's live connections, and it arms no timer while nothing waits.
   3. A change of rate (a reload, or `anywherectl`) applies at once to the gates, so to every live
      connection of the proxy; tokens above the new burst are dropped.
@@ -51,7 +51,6 @@ BURST_TIME = 0.05  # seconds of the rate a bucket holds at most (see rule 1)
 MIN_BURST = 16 * 1024  # bytes
 WAKE_TIME = 0.005  # seconds of the rate a waiting gate lets accrue before its streams go again
 MIN_WAKE = 4 * 1024  # bytes
-CATCH_UP_TIME = 1.0  # seconds: the most lateness of a gate's timer that its streams are owed (rule 2)
 
 
 def burst_for(rate: float) -> float:
@@ -76,18 +75,8 @@ class TokenBucket:
         now = self.clock()
         tokens = self.tokens + (now - self.stamp) * self.rate
         self.stamp = now
-        if tokens > self.burst:  # saved up to burst; what catch_up granted above it stays until spent
-            tokens = self.tokens if self.tokens > self.burst else self.burst
-        self.tokens = tokens
+        self.tokens = tokens = tokens if tokens < self.burst else self.burst
         return tokens
-
-    def catch_up(self, late: float) -> None:
-        """Streams waited for this bucket and were woken `late` seconds after their time (a busy
-        loop): the tokens of that lateness, up to `CATCH_UP_TIME` of the rate, are theirs, or the
-        proxy would run below its rate whenever the machine is loaded."""
-        self._refill()
-        if late > 0:
-            self.tokens += min(late, CATCH_UP_TIME) * self.rate
 
     def available(self) -> int:
         """Whole bytes that may pass now (0 or more)."""
@@ -131,6 +120,14 @@ class Gate:
     def available(self) -> int:
         return self.bucket.available()
 
+    def grant(self, want: int = 0) -> int:
+        """What a stream may move now: every token, once there are `wake` of them or all it `want`s
+        (0: unknown, a socket to read); else 0, and it waits.  Never a trickle: tokens accrue a few
+        bytes a microsecond, and a stream that took each few as they came moved its data in
+        records of tens of bytes (17,000 a second at 20 Mbit/s), too slow to keep the rate."""
+        tokens = self.bucket.available()
+        return tokens if tokens >= self.wake or (want and tokens >= want) else 0
+
     def spend(self, n: int) -> None:
         self.bucket.spend(n)
 
@@ -144,13 +141,11 @@ class Gate:
         self.waiting.pop(resume, None)
 
     def _fire(self) -> None:
-        due, self.timer = self.timer.deadline if self.timer is not None else None, None
-        if due is not None:  # woken late by a busy loop: the waiting streams are owed that time
-            self.bucket.catch_up(self.loop.time() - due)
+        self.timer = None
         waiting = list(self.waiting)
         self.waiting = {}
         for i, resume in enumerate(waiting):
-            if self.bucket.available() <= 0:  # those that got no turn go first next time
+            if not self.grant():  # those that got no turn go first next time
                 rest = dict.fromkeys(waiting[i:])
                 rest.update(self.waiting)
                 self.waiting = rest
