@@ -60,7 +60,8 @@ lint-packages: deb rpm
 # (systemd-analyze, for the unit checks), systemd-container + debootstrap + zstd (the test
 # under a real systemd, in systemd-nspawn), nftables (cutting one connection in the fault tests),
 # haproxy (the load balancer in front of two servers: tests/test_haproxy.py; accept-proxy in
-# tests/test_proxy_protocol.py), nginx (a PROXY protocol target: tests/test_proxy_protocol.py), python3-venv.
+# tests/test_proxy_protocol.py), nginx (a PROXY protocol target: tests/test_proxy_protocol.py), iperf3
+# (the bandwidth limit's measurements: tests/test_bandwidth.py), python3-venv.
 system-deps:
 	@missing=""; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
@@ -71,6 +72,7 @@ system-deps:
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v iperf3 >/dev/null 2>&1 || missing="$$missing iperf3"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \

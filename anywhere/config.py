@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any, Callable
 
 from configobj import ConfigObj, ConfigObjError, flatten_errors, get_extra_values
@@ -217,6 +218,46 @@ def check_seconds_or_off(value: Any, at_most: Any = MAX_SECONDS) -> float:
     return check_seconds(text, at_most)
 
 
+_RATE_UNITS = {"kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+MIN_BANDWIDTH, MAX_BANDWIDTH = 8 * 10**3, 100 * 10**9  # bits a second: 1 KB/s .. more than any link here
+
+
+def check_bandwidth(value: Any, default: Any = None) -> int:
+    """A proxy's bandwidth limit in bits a second: a number with kbit, mbit or gbit (powers of 1000:
+    10mbit = 10,000,000 bit/s; 1.5gbit is allowed), 8kbit..100gbit; 0, off or nothing: unlimited (0).
+    A bare number other than 0 is refused: bits or bytes, the reader could not tell."""
+    text = _text(value).lower().replace(" ", "")
+    if text in ("0", "off", ""):
+        return 0
+    bits = parse_bandwidth(text)
+    if bits is None or not MIN_BANDWIDTH <= bits <= MAX_BANDWIDTH:
+        raise _Bad("must be a rate with a unit kbit, mbit or gbit (powers of 1000, e.g. 10mbit, 1.5gbit), "
+                   "8kbit..100gbit, or 0/off: unlimited")
+    return bits
+
+
+def parse_bandwidth(text: str) -> int | None:
+    """Bits a second from "10mbit", "1.5gbit", "500kbit" (whole bits only); None if not such a rate."""
+    text = text.strip().lower()
+    unit = text[-4:]
+    number = text[:-4]
+    if unit not in _RATE_UNITS or not number or not re.fullmatch(r"[0-9]+(\.[0-9]+)?", number):
+        return None
+    whole, _, frac = number.partition(".")
+    scale = _RATE_UNITS[unit]
+    if len(frac) > 9 or (int(frac or "0") * scale) % 10 ** len(frac):
+        return None  # a fraction of a bit
+    return int(whole) * scale + int(frac or "0") * scale // 10 ** len(frac)
+
+
+def format_bandwidth(bits: int) -> str:
+    """The way a rate is written back: the largest unit that says it exactly (20mbit, 1500kbit, 1.5kbit)."""
+    for unit in ("gbit", "mbit", "kbit"):
+        if bits % _RATE_UNITS[unit] == 0:
+            return f"{bits // _RATE_UNITS[unit]}{unit}"
+    return f"{bits // 1000}.{bits % 1000:03d}".rstrip("0") + "kbit"  # whole bits: three decimals say it
+
+
 def check_denylist(value: Any, default: Any = None) -> list[str]:
     items = _list(value)
     for item in items:
@@ -281,7 +322,7 @@ CHECKS: dict[str, Callable[..., Any]] = {
     "servers": check_servers, "addresses": check_addresses,
     "networks": check_networks, "loglevel": check_loglevel, "audit": check_audit, "endpoints": check_endpoints,
     "boolean": check_boolean, "seconds_or_off": check_seconds_or_off, "denylist": check_denylist,
-    "allowlist": check_allowlist, "size": check_size,
+    "allowlist": check_allowlist, "size": check_size, "bandwidth": check_bandwidth,
 }
 
 
@@ -294,6 +335,7 @@ RANGES: dict[str, Callable[..., str]] = {
     "seconds_or_off": lambda at_most=MAX_SECONDS: f"more than 0, at most {at_most}, or 0: off",
     "name": lambda: "1-64 printable characters",
     "size": lambda low="0", high="1T": f"{low}..{high}, in bytes or with K, M, G",
+    "bandwidth": lambda: "a rate with kbit, mbit or gbit (powers of 1000, e.g. 10mbit), 8kbit..100gbit, or 0/off: unlimited",
 }
 
 

@@ -23,6 +23,8 @@ from urllib.parse import quote
 from . import proxyfile, proxyproto
 from .common import (DEFAULT_ADMIN_SOCKET, MAX_PORT_RANGE, CredentialsError, CtlError, human_bytes, parse_port_range,
                      port_arg, port_range_arg, version_line)
+from .config import flag_type, format_bandwidth
+
 
 def __getattr__(name: str) -> Any:
     """Client, BASE, ... live in client.py (imported only when a command talks to the daemon)."""
@@ -80,6 +82,8 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
         body["balance"] = args.balance
     if args.proxy_protocol:
         body["proxy_protocol"] = args.proxy_protocol
+    if args.bandwidth is not None:
+        body["bandwidth"] = args.bandwidth  # bits a second, checked by the file's own check
     if args.wl:
         body["whitelist"] = [e.strip() for e in args.wl.split(",") if e.strip()]
     if args.name:
@@ -102,14 +106,16 @@ def cmd_proxy_add(args: argparse.Namespace) -> None:
     p = data["proxy"]
     agents = ", ".join(p.get("agent_ids") or [p["agent_id"]])
     pp = f" (PROXY protocol {p['proxy_protocol']})" if p.get("proxy_protocol") else ""
+    limit = f" (bandwidth {format_bandwidth(p['bandwidth'])} each way)" if p.get("bandwidth") else ""
     _emit(args, data, lambda _d: f"proxy {p['name']} added: port {p['remote_port']} → agent {agents} → "
-                                 f"{p['local_ip']}:{p['local_port']}{pp}")
+                                 f"{p['local_ip']}:{p['local_port']}{pp}{limit}")
 
 
 def cmd_proxy_list(args: argparse.Namespace) -> None:
     data = _client(args.admin_socket).call("GET", "/v1/proxies")
     rows = [dict(p, rejected=sum(p.get("rejected", {}).values()), bytes_in=human_bytes(p.get("bytes_in", 0)),
-                 bytes_out=human_bytes(p.get("bytes_out", 0)), agent_id=",".join(p.get("agent_ids") or [p["agent_id"]]))
+                 bytes_out=human_bytes(p.get("bytes_out", 0)), agent_id=",".join(p.get("agent_ids") or [p["agent_id"]]),
+                 bandwidth=format_bandwidth(p["bandwidth"]) if p.get("bandwidth") else "-")
             for p in data["proxies"]]
     failed = [f"proxy {p['name']} failed: {p['failed']}" for p in data["proxies"] if p.get("failed")]
     failed += [f"proxy {p['name']} ({p['balance']}): " + ", ".join(
@@ -121,7 +127,7 @@ def cmd_proxy_list(args: argparse.Namespace) -> None:
     _emit(args, data, lambda d: "\n".join([table(rows, [
         ("name", "NAME"), ("agent_id", "AGENT"), ("agent_online", "ONLINE"), ("enabled", "ENABLED"),
         ("state", "STATE"), ("remote_port", "REMOTE PORT"), ("local_ip", "LOCAL IP"), ("local_port", "LOCAL PORT"),
-        ("whitelist", "WHITELIST"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
+        ("whitelist", "WHITELIST"), ("bandwidth", "BANDWIDTH"), ("connections", "CONNS"), ("connections_total", "TOTAL"),
         ("rejected", "REJECTED"), ("bytes_in", "IN"), ("bytes_out", "OUT"), ("source", "SOURCE")])]
         + ([""] + failed if failed else [])))
 
@@ -302,6 +308,9 @@ def add_admin_commands(sub: Any) -> None:
     add.add_argument("--wl", help="this proxy's whitelist: comma-separated IPs/CIDRs (default: the global one)")
     add.add_argument("--name", help="the proxy's name (default AGENT:REMOTE_PORT); with a range, each is NAME:PORT "
                      "(default AGENT:PORT)")
+    add.add_argument("--bandwidth", type=flag_type(proxyfile.PROXY_SPEC, "bandwidth"), metavar="RATE",
+                     help="a limit per direction for all the proxy's connections together, e.g. 10mbit (kbit, mbit, "
+                          "gbit: powers of 1000; 8kbit..100gbit); default (or 0, off): unlimited")
     add.set_defaults(func=cmd_proxy_add)
     lst = proxy.add_parser("list", parents=[common], help="list proxies")
     lst.set_defaults(func=cmd_proxy_list)

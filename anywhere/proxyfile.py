@@ -8,6 +8,7 @@
     #whitelist = 203.0.113.0/24, 2001:db8::/32
     #idle_timeout = 0
     #proxy_protocol = off
+    #bandwidth = 10mbit
     #enabled = true
 
 A port range declares one proxy per port, each named SECTION:PORT (PORT the remote port), with
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import format_bandwidth
+
 # one section per proxy; the keys without a default are required, and one of agent or agents
 PROXY_SPEC = """
 [__many__]
@@ -47,6 +50,7 @@ remote_port = port_range()
 whitelist = networks(default=list())
 idle_timeout = seconds_or_off(at_most=604800, default=0)
 proxy_protocol = proxy_protocol(default=off)
+bandwidth = bandwidth(default=0)
 enabled = boolean(default=True)
 """.strip().splitlines()
 
@@ -67,7 +71,7 @@ def to_api(name: str, values: dict[str, Any]) -> dict[str, Any]:
             "local_ip": values["local_ip"],
             "local_port": values["local_port"], "remote_port": values["remote_port"],
             "whitelist": list(values["whitelist"]), "idle_timeout": values["idle_timeout"],
-            "enabled": values["enabled"]} | (
+            "bandwidth": values["bandwidth"], "enabled": values["enabled"]} | (
         {"proxy_protocol": values["proxy_protocol"]} if values["proxy_protocol"] != "off" else {})
 
 
@@ -92,6 +96,8 @@ def render(proxies: list[dict[str, Any]], header: str = "") -> str:
             lines.append(f"idle_timeout = {proxy['idle_timeout']:g}")
         if proxy.get("proxy_protocol") not in (None, "off"):
             lines.append(f"proxy_protocol = {proxy['proxy_protocol']}")
+        if proxy.get("bandwidth"):
+            lines.append(f"bandwidth = {format_bandwidth(proxy['bandwidth'])}")
         if proxy.get("enabled") is False:
             lines.append("enabled = false")
     return "\n".join(lines) + "\n"

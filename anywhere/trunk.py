@@ -65,6 +65,16 @@ a stream is done when both directions have ended.  ABORT, or the trunk going awa
 plain socket at once.  `Stream` offers what the server's connection table reads from a relay:
 byte counts, `close()`, `first_byte_at`, `last_active`.
 
+A proxy's bandwidth limit (shaper.py) applies to the server's streams of that proxy: `up` and
+`down` are the gates of its two directions (class attributes, None for every other stream).  An
+unlimited stream checks one module global, `_shaped` (how many streams of the process have a
+limit), per read, per DATA frame and per interest update, and nothing else while it is 0.  A
+limited stream reads its plain socket at most what `up` allows and spends it; it writes to its
+plain socket at most what `down` allows, keeping the rest in `outbuf` (within its window, like
+any), so credit goes back only for what its socket took and the peer stops sending, and stops
+reading its own socket, when the window is used up.  With no token left the stream drops READ
+(resp. WRITE) from its mask (`up_wait`, `down_wait`) until the gate's timer resumes it.
+
 Scheduling
 ----------
 On a link slower than the processes (a WAN, a saturated uplink), everything queued in front of a
@@ -202,6 +212,7 @@ _WINDOW_SIZE = mux.WINDOW_SIZE
 _budget = BUFFER_BUDGET
 _held = 0  # bytes in the outbufs of every stream
 _committed = 0  # the sum of Stream.committed: what may come to be held, beyond first windows
+_shaped = 0  # streams under a bandwidth limit, in the process: while 0, no stream looks for one
 
 
 _SIOCOUTQNSD = 0x894B  # linux/sockios.h: bytes in a TCP socket's send queue not yet sent
@@ -656,6 +667,16 @@ class Stream:
     # peer's: outside its window, no credit for them, and nothing is read before they are written.
     # A class attribute too: only a stream that leads with a header has one of its own.
     own = 0
+    # A proxy's bandwidth limit (shaper.py): the gates of its two directions, None while unlimited,
+    # and whether it waits for tokens.  Class attributes, so an unlimited stream carries none (a 30th
+    # instance attribute would unshare every stream's __dict__: 1.3 KiB more each); read only while
+    # the module's `_shaped` says some stream has a limit (Python 3.11 looks a class attribute up
+    # through an instance in about 60 ns, a module global in a few: the agent, and a server
+    # without limits, pay the latter per chunk).
+    up: Any = None  # plain → trunk: what the stream reads from its socket
+    down: Any = None  # trunk → plain: what it writes to its socket
+    up_wait = False
+    down_wait = False
 
     def __init__(self, trunk: Trunk, sid: int, name: str = "",
                  on_close: Callable[["Stream", str], None] | None = None) -> None:
@@ -737,8 +758,9 @@ class Stream:
     def _update(self) -> None:
         if self.closed or self.sock is None:
             return
-        reading = not self.eof_read and self.send_window > 0 and not self.own and self not in self.trunk.blocked
-        mask = (READ if reading else 0) | (WRITE if self.outbuf else 0)
+        reading = not self.eof_read and self.send_window > 0 and not self.own and self not in self.trunk.blocked \
+            and not (_shaped and self.up_wait)
+        mask = (READ if reading else 0) | (WRITE if self.outbuf and not (_shaped and self.down_wait) else 0)
         if mask == self.mask:
             return
         if self.mask == 0:
@@ -768,6 +790,7 @@ class Stream:
         sock, trunk = self.sock, self.trunk
         if sock is None or self.closed or self.own:
             return
+        up = self.up if _shaped else None  # a bandwidth limit (shaper.py): None for an unlimited proxy
         for _ in range(16):
             window = self.send_window
             if self.eof_read or window <= 0:
@@ -793,6 +816,12 @@ class Stream:
             elif trunk.out_bytes >= trunk.high:
                 trunk.blocked[self] = None
                 break
+            if up is not None:
+                allowed = self._up_allowed(up)
+                if not allowed:
+                    break
+                if allowed < limit:
+                    limit = allowed
             try:
                 n = sock.recv_into(_view[_HDR:_HDR + limit])
             except _WOULD_BLOCK:
@@ -819,6 +848,8 @@ class Stream:
                 self.bulk_mark = trunk.bulk_in
             self.send_window = window - n
             self.nbytes_in += n
+            if up is not None:
+                up.spend(n)
             self.last_active = trunk.loop.now  # for idle timeouts: the time of this loop pass will do
             if self.first_byte_at is None:
                 self._first_byte()
@@ -853,10 +884,13 @@ class Stream:
         self.last_active = self.trunk.loop.now
         if self.first_byte_at is None:
             self._first_byte()
-        if self.sock is None or outbuf:
+        if self.sock is None or outbuf or (_shaped and self.down is not None):
             outbuf += payload
             self._hold(n)
-            self._update()
+            if self.down is not None and len(outbuf) == n and not self.down_wait:
+                self._drain()  # limited: what the tokens allow goes now, the rest waits (shaper.py)
+            else:
+                self._update()
             return
         try:
             sent = self.sock.send(payload)
@@ -881,8 +915,17 @@ class Stream:
         global _held
         if not self.outbuf or self.sock is None:
             return
+        data: bytearray = self.outbuf
+        down = self.down if _shaped else None
+        if down is not None:  # a bandwidth limit: at most what the tokens allow
+            allowed = self._down_allowed(down, len(data))
+            if not allowed:
+                self._update()
+                return
+            if allowed < len(data):
+                data = data[:allowed]  # a copy: outbuf is cut below, which a view would forbid
         try:
-            sent = self.sock.send(self.outbuf)
+            sent = self.sock.send(data)
         except _WOULD_BLOCK:
             sent = 0
         except OSError as exc:
@@ -890,6 +933,11 @@ class Stream:
             return
         del self.outbuf[:sent]
         _held -= sent
+        if down is not None:
+            down.spend(sent)
+            if self.outbuf and sent == len(data) and not down.grant(len(self.outbuf)):
+                self.down_wait = True  # the tokens ran out, not the socket's room: wait for them
+                down.wait(self._resume_down)
         own = self.own
         if own:  # our own bytes first: no credit for them; reading starts once they are all out
             self.own = own - sent if sent < own else 0
@@ -976,6 +1024,54 @@ class Stream:
         _committed += committed - self.committed
         self.committed = committed
 
+    # -- a bandwidth limit (shaper.py) -----------------------------------------------------------------
+    def shape(self, up: Any, down: Any) -> None:
+        """Put the stream under these gates (None: unlimited that way), now or anew on a change of
+        its proxy's limit; a stream that waited for the old gate goes on under the new one."""
+        global _shaped
+        was = self.up is not None or self.down is not None
+        for gate, resume in ((self.up, self._resume_up), (self.down, self._resume_down)):
+            if gate is not None:
+                gate.leave(resume)
+        self.up, self.down = up, down
+        _shaped += (up is not None or down is not None) - was
+        self.up_wait = self.down_wait = False
+        if self.closed or self.sock is None:
+            return
+        if self.outbuf:
+            self._drain()
+        if not self.closed:
+            self.pump()
+
+    def _up_allowed(self, up: Any) -> int:
+        """What the gate lets this stream read now; 0: it waits (out of the selector) for tokens."""
+        allowed = up.grant()
+        if not allowed:
+            self.up_wait = True
+            up.wait(self._resume_up)
+        elif self.up_wait:
+            self.up_wait = False  # tokens came back before its turn (pumped for another reason)
+            up.leave(self._resume_up)
+        return allowed
+
+    def _down_allowed(self, down: Any, want: int) -> int:
+        allowed = down.grant(want)
+        if not allowed:
+            self.down_wait = True
+            down.wait(self._resume_down)
+        elif self.down_wait:
+            self.down_wait = False
+            down.leave(self._resume_down)
+        return allowed
+
+    def _resume_up(self) -> None:
+        self.up_wait = False
+        self.pump()
+
+    def _resume_down(self) -> None:
+        self.down_wait = False
+        self._drain()
+
     def on_peer_end(self) -> None:
         self.peer_ended = True
         if not self.outbuf and self.sock is not None:
@@ -1015,6 +1111,8 @@ class Stream:
         if not trunk.streams:
             trunk.idle_since = trunk.loop.now
         trunk.blocked.pop(self, None)
+        if _shaped and (self.up is not None or self.down is not None):
+            self.shape(None, None)  # out of its gates' queues (closed: nothing more happens)
         trunk.window_budget += self.recv_window - mux.WINDOW_SIZE
         _held -= len(self.outbuf)
         _committed -= self.committed

@@ -73,12 +73,12 @@ def test_anywhered_proxy_and_agent_verbs(up):
     assert_echo(remote)
 
     header, body = rows(ok(world, SERVER, "proxy", "list"))
-    for title in ("NAME", "AGENT", "ONLINE", "ENABLED", "STATE", "REMOTE PORT", "LOCAL IP", "LOCAL PORT", "WHITELIST", "CONNS",
+    for title in ("NAME", "AGENT", "ONLINE", "ENABLED", "STATE", "REMOTE PORT", "LOCAL IP", "LOCAL PORT", "WHITELIST", "BANDWIDTH", "CONNS",
                   "TOTAL", "REJECTED", "IN", "OUT", "SOURCE"):
         assert title in header
     # one echo of 2000 bytes has gone through
     assert body == [[f"agent-1:{remote}", "agent-1", "yes", "yes", "listening", str(remote), "127.0.0.1", str(world.target), "-",
-                     "0", "1", "0", "2.0 KB", "2.0 KB", "api"]]
+                     "-", "0", "1", "0", "2.0 KB", "2.0 KB", "api"]]
 
     header, body = rows(ok(world, SERVER, "agent", "list"))
     assert header.split()[0] == "AGENT" and "ADDRESS" in header
@@ -113,7 +113,7 @@ def test_anywherectl_verbs(up):
 
     _, body = rows(ok(world, CTL, "proxy", "list"))
     assert body == [["web", "agent-1", "yes", "yes", "listening", str(remote), "127.0.0.1", str(world.target), "127.0.0.1/32,::1/128",
-                     "0", "0", "0", "0 B", "0 B", "api"]]
+                     "-", "0", "0", "0", "0 B", "0 B", "api"]]
 
     _, body = rows(ok(world, CTL, "agent", "list"))
     assert [r[0] for r in body] == ["agent-1"]
@@ -138,7 +138,7 @@ def test_anywherectl_verbs(up):
         assert row[1:7] == ["web", "agent-1", source, f"127.0.0.1:{world.target}", "1234", "1234"]
 
         _, body = rows(ok(world, CTL, "proxy", "list"))
-        assert body[0][9] == "1"  # CONNS
+        assert body[0][10] == "1"  # CONNS (after BANDWIDTH)
 
         status = ok(world, CTL, "status")
         assert status.splitlines()[0].startswith(f"anywhered {__version__}, server id anywhered, up ")

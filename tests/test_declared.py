@@ -39,7 +39,8 @@ def test_declared_proxies_with_their_files_and_the_defaults(tmp_path):
     assert set(got) == {"web", "db"}
     assert got["web"].spec == {"name": "web", "agent_id": "agent-1", "agent_ids": ["agent-1"],
                                "balance": "least-connections", "local_ip": "10.0.0.2", "local_port": 80,
-                               "remote_port": 8080, "whitelist": [], "idle_timeout": 0.0, "enabled": True}
+                               "remote_port": 8080, "whitelist": [], "idle_timeout": 0.0, "bandwidth": 0,
+                                   "enabled": True}
     assert got["web"].source == f"file:{tmp_path / 'web.conf'}"
     assert got["db"].spec["whitelist"] == ["198.51.100.0/24", "2001:db8::/32"]
     assert (got["db"].spec["idle_timeout"], got["db"].spec["enabled"]) == (600.0, False)
@@ -106,7 +107,7 @@ def test_the_shipped_example_declares_nothing_and_uncommented_declares_web(tmp_p
     assert web.spec == {"name": "web", "agent_id": "agent-1", "agent_ids": ["agent-1"], "balance": "least-connections",
                         "local_ip": "10.0.0.2", "local_port": 80,
                         "remote_port": 8080, "whitelist": ["203.0.113.0/24", "2001:db8::/32"], "idle_timeout": 0.0,
-                        "enabled": True}
+                        "bandwidth": 10_000_000, "enabled": True}
     (tmp_path / "example.conf").write_text(uncommented("agent"))
     [web] = read_dir(str(tmp_path))
     assert web.spec["agent_ids"] == ["agent-1", "agent-2"]

@@ -35,7 +35,7 @@ from .paths import TrunkPath, WarmPath
 from .proxies import ACCEPT_BUDGET, Change, ProxyTable
 from .proxy import Network, Proxy, parse_whitelist, proxies_from
 from .ranges import find_range, label, route
-from .routing import Router
+from .routing import Router, reshape
 from .sessions import AgentPort, AgentSession
 from .settings import RELOADABLE, RESTART_ONLY, ServerConfig, check_welcome, read_token
 from .views import View
@@ -73,7 +73,7 @@ class Server:
         self.router = Router(loop, settings, self.port, self.trunk_path, self.warm_path, self.limits, self.tally,
                              lambda: self.audit, lambda: self.global_nets, self.metrics.setup_seconds, self.new_id,
                              self.wall_time)
-        self.proxies = ProxyTable(loop, settings, self.router.on_client)
+        self.proxies = ProxyTable(loop, settings, self.router.on_client, lambda proxy: reshape(self.router, proxy))
         self.port.on_data = self.router.on_data
         self.port.on_trunk = self.trunk_path.add
         self.port.on_pool = self.warm_path.add

@@ -216,6 +216,8 @@ class TrunkPath:
         stream.on_fail = lambda reason: router.on_agent_fail(agent_id, conn_id, reason)
         stream.send_window = mux.EARLY_WINDOW  # until READY (see mux.py)
         pending.stream = stream
+        if proxy.shaper is not None:  # a bandwidth limit: the proxy's gates (shaper.py)
+            stream.shape(proxy.shaper.up, proxy.shaper.down)
         window = stream.grant_first_window() if trunk.takes_window else None  # under the buffer budget
         trunk.control(mux.open_frame(stream.sid, proxy.local_ip, proxy.local_port, window, pending.origin))
         if len(proxy.agent_ids) == 1:  # no round trip: the client's first bytes follow OPEN

@@ -20,7 +20,9 @@ ConfigError naming file, section, key and value), then `commit` swaps it in, han
 listening sockets over from the proxy that had it to the one that keeps it, and closing the ports
 no longer wanted (so a moved proxy's new port is bound before its old one closes).  A proxy whose
 target changed is a new object: the live connections keep the old one, with the target they were
-opened to.
+opened to.  A proxy's bandwidth limit (its `Shaper`, shaper.py) is the same object across such
+changes: a new rate applies in place to every live connection (the router re-shapes them when a
+limit comes or goes: `on_reshape`).
 
 A port range (ranges.py) is expanded into single proxies before any of them reaches the table;
 `add_all` adds them all or none.
@@ -37,6 +39,7 @@ from ..common import printable
 from ..errors import ConfigError, Conflict, Invalid, NotFound
 from ..loop import Loop, Timer
 from ..net import Acceptor, listen
+from ..shaper import Shaper
 from ..state import entry_name
 from .proxy import Proxy, validate_proxy
 from .ranges import capped
@@ -74,10 +77,12 @@ class ProxyTable:
     """The proxies by name, their listeners, and the stored entries that are not valid."""
 
     def __init__(self, loop: Loop, config: Callable[[], ServerConfig],
-                 on_client: Callable[[Proxy, socket.socket, Any], None]) -> None:
+                 on_client: Callable[[Proxy, socket.socket, Any], None],
+                 on_reshape: Callable[[Proxy], None] = lambda _proxy: None) -> None:
         self.loop = loop
         self._config = config
         self.on_client = on_client
+        self.on_reshape = on_reshape  # a limit came or went: the live connections follow (routing.reshape)
         self.by_name: dict[str, Proxy] = {}
         self.unrestored: list[Any] = []  # stored entries not valid: not served, written back as they are
         self.accepting = True  # False while draining or closed: no listener is bound again
@@ -142,6 +147,8 @@ class ProxyTable:
             shown = problems[:10] + ([f"and {len(problems) - 10} more"] if len(problems) > 10 else [])
             raise Conflict(f"none of the {len(proxies)} proxies of the range added: " + "; ".join(shown))
         self.by_name.update((proxy.name, proxy) for proxy in proxies)
+        for proxy in proxies:
+            self.shape(proxy)
 
     def remove(self, *proxies: Proxy) -> None:
         """Unlist and close (a proxy, or a range's): an `add_all` undone."""
@@ -161,6 +168,7 @@ class ProxyTable:
                       printable(exc.message))
             return None
         self.by_name[proxy.name] = proxy
+        self.shape(proxy)
         if proxy.enabled and not self.try_listen(proxy):
             log.error("proxy %s restored but not serving: %s; retried every %g s (or: anywherectl proxy enable %s)",
                       proxy.name, proxy.failed, PROXY_RETRY, proxy.name)
@@ -243,7 +251,9 @@ class ProxyTable:
 
     def commit(self, change: Change) -> dict[str, Any]:
         """Swap a prepared set in: listeners handed over by port, the ports no longer wanted closed;
-        each change logged.  Returns the names added, removed, changed and unchanged."""
+        each change logged (first: the running proxies take some new values in place).  Returns the names
+        added, removed, changed and unchanged."""
+        self._log(change)
         held: dict[int, list[Acceptor]] = {}
         for proxy in change.removed + [old for old, _ in change.changed] + change.unchanged:
             if proxy.listeners:
@@ -253,9 +263,15 @@ class ProxyTable:
             del self.by_name[proxy.name]
         for old, new in change.changed:
             old.idle_timeout = new.idle_timeout  # the live connections through it take the new timeout too
+            new.shaper, limited = old.shaper, old.shaper is not None  # one limit for old and new connections
+            self.shape(new)
+            old.bandwidth, old.shaper = new.bandwidth, new.shaper
             self.by_name[new.name] = new
+            if limited != (new.shaper is not None):
+                self.on_reshape(new)
         for proxy in change.added:
             self.by_name[proxy.name] = proxy
+            self.shape(proxy)
         for proxy in self._serving(change):
             listeners = held.pop(proxy.remote_port, None)
             if listeners is None:
@@ -268,8 +284,19 @@ class ProxyTable:
             for acceptor in listeners:
                 acceptor.close()
         change.release()  # nothing is left there; safe if anything was
-        self._log(change)
         return change.summary()
+
+    def shape(self, proxy: Proxy) -> None:
+        """Give the proxy the shaper its bandwidth needs: a new one, the same at a new rate, or none
+        (the old one's timers cancelled; its streams are re-shaped by the router: routing.reshape)."""
+        if proxy.bandwidth and proxy.shaper is None:
+            proxy.shaper = Shaper(self.loop, proxy.bandwidth, proxy.name)
+        elif proxy.bandwidth:
+            proxy.shaper.set_bandwidth(proxy.bandwidth)
+        elif proxy.shaper is not None:
+            proxy.shaper.up.release()
+            proxy.shaper.down.release()
+            proxy.shaper = None
 
     @staticmethod
     def _log(change: Change) -> None:
@@ -279,7 +306,8 @@ class ProxyTable:
         for old, proxy in change.changed:
             before, after = old.to_dict(), proxy.to_dict()
             log.info("proxy %s changed (%s): %s", proxy.name, proxy.file, ", ".join(
-                f"{k} {before[k]} → {v}" for k, v in after.items() if before[k] != v) or f"moved from {old.file}")
+                f"{k} {before.get(k, '-')} → {after.get(k, '-')}" for k in {**before, **after}
+                if before.get(k) != after.get(k)) or f"moved from {old.file}")
         for proxy in change.added:
             log.info("proxy %s declared in %s: port %d → agent %s → %s%s", proxy.name, proxy.file, proxy.remote_port,
                      proxy.agent_id, proxy.target, "" if proxy.enabled else " (disabled)")

@@ -14,14 +14,15 @@ from typing import Any
 
 from .. import proxyproto
 from ..common import printable, valid_agent_id
-from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY
+from ..config import BALANCE_MODES, MAX_AGENTS_PER_PROXY, MAX_BANDWIDTH, MIN_BANDWIDTH, parse_bandwidth
 from ..errors import Invalid
 from ..net import HOSTNAME_RE, Acceptor, Network, hostport, is_ip, parse_networks
+from ..shaper import Shaper
 from .ranges import expand
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 FIELDS = ("name", "agent_id", "agent_ids", "balance", "local_ip", "local_port", "remote_port", "whitelist", "enabled",
-          "idle_timeout", "proxy_protocol")
+          "idle_timeout", "proxy_protocol", "bandwidth")
 
 
 
@@ -65,6 +66,8 @@ class Proxy:
     section: str | None = None  # declared by a range: the proxies.d section (named by `name` otherwise)
     remote_range: str | None = None  # declared by a range: its remote_port, "30000-30009"
     proxy_protocol: str | None = None  # "v1" or "v2": the agent sends the target a PROXY header; None: off
+    bandwidth: int = 0  # bits a second, each way, all its connections together; 0: unlimited
+    shaper: Shaper | None = field(repr=False, default=None)  # while bandwidth is set (ProxyTable.shape)
 
     def __post_init__(self) -> None:
         if not self.agent_ids:
@@ -90,6 +93,8 @@ class Proxy:
             spec.update(agent_ids=list(self.agent_ids), balance=self.balance)
         if self.proxy_protocol is not None:  # off is left out: what older versions stored and read
             spec["proxy_protocol"] = self.proxy_protocol
+        if self.bandwidth:  # an unlimited proxy keeps the form older versions read
+            spec["bandwidth"] = self.bandwidth
         return spec
 
     @property
@@ -139,9 +144,16 @@ def validate_proxy(spec: Any) -> Proxy:
     except ValueError:
         raise Invalid(f"proxy_protocol {printable(repr(pp), 80)} must be \"v1\", \"v2\", \"off\" or null (off)") from None
     # TCP is the only protocol today; a UDP proxy (issue 19) is to refuse proxy_protocol here, by name
+    bandwidth = spec.get("bandwidth", 0)
+    if isinstance(bandwidth, str):
+        bandwidth = 0 if bandwidth.strip().lower() in ("0", "off", "") else parse_bandwidth(bandwidth)
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, int) or \
+            not (bandwidth == 0 or MIN_BANDWIDTH <= bandwidth <= MAX_BANDWIDTH):
+        raise Invalid(f"bandwidth {spec.get('bandwidth')!r} must be bits a second {MIN_BANDWIDTH}..{MAX_BANDWIDTH} or "
+                      "a rate like \"10mbit\" (kbit, mbit, gbit: powers of 1000); 0: unlimited")
     return Proxy(name=name, agent_id=agent_id, local_ip=local_ip, local_port=ports["local_port"], enabled=enabled,
                  remote_port=ports["remote_port"], whitelist=[str(n) for n in nets], nets=nets, idle_timeout=float(idle),
-                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol)
+                 agent_ids=agent_ids, balance=balance, proxy_protocol=proxy_protocol, bandwidth=bandwidth)
 
 
 def proxies_from(body: Any) -> tuple[list[Proxy], bool]:

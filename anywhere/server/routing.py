@@ -428,3 +428,14 @@ def _let_go(pending: Pending) -> None:
     if pending.warm is not None:
         warm, pending.warm = pending.warm, None
         warm.close("its client went to another agent")
+
+
+def reshape(router: Router, proxy: Proxy) -> None:
+    """A reload gave the proxy a bandwidth limit or took it away: its live streams (trunks; the
+    per-connection data path is not limited) go under its gates now, or under none."""
+    gates = (proxy.shaper.up, proxy.shaper.down) if proxy.shaper is not None else (None, None)
+    streams = [t.relay for t in router.tunnels.values() if t.proxy.name == proxy.name] + \
+        [p.stream for p in router.pending.values() if p.proxy.name == proxy.name]
+    for stream in streams:
+        if isinstance(stream, Stream) and not stream.closed:
+            stream.shape(*gates)

@@ -94,6 +94,7 @@ class View:
             row = self.tally.proxy_row(proxy.name, by_proxy)
             item = proxy.to_dict()
             item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source,
+                        bandwidth=proxy.bandwidth,
                         health=self.health(proxy))
             agents = self.router.balancer.states(proxy)
             item.update(agent_ids=list(proxy.agent_ids), balance=proxy.balance, proxy_protocol=proxy.proxy_protocol,
