@@ -922,7 +922,7 @@ class Stream:
         data: bytearray = self.outbuf
         down = self.down if _shaped else None
         if down is not None:  # a bandwidth limit: at most what the tokens allow
-            allowed = self._down_allowed(down)
+            allowed = self._down_allowed(down, len(data))
             if not allowed:
                 self._update()
                 return
@@ -939,7 +939,7 @@ class Stream:
         _held -= sent
         if down is not None:
             down.spend(sent)
-            if self.outbuf and sent == len(data) and not down.available():
+            if self.outbuf and sent == len(data) and not down.grant(len(self.outbuf)):
                 self.down_wait = True  # the tokens ran out, not the socket's room: wait for them
                 down.wait(self._resume_down)
         own = self.own
@@ -1049,7 +1049,7 @@ class Stream:
 
     def _up_allowed(self, up: Any) -> int:
         """What the gate lets this stream read now; 0: it waits (out of the selector) for tokens."""
-        allowed = up.available()
+        allowed = up.grant()
         if not allowed:
             self.up_wait = True
             up.wait(self._resume_up)
@@ -1058,8 +1058,8 @@ class Stream:
             up.leave(self._resume_up)
         return allowed
 
-    def _down_allowed(self, down: Any) -> int:
-        allowed = down.available()
+    def _down_allowed(self, down: Any, want: int) -> int:
+        allowed = down.grant(want)
         if not allowed:
             self.down_wait = True
             down.wait(self._resume_down)

@@ -305,6 +305,24 @@ def echo(port: int, data: bytes = b"ping", host: str = "127.0.0.1", source: str 
             return b""
 
 
+def ask(port: int, data: bytes = b"hello") -> bytes:
+    """A new client: one request, what it gets back (b"" if refused or closed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(data)
+            c.settimeout(5)
+            return c.recv(65536)
+    except OSError:
+        return b""
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
 def recv_all(sock: socket.socket, timeout: float = 30.0) -> bytes:
     sock.settimeout(timeout)
     chunks = []

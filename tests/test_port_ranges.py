@@ -22,7 +22,7 @@ import pytest
 
 from anywhere.errors import ConfigError, CtlError
 from anywhere.server.declared import read_dir
-from conftest import wait_for
+from conftest import ask, refused, wait_for
 
 CTL = "anywhere.ctl"
 SERVER = "anywhere.server_cli"
@@ -108,25 +108,6 @@ def targets():
     made.stop()
 
 
-def ask(port: int, data: bytes = b"hi") -> bytes:
-    """A client of 127.0.0.1:PORT: one request, the answer (b"" if refused or closed)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-            c.sendall(data)
-            c.settimeout(5)
-            return c.recv(65536)
-    except OSError:
-        return b""
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 def write(world, file: str, text: str) -> str:
     os.makedirs(world.proxies_dir, exist_ok=True)
     path = os.path.join(world.proxies_dir, file)
@@ -179,9 +160,9 @@ def test_a_declared_range_reaches_each_own_target_port_or_one_port_for_all(up):
     res = ctl(world, "reload", check=False)
     assert res.returncode == 0, res.stderr
     for r, l in zip(remote, local):
-        assert ask(r) == f"{l}:hi".encode(), r
+        assert ask(r) == f"{l}:hello".encode(), r
     for r in shared:
-        assert ask(r) == f"{local[3]}:hi".encode(), r
+        assert ask(r) == f"{local[3]}:hello".encode(), r
     got = listed(world)
     assert set(got) == {f"web:{p}" for p in remote} | {f"one:{p}" for p in shared}
     assert {p["source"] for p in got.values()} == {f"file:{path}"}
@@ -192,7 +173,7 @@ def test_a_declared_range_reaches_each_own_target_port_or_one_port_for_all(up):
     res = ctl(world, "reload")
     assert "removed" in res.stdout and "5 unchanged" in res.stdout, res.stdout
     assert set(listed(world)) == {f"web:{p}" for p in remote[:5]}
-    assert ask(remote[4]) == f"{local[4]}:hi".encode() and refused(remote[5]) and refused(shared[0])
+    assert ask(remote[4]) == f"{local[4]}:hello".encode() and refused(remote[5]) and refused(shared[0])
 
 
 def test_a_declared_range_is_all_or_none(up):
@@ -224,7 +205,7 @@ def test_a_declared_range_is_all_or_none(up):
         held.close()
     write(world, "web.conf", section("web", span(remote), span(local)))
     assert ctl(world, "reload", check=False).returncode == 0
-    assert all(ask(r) == f"{l}:hi".encode() for r, l in zip(remote, local))
+    assert all(ask(r) == f"{l}:hello".encode() for r, l in zip(remote, local))
     # the API deletes no declared proxy, of a range either
     with pytest.raises(CtlError) as err:
         world.api("DELETE", f"/v1/proxies/{span(remote)}")
@@ -287,9 +268,9 @@ def test_proxy_add_with_a_range_named_or_not_delete_one_and_restart(up):
               span(unnamed), "--local-port", str(local[9]), prog=SERVER)  # anywhered proxy add, the same verbs
     assert f"agent-1:{unnamed[0]} … agent-1:{unnamed[-1]}" in res.stdout, res.stdout
     for r, l in zip(named, local):
-        assert ask(r) == f"{l}:hi".encode(), r
+        assert ask(r) == f"{l}:hello".encode(), r
     for r in unnamed:
-        assert ask(r) == f"{local[9]}:hi".encode(), r
+        assert ask(r) == f"{local[9]}:hello".encode(), r
     got = listed(world)
     names = {f"web:{p}" for p in named} | {f"agent-1:{p}" for p in unnamed}
     assert set(got) == names and {p["source"] for p in got.values()} == {"api"}
@@ -301,7 +282,7 @@ def test_proxy_add_with_a_range_named_or_not_delete_one_and_restart(up):
     # delete one: the others stay
     res = ctl(world, "proxy", "del", f"web:{named[3]}")
     assert f"proxy web:{named[3]} deleted" in res.stdout
-    assert refused(named[3]) and ask(named[4]) == f"{local[4]}:hi".encode()
+    assert refused(named[3]) and ask(named[4]) == f"{local[4]}:hello".encode()
     assert len(listed(world)) == 19 and f"web:{named[3]}" not in stored(world)
     # a restart keeps what was made through the API
     world.server.stop()
@@ -310,7 +291,7 @@ def test_proxy_add_with_a_range_named_or_not_delete_one_and_restart(up):
              what="agent-1 back")
     assert set(listed(world)) == names - {f"web:{named[3]}"}
     assert all(p["state"] == "listening" for p in listed(world).values())
-    assert ask(named[9]) == f"{local[9]}:hi".encode() and ask(unnamed[0]) == f"{local[9]}:hi".encode()
+    assert ask(named[9]) == f"{local[9]}:hello".encode() and ask(unnamed[0]) == f"{local[9]}:hello".encode()
     assert refused(named[3])
     # delete a range: every proxy on those remote ports, at once (the gap of the one deleted is fine)
     res = ctl(world, "proxy", "del", "--remote-port", span(unnamed))
@@ -363,7 +344,7 @@ def test_an_api_range_is_one_atomic_operation(up):
     # and then all of it
     data = world.api("POST", "/v1/proxies", body)
     assert [p["name"] for p in data["proxies"]] == [f"web:{p}" for p in remote]
-    assert all(ask(r) == f"{l}:hi".encode() for r, l in zip(remote, local))
+    assert all(ask(r) == f"{l}:hello".encode() for r, l in zip(remote, local))
     # a second time: every name and port taken; nothing changes
     with pytest.raises(CtlError) as err:
         world.api("POST", "/v1/proxies", body)
@@ -411,7 +392,7 @@ def test_a_range_of_the_largest_size_is_served_and_its_problems_are_named_in_a_f
                                              "remote_port": span(remote), "local_port": local[0]})
     assert len(data["proxies"]) == 1000 and len(stored(world)) == 1000
     for r in (remote[0], remote[500], remote[-1]):
-        assert ask(r) == f"{local[0]}:hi".encode(), r
+        assert ask(r) == f"{local[0]}:hello".encode(), r
     # the same range declared in a file: refused, the first five ports named, then a count
     path = write(world, "web.conf", section("web", span(remote), str(local[1])))
     res = ctl(world, "reload", check=False)

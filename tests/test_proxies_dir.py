@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from conftest import TargetServer, echo, free_port, recv_all, wait_for, wait_log_line
+from conftest import TargetServer, ask, echo, free_port, recv_all, refused, wait_for, wait_log_line
 
 CTL = "anywhere.ctl"
 SERVER = "anywhere.server_cli"
@@ -69,25 +69,6 @@ def listed(world) -> dict[str, dict]:
 def shape(world) -> dict[str, tuple]:
     """What a refused reload must leave as it was: every proxy's fields, state and source."""
     return {n: tuple(p[k] for k in FIELDS + ("state", "source")) for n, p in listed(world).items()}
-
-
-def ask(port: int, data: bytes = b"hello") -> bytes:
-    """A new client: one request, what it gets back (b"" if refused or closed)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-            c.sendall(data)
-            c.settimeout(5)
-            return c.recv(65536)
-    except OSError:
-        return b""
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 class Live:
