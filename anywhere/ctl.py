@@ -148,6 +148,11 @@ def cmd_proxy_export(args: argparse.Namespace) -> None:
         unknown = [n for n in args.names if n not in by_key]
         if unknown:
             raise CtlError(f"no proxy named {', '.join(unknown)}")
+        for key in args.names:  # a tcp and a udp proxy may share a port: a port alone does not say which
+            shared = [f"{p['name']} ({p.get('protocol', 'tcp')})" for p in proxies if str(p["remote_port"]) == key]
+            if len(shared) > 1:
+                raise CtlError(f"remote port {key} is used by two proxies, {' and '.join(shared)}: say which by "
+                               "its name")
         declared = [f"{by_key[n]['name']} ({by_key[n]['source'][5:]})" for n in args.names
                     if by_key[n].get("source", "api") != "api"]
         if declared:

@@ -12,7 +12,8 @@
 |                                           | → 201 {"proxies": [...]} (409 naming the ports)        |
 | DELETE /v1/proxies/NAME                   | delete one, closing its listener and connections; a    |
 |                                           | range START-END (naming no proxy) deletes every proxy  |
-|                                           | on those remote ports, all or none                     |
+|                                           | on those remote ports, all or none; a port (or range)  |
+|                                           | a tcp and a udp proxy share is 409, naming both        |
 | POST   /v1/proxies/NAME/disable|enable    | stop / resume accepting without deleting; enable binds |
 |                                           | a failed proxy's port now (409 if it is still busy)    |
 | GET    /v1/proxies/NAME/health            | 200 if the proxy can serve a client now, else 503; a   |

@@ -6,10 +6,11 @@ named by the section), read with configobj and checked with validate like anywhe
 `read_dir` returns the declared proxies as API-shaped specs (the keys `proxy.validate_proxy`
 takes), each with the file it came from, or raises ConfigError listing every problem of every
 file at once, each naming file, section, key and value (a malformed file, an unknown key, a bad
-value, a name or remote port declared twice across files).  A section whose remote_port is a range
-START-END declares one proxy per port (ranges.py `expand`: SECTION:PORT), each a Declared with its
-section and range, so that every problem with one of them names the section and the range as
-written, and the port.  It reads files only: checking the set
+value, a name declared twice across files, a remote port declared twice for one protocol: a tcp
+and a udp proxy may share one).  A section whose remote_port is a range START-END declares
+one proxy per port (ranges.py `expand`: SECTION:PORT), each a Declared with its section and
+range, so that every problem with one of them names the section and the range as written, and
+the port.  It reads files only: checking the set
 against the running proxies, binding, and applying it as a diff are the ProxyTable's and the
 server's (proxies.py `ProxyTable.prepare` / `commit`, core.py).
 """
@@ -99,12 +100,12 @@ def read_dir(directory: str) -> list[Declared]:
 
 
 def _clashes(declared: list[Declared]) -> list[str]:
-    """A name or a remote port declared twice, across files or within one."""
+    """A name, or a remote port of one protocol, declared twice, across files or within one."""
     problems = []
     names: dict[str, Declared] = {}
-    ports: dict[int, Declared] = {}
+    ports: dict[tuple[int, str], Declared] = {}  # a tcp and a udp proxy may share a port number
     for item in declared:
-        name, port = item.spec["name"], item.spec["remote_port"]
+        name, port = item.spec["name"], (item.spec["remote_port"], item.spec.get("protocol", "tcp"))
         first = names.setdefault(name, item)
         if first is not item:
             where = item.where("remote_port") if item.remote_range else item.where()

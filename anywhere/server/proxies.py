@@ -1,7 +1,9 @@
 """Proxies: the running set and its public listeners (what a proxy is and how one is validated:
 proxy.py).
 
-Owns the table of proxies (`ProxyTable`): uniqueness of names and ports, binding and closing their listeners, the stored entries
+Owns the table of proxies (`ProxyTable`): uniqueness of names and of (remote port, protocol) (a
+tcp and a udp proxy may share a port number: DNS wants 53/udp and 53/tcp; the agent port is TCP,
+so a udp proxy may take its number), binding and closing their listeners, the stored entries
 that are not valid (kept as they are, written back in every save), and the retry of proxies whose
 port could not be bound.  An accepted client is handed to the `on_client` callback it was built
 with; what happens to it then (limits, agents, data paths) is not its business, and it never
@@ -42,7 +44,7 @@ from ..net import Acceptor, UdpListener, listen
 from ..shaper import Shaper
 from ..state import entry_name
 from .proxy import Proxy, validate_proxy
-from .ranges import capped
+from .ranges import by_port, capped, name_hint, on_port, port_order
 from .settings import ServerConfig
 
 log = logging.getLogger("anywhere.server")
@@ -105,7 +107,7 @@ class ProxyTable:
         proxy = self.by_name.get(key)
         digits = key.isascii() and key.isdigit()
         if proxy is None and digits:
-            proxy = next((p for p in self.by_name.values() if p.remote_port == int(key)), None)
+            proxy = by_port(self.by_name.values(), key)  # Conflict if a tcp and a udp proxy share it
         if proxy is None:
             raise NotFound(f"no proxy named {key} (and no proxy on remote port {key})" if digits
                            else f"no proxy named {key}")
@@ -122,8 +124,9 @@ class ProxyTable:
     def _check_new(self, proxy: Proxy, what: str = "a proxy named {} already exists") -> None:
         same = self.by_name.get(proxy.name)
         if same is not None:
-            raise Conflict(what.format(proxy.name) + (f" (declared in {same.file})" if same.file else ""))
-        other = next((p for p in self.by_name.values() if p.remote_port == proxy.remote_port), None)
+            raise Conflict(what.format(proxy.name) + (f" (declared in {same.file})" if same.file else "")
+                           + name_hint(same, proxy))
+        other = next(iter(on_port(self.by_name.values(), proxy.remote_port, proxy.protocol)), None)
         if other is not None:
             raise Conflict(f"remote port {proxy.remote_port} is already used by proxy {other.name}"
                            + (f" (declared in {other.file})" if other.file else ""))
@@ -138,7 +141,7 @@ class ProxyTable:
                 self._check_new(proxy)
             except Conflict as exc:
                 problems.append(exc.message)
-            if proxy.remote_port == agent_port:
+            if proxy.remote_port == agent_port and proxy.protocol == "tcp":  # the agent port is TCP only
                 problems.append(f"remote port {proxy.remote_port} is the agent port")
         for proxy in proxies if not problems else []:
             try:
@@ -186,7 +189,7 @@ class ProxyTable:
     def listen(self, proxy: Proxy) -> None:
         """Bind the proxy's port on every proxy_bind address; `Conflict` with the reason if not."""
         config = self._config()
-        if proxy.remote_port == config.port:  # a stored proxy, and the agent port changed since
+        if proxy.remote_port == config.port and proxy.protocol == "tcp":  # stored; the agent port changed since
             raise Conflict(f"remote port {proxy.remote_port} is the agent port")
         try:
             socks = listen(config.proxy_bind, proxy.remote_port, kind=_kind(proxy))
@@ -225,10 +228,10 @@ class ProxyTable:
             if any(p.name == proxy.name for p in api):
                 problems.append(f"{proxy.where()}: a proxy named {proxy.name} was made through the API; delete it "
                                 f"there (anywherectl proxy del {proxy.name}) or give this section another name")
-            other = next((p for p in api if p.remote_port == proxy.remote_port), None)
+            other = next(iter(on_port(api, proxy.remote_port, proxy.protocol)), None)
             if other is not None:
                 problems.append(f"{proxy.where('remote_port')}: already used by proxy {other.name}, made through the API")
-            if proxy.remote_port == port:
+            if proxy.remote_port == port and proxy.protocol == "tcp":
                 problems.append(f"{proxy.where('remote_port')}: is the agent port")
         if problems:
             raise ConfigError(capped(problems))
@@ -388,7 +391,7 @@ class ProxyTable:
         """What the state file holds: the proxies made through the API by remote port, then the entries
         not valid, as they were (declared proxies live in their files)."""
         made = [p for p in self.by_name.values() if p.file is None]
-        return [p.to_dict() for p in sorted(made, key=lambda p: p.remote_port)] + self.unrestored
+        return [p.to_dict() for p in sorted(made, key=port_order)] + self.unrestored
 
 
 def shape(loop: Loop, proxy: Proxy) -> None:

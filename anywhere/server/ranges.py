@@ -13,14 +13,16 @@ naming the ports).
 This module turns a range into the specs of its proxies (`expand`: the same for a proxies.d
 section, through proxyfile.to_api, and for an API body), says what is wrong with one in words an
 operator reads (`pairing_problem`), finds the proxies of a range to delete (`find_range`: every one
-made through the API on those remote ports; none if one is declared in a file), and keeps a refused
-range's problems to a few lines (`capped`).  It holds no state and imports no other module of the
-server.
+made through the API on those remote ports; none if one is declared in a file, or if a tcp and a
+udp proxy share one of them), and keeps a refused range's problems to a few lines (`capped`).  It
+also finds proxies by remote port for the table (`on_port`, `by_port`): a tcp and a udp proxy may
+share a port number, so a port alone may name two, and then it names neither (a Conflict naming
+both).  It holds no state and imports no other module of the server.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from ..common import parse_port_range
 from ..errors import Conflict, Invalid, NotFound
@@ -95,9 +97,18 @@ def find_range(by_name: dict[str, Any], key: str) -> list[Any] | None:
     if not isinstance(ports, tuple):
         return None
     low, high = ports
-    found = sorted((p for p in by_name.values() if low <= p.remote_port <= high), key=lambda p: p.remote_port)
+    found = sorted((p for p in by_name.values() if low <= p.remote_port <= high), key=port_order)
     if not found:
         raise NotFound(f"no proxy named {key} (and no proxy on remote ports {key})")
+    ports_of: dict[int, list[Any]] = {}
+    for proxy in found:
+        ports_of.setdefault(proxy.remote_port, []).append(proxy)
+    shared = [pair for pair in ports_of.values() if len(pair) > 1]
+    if shared:
+        shown = "; ".join(both(pair) for pair in shared[:5]) + (f"; and {len(shared) - 5} more port(s)"
+                                                                if len(shared) > 5 else "")
+        raise Conflict(f"remote ports {key}: nothing removed: a tcp and a udp proxy share remote port(s): {shown}; "
+                       "delete them by name (anywherectl proxy del NAME)")
     declared = [p for p in found if p.file is not None]
     if declared:
         shown = ", ".join(f"{p.name} ({p.file})" for p in declared[:5]) + (
@@ -105,6 +116,42 @@ def find_range(by_name: dict[str, Any], key: str) -> list[Any] | None:
         raise Conflict(f"remote ports {key}: nothing removed: declared in a file: {shown}; remove them there and "
                        "reload (anywherectl reload)")
     return found
+
+
+def port_order(proxy: Any) -> tuple[int, str]:
+    """Sort key: by remote port, a port's tcp proxy before its udp one."""
+    return proxy.remote_port, proxy.protocol
+
+
+def on_port(proxies: Iterable[Any], port: int, protocol: str | None = None) -> list[Any]:
+    """The proxies on remote port `port` (of `protocol`, or of either): a tcp and a udp proxy may share
+    a port number (the kernel keeps TCP and UDP ports apart), two of one protocol may not."""
+    return sorted((p for p in proxies if p.remote_port == port and protocol in (None, p.protocol)), key=port_order)
+
+
+def both(pair: list[Any]) -> str:
+    """PORT: NAME (tcp) and NAME (udp)."""
+    return f"{pair[0].remote_port}: " + " and ".join(f"{p.name} ({p.protocol})" for p in pair)
+
+
+def by_port(proxies: Iterable[Any], key: str) -> Any:
+    """The one proxy on remote port `key` (digits), None if none; `Conflict` naming both when a tcp and a
+    udp proxy share the port: a port alone does not say which is meant, their names do."""
+    found = on_port(proxies, int(key))
+    if len(found) > 1:
+        raise Conflict(f"remote port {found[0].remote_port} is used by two proxies, "
+                       + " and ".join(f"{p.name} ({p.protocol})" for p in found)
+                       + ": say which by its name (anywherectl proxy del|enable|disable NAME)")
+    return found[0] if found else None
+
+
+def name_hint(same: Any, proxy: Any) -> str:
+    """What to add to "a proxy named N already exists" when N is the other protocol's proxy on the same
+    port (the default name AGENT:PORT is the same for both): give this one a name of its own."""
+    if same.remote_port != proxy.remote_port or same.protocol == proxy.protocol:
+        return ""
+    return (f"; it is the {same.protocol} proxy on remote port {proxy.remote_port}: a {proxy.protocol} proxy may "
+            'share that port number, under a name of its own (anywherectl proxy add --name NAME; "name" in the API)')
 
 
 def label(proxies: list[Any], attr: str = "name") -> str:

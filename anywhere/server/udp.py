@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 A proxy with ``protocol = udp`` binds UDP sockets (net.UdpListener) on its remote_port, on the same
-addresses as TCP proxies (proxy_bind; "" is dual-stack).  remote_port is unique per proxy whatever
-the protocol: a UDP proxy does not share its port number with a TCP proxy (simplest to reason
-about, and `anywherectl proxy del PORT` stays unambiguous).  Each datagram's source
+addresses as TCP proxies (proxy_bind; "" is dual-stack).  remote_port is unique per protocol: a
+UDP proxy may share its port number with a TCP proxy (the kernel keeps the two apart; DNS wants
+53/udp and 53/tcp), under a name of its own, and `anywherectl proxy del PORT` then refuses to
+guess (ranges.by_port: say which by name).  Each datagram's source
 (address, port) is a flow (`Flow`): the first datagram of a new source is checked against the
 whitelist (the proxy's, else the global one: a source it refuses gets nothing and opens no flow),
 `max_flows` (beyond it, datagrams of new sources are dropped, counted as a ``limit`` rejection,

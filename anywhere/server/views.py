@@ -22,6 +22,7 @@ from .counters import Tally, live
 from .paths import TrunkPath, WarmPath
 from .proxies import ProxyTable
 from .proxy import Proxy
+from .ranges import port_order
 from .routing import Router
 from .sessions import AgentPort
 from .settings import ServerConfig
@@ -90,7 +91,7 @@ class View:
     def proxies(self) -> list[dict]:
         by_proxy, _ = live(self.router.tunnels.values())
         out = []
-        for proxy in sorted(self.proxies_table, key=lambda p: p.remote_port):
+        for proxy in sorted(self.proxies_table, key=port_order):
             row = self.tally.proxy_row(proxy.name, by_proxy)
             item = proxy.to_dict()
             item.update(state=self.proxies_table.state(proxy), failed=proxy.failed, source=proxy.source,
