@@ -103,7 +103,9 @@ clean:
 # The benchmark (not part of `make test`): installs iperf3, wrk, nginx, socat and OpenSSH from
 # Debian's packages if missing, then runs bench/run.py (options: make bench BENCH_ARGS="--quick").
 # Its metric h (interactive traffic behind bulk, across a tbf-shaped link between two network
-# namespaces) needs root, ip and tc: alone, make bench BENCH_ARGS="--metrics h --quick".
+# namespaces) needs root, ip and tc: alone, make bench BENCH_ARGS="--metrics h --quick".  Metric i
+# (UDP: iperf3 -u at 100 and 500 Mbit/s, loss and jitter) runs on direct and Anywhere only (the
+# other paths carry TCP only): alone, make bench BENCH_ARGS="--metrics i".
 bench: $(STAMP)
 	@missing=""; \
 	command -v iperf3 >/dev/null 2>&1 || missing="$$missing iperf3"; \

@@ -14,7 +14,12 @@ sample; g. CPU seconds of the tunnel's processes per GB (during a's stream); h. 
 behind bulk: the round trip of a 64-byte echo sent 20 times a second while iperf3 -P 1/4/16 moves
 bulk through another forward of the same tunnel, down and up, across a veth pair shaped to 40 Mbit/s
 each way with tbf, between two network namespaces (root; its own topology and its own table, see
-harness/interactive.py; paths direct, ssh -R aes128-gcm and Anywhere unless --paths names others).
+harness/interactive.py; paths direct, ssh -R aes128-gcm and Anywhere unless --paths names others);
+i. UDP: iperf3 -u -l 1400 at a fixed rate, -b 100M and -b 500M (10 s each; 3 s with --quick), one
+flow: the Mbit/s the iperf3 server received, the datagrams lost (%) and the jitter (ms), as the
+server counts them (iperf3 -J, end.sum_received); only on the paths that carry UDP (direct, and
+Anywhere: a TCP proxy for iperf3's control connection and a UDP proxy on the same remote port, to
+the iperf3 server's port); the others are skipped with the reason printed.
 
 Theory of operation: the targets (nginx, an echo server; iperf3 one-off servers per run) start
 once.  Each round runs every test on every path back to back, the path order rotated by one per
@@ -47,13 +52,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import interactive, netns, report  # noqa: E402
-from harness.metrics import TESTS, Settings, Targets  # noqa: E402
+from harness.metrics import TESTS, UDP_LEN, UDP_RATES, Settings, Targets  # noqa: E402
 from harness.paths import PATHS, SSHD, Context  # noqa: E402
 from harness.procs import Procs, raise_nofile  # noqa: E402
 from harness.services import Echo, Nginx, Ports  # noqa: E402
 
-ALL_METRICS = "abcdefgh"
-LOOPBACK_METRICS = "abcdefg"
+ALL_METRICS = "abcdefghi"
+LOOPBACK_METRICS = "abcdefgi"
 ALL_PATHS = ["direct", "socat", "ssh", "ssh-aes", "anywhere"]
 EXTRA_PATHS = ["anywhere-conn"]  # only when named: Anywhere with pool_size 0 (harness/paths.py)
 TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "socat": "socat", "ssh": "openssh-client",
@@ -68,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="short durations, fewer connections, 1 round")
-    p.add_argument("--metrics", default=",".join(ALL_METRICS), help="comma-separated subset of a,b,c,d,e,f,g,h")
+    p.add_argument("--metrics", default=",".join(ALL_METRICS), help="comma-separated subset of a,b,c,d,e,f,g,h,i")
     p.add_argument("--paths", help=f"comma-separated subset of {','.join(ALL_PATHS + EXTRA_PATHS)} (default: all "
                    f"but {','.join(EXTRA_PATHS)}; metric h: "
                    f"{','.join(interactive.H_DEFAULT_PATHS)}, and of the named ones those it can run: "
@@ -224,6 +229,9 @@ def header_text(meta: dict, loopback: bool) -> str:
         lines.append(f"runs:    {meta['rounds']} round(s), path order rotated per round; iperf3 -t {s['iperf_seconds']}; "
                      f"wrk -t1 -d{s['wrk_seconds']}s --timeout 10s; d {s['d_count']} conns / {s['d_concurrency']} in flight; "
                      f"f {s['f_count']} conns, RTT sample {s['f_sample']}; every path fresh per measurement")
+        if "i" in meta["metrics"]:
+            lines.append(f"udp (i): iperf3 -u -l {UDP_LEN} -b {' and -b '.join(UDP_RATES)}, -t {s['udp_seconds']}, one flow; "
+                         "Mbit/s, loss and jitter as the iperf3 server counted them")
         lines.append("columns: median over rounds; x direct = median of per-round ratios to direct; "
                      "spread = (max-min)/median; targets and PASS/FAIL on Anywhere's rows")
     return "\n".join(lines)
@@ -353,6 +361,8 @@ def run(args: argparse.Namespace) -> int:
         out += [h_note, ""]
     out.append(f"run took {elapsed / 60:.1f} min; load avg (1 min) at each loopback round's start: "
                f"{', '.join(l[0] for l in loads) or '-'}; at the end: {meta['loadavg_end'][0]} ({meta['machine']['nproc']} CPUs)")
+    for letter, why in meta.get("skipped", {}).items():
+        out.append(f"metric {letter} not run on: " + "; ".join(f"{p} ({reason})" for p, reason in why.items()))
     loopback_errors = [e for e in errors if e.get("test") != "h"]
     if loopback_errors:
         out.append(f"{len(loopback_errors)} measurement(s) failed (details in the JSON):")
@@ -391,6 +401,15 @@ def run_loopback(args: argparse.Namespace, tests, settings: Settings, procs: Pro
         ctx.anywhere_defaults = args.anywhere_defaults
         meta["anywhere_limits"] = ctx.anywhere_config()[1]
     labels = {name: PATHS[name].label for name in args.paths}
+    skipped: dict[str, dict[str, str]] = meta.setdefault("skipped", {})  # metric letter -> {path: why not}
+    for _tid, letter, _fn in tests:
+        for name in args.paths:
+            why = PATHS[name].cannot_run(letter)
+            if why and name not in skipped.setdefault(letter, {}):
+                skipped[letter][name] = why
+                progress(f"metric {letter} skipped on {name}: {why}")
+    for letter in [k for k, v in skipped.items() if not v]:
+        del skipped[letter]
     if "ssh -R" in meta["ssh"]:
         labels["ssh"] = f"ssh -R ({meta['ssh']['ssh -R']['cipher'].split('@')[0]})"
     progress(header_text(meta, True))
@@ -401,8 +420,10 @@ def run_loopback(args: argparse.Namespace, tests, settings: Settings, procs: Pro
         loads.append(load)
         progress(f"\n== round {rnd + 1}/{args.rounds}: order {', '.join(order)}; load avg {' '.join(load)}")
         values: dict[str, dict] = {p: {} for p in args.paths}
-        for tid, _letter, fn in tests:
+        for tid, letter, fn in tests:
             for name in order:
+                if name in skipped.get(letter, {}):
+                    continue
                 for svc in (nginx.proc, echo.proc):
                     if svc is not None and not svc.alive():
                         raise RuntimeError(f"target {svc.name} died:\n{svc.log_tail()}")

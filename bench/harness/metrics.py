@@ -4,7 +4,9 @@ Keys (units): a.gbps, b.gbps (Gbit/s of iperf3's receiver); g.cpu_s_per_gb (CPU 
 tunnel's processes per 10^9 bytes relayed, measured during the single-stream run of a);
 c.<size>.c<n>.rps / .p50 / .p99 (wrk; ms); d.rate (connections/s), d.failed; e.rps, e.p99,
 e.rss_mb (peak summed VmRSS of the tunnel's processes, MB = 10^6 bytes); f.open (connections
-held), f.kib_per_conn, f.rtt_p50, f.rtt_p99 (ms).
+held), f.kib_per_conn, f.rtt_p50, f.rtt_p99 (ms); i.<rate>.mbps (Mbit/s the iperf3 server
+received), i.<rate>.loss (% of the datagrams sent that the server never got), i.<rate>.jitter
+(ms, iperf3's smoothed interarrival jitter, RFC 3550), one key set per rate of `UDP_RATES`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ class Settings:
     f_count: int = 5000
     f_sample: int = 200
     f_open_timeout: float = 90.0
+    udp_seconds: int = 10
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(iperf_seconds=2, wrk_seconds=2, d_count=500, f_count=1000, f_sample=100, f_open_timeout=30.0)
+        return cls(iperf_seconds=2, wrk_seconds=2, d_count=500, f_count=1000, f_sample=100, f_open_timeout=30.0,
+                   udp_seconds=3)
+
+
+# metric i: iperf3 -u at these fixed rates (iperf3 -b), datagrams of UDP_LEN bytes of payload (-l)
+UDP_RATES = ("100M", "500M")
+UDP_LEN = 1400
 
 
 @dataclass
@@ -237,6 +246,44 @@ def test_f(path: Path, tg: Targets, st: Settings) -> dict:
                      "tunnel_processes": n_procs, "rss_kib_each": list(zip(each_before, each_after))}}
 
 
+# -- i: iperf3 -u ---------------------------------------------------------------------------------------
+def parse_iperf_udp(out: str) -> dict:
+    """The receiver's side of an `iperf3 -u -J` run: Mbit/s, loss %, jitter ms, datagrams."""
+    try:
+        data = json.loads(out)
+    except ValueError:
+        raise RuntimeError(f"iperf3 printed no JSON: {out[-500:]}") from None
+    if data.get("error"):
+        raise RuntimeError(f"iperf3: {data['error']}")
+    end = data["end"]
+    recv = end.get("sum_received") or end["sum"]  # iperf3 before 3.13(?) has only sum: the server's counts
+    return {"mbps": recv["bits_per_second"] / 1e6, "loss": float(recv["lost_percent"]), "jitter": float(recv["jitter_ms"]),
+            "lost": recv.get("lost_packets"), "packets": recv.get("packets"),
+            "sent_mbps": end.get("sum_sent", end["sum"])["bits_per_second"] / 1e6}
+
+
+def make_test_i(rate: str):
+    key = f"i.{rate}"
+
+    def test_i(path: Path, tg: Targets, st: Settings) -> dict:
+        server, target = iperf3_server(tg.procs, tg.ports)
+        try:
+            port = path.start_udp(target)
+            res = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-u", "-b", rate, "-l", str(UDP_LEN),
+                                  "-t", str(st.udp_seconds), "-J"],
+                                 capture_output=True, text=True, timeout=st.udp_seconds + 60)
+        finally:
+            path.stop()
+            tg.procs.stop(server, timeout=2)
+        try:
+            r = parse_iperf_udp(res.stdout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} (exit {res.returncode}; {res.stderr[-300:]})") from None
+        return {f"{key}.mbps": r["mbps"], f"{key}.loss": r["loss"], f"{key}.jitter": r["jitter"], "_raw": r}
+    test_i.__name__ = f"test_{key}"
+    return test_i
+
+
 # -- the list -----------------------------------------------------------------------------------------
 # (test id, metric letter, function); the runner keeps only the tests of the requested metrics
 TESTS = [
@@ -250,4 +297,5 @@ TESTS = [
     ("e", "e", test_e),
     ("f", "f", test_f),
     ("g", "g", test_g),  # only when a is not run (a measures g during its single stream)
+    *[(f"i.{rate}", "i", make_test_i(rate)) for rate in UDP_RATES],  # paths that carry UDP only
 ]

@@ -3,7 +3,11 @@
 A `Path` is started fresh for every measurement (`start(target_port)` returns the port clients
 use; `start_forwards([port, ...])` forwards several targets through one tunnel, one port each) and
 stopped right after (`stop()`); `pids()` lists its processes, with their children, for the CPU
-and memory accounting; clients connect to `client_host` (127.0.0.1).
+and memory accounting; clients connect to `client_host` (127.0.0.1).  A path that carries UDP
+(`udp = True`: direct and anywhere) also has `start_udp(target_port)`: one port number that
+reaches the target's TCP port over TCP and its UDP port over UDP (iperf3 -u uses both, on one
+number); `cannot_run(letter)` says why a path cannot run a metric (the UDP one on a TCP-only
+path), and the runner skips it with that reason.
 
 On two hosts (metric h: `Context(..., link=ShapedLink)`), the tunnel's server side (anywhered,
 sshd; the clients) runs in the server host's namespace and its agent side (the agent, `ssh -R`,
@@ -25,7 +29,8 @@ agent host's address.
   socket and state dir in the temp dir, then `anywhered proxy add`.  anywhered + agent are the
   tunnel's processes.  anywhered's admission limits are raised in a config file (every client
   here is 127.0.0.1 on one proxy); `--anywhere-defaults` runs it without that file.  Several
-  targets: one proxy each, on the same agent.
+  targets: one proxy each, on the same agent.  UDP (metric i): a TCP proxy and a UDP proxy
+  (`--protocol udp`) on one remote port, to the target's port.
 
 Every process gets RLIMIT_NOFILE raised to its hard limit (`Procs.start`).
 """
@@ -41,7 +46,7 @@ from pathlib import Path as FsPath
 
 from .netns import ShapedLink
 from .procs import Proc, Procs, wait_until
-from .services import Ports, wait_listen
+from .services import Ports, udp_bound, wait_listen
 
 VENV_BIN = FsPath(sys.executable).parent
 SSHD = "/usr/sbin/sshd"
@@ -53,6 +58,16 @@ class Path:
 
     settle = 0.5  # seconds between start-up and the measurement (e.g. Anywhere's warm pool fills)
     client_host = "127.0.0.1"  # where the clients connect
+    udp = False  # carries UDP datagrams (metric i); see start_udp
+    udp_note = "carries TCP only"  # why not, when udp is False
+    UDP_METRICS = "i"
+
+    @classmethod
+    def cannot_run(cls, letter: str) -> str | None:
+        """Why this path cannot run metric `letter`, or None."""
+        if letter in cls.UDP_METRICS and not cls.udp:
+            return f"{cls.label} {cls.udp_note}"
+        return None
 
     def __init__(self, ctx: "Context") -> None:
         self.ctx = ctx
@@ -70,6 +85,16 @@ class Path:
 
     def _start(self, target_ports: list[int]) -> list[int]:
         raise NotImplementedError
+
+    def start_udp(self, target_port: int) -> int:
+        """The port that reaches the target's TCP port over TCP and its UDP port over UDP (same number)."""
+        port = self._start_udp(target_port)
+        if self.procs:
+            time.sleep(self.settle)
+        return port
+
+    def _start_udp(self, target_port: int) -> int:
+        raise RuntimeError(f"{self.label} {self.udp_note}")
 
     def pids(self) -> list[int]:
         return self.ctx.procs.tree(self.procs) if self.procs else []
@@ -226,6 +251,7 @@ LogLevel ERROR
 class Direct(Path):
     name = "direct"
     label = "direct"
+    udp = True
 
     @property
     def client_host(self) -> str:
@@ -233,6 +259,9 @@ class Direct(Path):
 
     def _start(self, target_ports: list[int]) -> list[int]:
         return list(target_ports)
+
+    def _start_udp(self, target_port: int) -> int:
+        return target_port
 
 
 class Socat(Path):
@@ -286,7 +315,24 @@ class Anywhere(Path):
     label = "Anywhere (mTLS)"
     server_args: list[str] = []  # extra flags of anywhered start
 
+    udp = True
+
     def _start(self, target_ports: list[int]) -> list[int]:
+        self._launch()
+        ports = [self.ctx.ports.get() for _ in target_ports]
+        for port, target_port in zip(ports, target_ports):  # one proxy per target, all on agent-1
+            self._proxy_add(port, target_port, "tcp")
+        return ports
+
+    def _start_udp(self, target_port: int) -> int:
+        self._launch()
+        port = self.ctx.ports.get()
+        self._proxy_add(port, target_port, "tcp")  # iperf3's control connection
+        self._proxy_add(port, target_port, "udp")  # its datagrams, to the same port number
+        return port
+
+    def _launch(self) -> None:
+        """anywhered and agent-1, the agent online."""
         creds = self.ctx.anywhere_creds()
         tmp = self.ctx.tmp("anywhere")
         agent_port = self.ctx.ports.get()
@@ -322,15 +368,24 @@ class Anywhere(Path):
             wait_until(agent_online, patience, "the agent to connect", interval=0.05, alive=agent.alive)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n--- agent log ---\n{agent.log_tail()}\n--- server log ---\n{server.log_tail()}") from None
-        ports = [self.ctx.ports.get() for _ in target_ports]
-        for port, target_port in zip(ports, target_ports):  # one proxy per target, all on agent-1
-            res = subprocess.run([str(VENV_BIN / "anywhered"), "proxy", "add", "--admin-socket", sock, "--agent-id", "agent-1",
-                                  "--local-ip", "127.0.0.1", "--local-port", str(target_port), "--remote-port", str(port)],
-                                 capture_output=True, text=True, timeout=30, cwd=str(tmp), env=self.ctx.anywhere_env)
-            if res.returncode != 0:
-                raise RuntimeError(f"anywhered proxy add failed: {res.stderr}{res.stdout}")
-            wait_listen(server, port, "the Anywhere proxy port", timeout=patience)
-        return ports
+        self._sock, self._tmp, self._server = sock, tmp, server
+
+    def _proxy_add(self, port: int, target_port: int, protocol: str) -> None:
+        """A proxy on agent-1 from remote `port` to 127.0.0.1:`target_port`; returns once it listens."""
+        res = subprocess.run([str(VENV_BIN / "anywhered"), "proxy", "add", "--admin-socket", self._sock,
+                              "--agent-id", "agent-1", "--local-ip", "127.0.0.1", "--local-port", str(target_port),
+                              "--remote-port", str(port),
+                              # a name of its own: the default, AGENT:PORT, is the TCP proxy's on the same port
+                              *(["--protocol", protocol, "--name", f"agent-1:{port}-{protocol}"] if protocol != "tcp" else [])],
+                             capture_output=True, text=True, timeout=30, cwd=str(self._tmp), env=self.ctx.anywhere_env)
+        if res.returncode != 0:
+            raise RuntimeError(f"anywhered proxy add ({protocol}, remote port {port}) failed: "
+                               f"{(res.stderr + res.stdout).strip()}")
+        if protocol == "udp":
+            wait_until(lambda: udp_bound(port, self._server.pid), self.ctx.anywhere_startup,
+                       f"the Anywhere UDP proxy to bind port {port}", alive=self._server.alive)
+        else:
+            wait_listen(self._server, port, "the Anywhere proxy port", timeout=self.ctx.anywhere_startup)
 
 
 class AnywhereConn(Anywhere):
@@ -340,6 +395,8 @@ class AnywhereConn(Anywhere):
 
     name = "anywhere-conn"
     label = "Anywhere, a data connection per client (pool_size 0)"
+    udp = False
+    udp_note = "carries TCP only (UDP flows need trunks)"
     server_args = ["--pool-size", "0"]
 
 

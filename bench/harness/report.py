@@ -11,6 +11,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable
 
+from .metrics import UDP_RATES
+
 
 @dataclass
 class Row:
@@ -38,6 +40,10 @@ ROWS = [
     Row("f.rtt_p50", "f. echo p50", "ms", "{:.3f}"),
     Row("f.rtt_p99", "f. echo p99", "ms", "{:.3f}"),
     Row("g.cpu_s_per_gb", "g. CPU per GB", "s/GB", "{:.3f}", ratio=False),
+    *[r for rate in UDP_RATES for r in (
+        Row(f"i.{rate}.mbps", f"i. UDP {rate} received", "Mbit/s"),
+        Row(f"i.{rate}.loss", f"i. UDP {rate} loss", "%", "{:.2f}", ratio=False),
+        Row(f"i.{rate}.jitter", f"i. UDP {rate} jitter", "ms", "{:.3f}", ratio=False))],
 ]
 
 SSH_PATHS = ("ssh", "ssh-aes")

@@ -1,8 +1,9 @@
 """The target services (what every path forwards to), on 127.0.0.1 only (metric h: on every address
 of the agent host's network namespace, started through a `prefix` such as `ip netns exec NS`).
 
-- iperf3: a fresh one-off server (`iperf3 -s -1`) for every iperf3 measurement (a, b, g), so a
-  failed test can never leave a busy server behind.
+- iperf3: a fresh one-off server (`iperf3 -s -1`) for every iperf3 measurement (a, b, g, i: it
+  takes iperf3 -u's datagrams on the UDP port of its number), so a failed test can never leave a
+  busy server behind.
 - nginx: one master + 1 worker (`worker_processes 1`, `daemon off;`, running as root with its
   own prefix, config, pid file and temp paths in the run's temp dir), serving /1k (1024 bytes)
   and /1m (1 MiB); access log off, sendfile on, keepalive_requests 1000000 (a wrk connection
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 
 class Ports:
-    """Free TCP ports on 127.0.0.1, below the ephemeral range (so a client socket never holds one)."""
+    """Free TCP (and UDP) ports on 127.0.0.1, below the ephemeral range (so a client socket never holds one)."""
 
     def __init__(self, low: int = 20000, high: int = 32000) -> None:
         self.low, self.high = low, high
@@ -37,16 +38,33 @@ class Ports:
             self.next = self.low if self.next + 1 >= self.high else self.next + 1
             if port in self.used:
                 continue
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            try:  # free for TCP and for UDP (metric i uses one number for both)
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
             if listening(port):
                 continue
             self.used.add(port)
             return port
         raise RuntimeError("no free port")
+
+
+def udp_bound(port: int, pid: int | None = None) -> bool:
+    """Whether a UDP socket is bound to `port` (any address), from /proc/net/udp{,6} (with `pid`: in
+    that process's network namespace)."""
+    want = f":{port:04X}"
+    base = f"/proc/{pid}/net" if pid else "/proc/net"
+    for table in (f"{base}/udp", f"{base}/udp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                if any(line.split()[1].endswith(want) for line in f):
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def wait_listen(proc: Proc, port: int, what: str, timeout: float = 15.0, where: Proc | None = None) -> None:
