@@ -30,7 +30,7 @@ from typing import Any, Callable
 from ..allow import Allowlist
 from ..common import printable
 from ..loop import Loop
-from ..net import Dialer, hostport, is_ip
+from ..net import UDP_RCVBUF, Dialer, hostport, is_ip
 
 DialCallback = Callable[[socket.socket | None, str | None], None]
 
@@ -107,6 +107,7 @@ class UdpDial:
                 continue
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
                 sock.setblocking(False)
                 sock.connect((address, self.port))
             except OSError as exc:
