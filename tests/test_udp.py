@@ -380,3 +380,30 @@ def test_a_burst_that_comes_while_the_server_is_busy_waits_in_its_socket(world, 
         except socket.timeout:
             pass
     assert len(got) == count, f"{len(got)} of {count} datagrams came back"
+
+
+def test_an_ipv6_client_is_a_flow_of_its_own_and_the_whitelist_sees_its_address(world, udp_echo):
+    """The proxy's UDP socket is dual-stack: a client on ::1 and one on 127.0.0.1 are two flows,
+    listed with their own addresses (the IPv4 one unmapped); a whitelist of 127.0.0.0/8 refuses
+    ::1 and still serves 127.0.0.1."""
+    world.start_server()
+    world.start_agent()
+    remote = udp_proxy(world, udp_echo.port)
+    for family, host in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(b"hello " + host.encode(), (host, remote))
+            assert s.recv(100) == b"hello " + host.encode()
+    sources = sorted(f["source"] for f in udp_conns(world))
+    assert len(sources) == 2 and sources[0].startswith("127.0.0.1:") and sources[1].startswith("[::1]:"), sources
+    walled = udp_proxy(world, udp_echo.port, whitelist=["127.0.0.0/8"], name="walled")
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.settimeout(1)
+        s.sendto(b"let me in", ("::1", walled))
+        with pytest.raises(socket.timeout):
+            s.recv(100)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(b"v4", ("127.0.0.1", walled))
+        assert s.recv(100) == b"v4"
+    assert "refused: not in the proxy's whitelist" in world.server.log()
