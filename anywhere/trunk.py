@@ -1146,7 +1146,11 @@ class DatagramStream(Stream):
     window; credit is returned as datagrams are handed on, which is at once: UDP has no outbuf).
     What does not fit (the window used up, or the trunk's queue over `high`) is dropped here, at the
     edge, and counted in `dropped`, as a router drops what it cannot queue: the trunk is reliable,
-    so nothing is lost inside the tunnel, and nothing is buffered without bound either.
+    so nothing is lost inside the tunnel, and nothing is buffered without bound either.  A light
+    flow (DNS, a game, a voice call: under LIGHT_RATE, see Scheduling) is an interactive stream
+    like any: on a slow or backlogged trunk its datagrams take the urgent lane, so they are neither
+    dropped for a queue full of someone else's bulk nor wait behind it (behind 8 downloads on a
+    40 Mbit/s link, 111 of 160 echoes came back before this, 160 after: test_udp_behind_bulk).
     `deliver(datagram)` hands a datagram from the peer to the endpoint (the server sends it to its
     client's address, the agent to its connected UDP socket); it must not raise.  `sock`, if the
     owner sets it (the agent's connected socket, registered with `mask`), is closed with the
@@ -1175,11 +1179,25 @@ class DatagramStream(Stream):
         trunk = self.trunk
         n = len(datagram)
         framed = n + dgram.PREFIX
-        if self.closed or trunk.closed or framed > self.send_window or trunk.out_bytes >= trunk.high \
-                or n > dgram.MAX_DATAGRAM:
+        if self.closed or trunk.closed or framed > self.send_window or n > dgram.MAX_DATAGRAM:
             self.dropped += 1
             return False
-        trunk.write(mux.HEADER.pack(_DATA_WORD | framed, self.sid) + n.to_bytes(dgram.PREFIX, "big") + bytes(datagram))
+        light = 0.0
+        if trunk.backlogged or trunk.slow:  # a light flow (DNS, a game, VoIP) goes ahead of bulk, as a light stream
+            light = self.allowance + (trunk.loop.now - self.last_active) * LIGHT_RATE
+            if light > LIGHT_BURST:
+                light = LIGHT_BURST
+        frame = mux.HEADER.pack(_DATA_WORD | framed, self.sid) + n.to_bytes(dgram.PREFIX, "big") + bytes(datagram)
+        if light >= framed and self.bulk_mark <= trunk.bulk_taken:  # never ahead of its own datagrams
+            trunk.control(frame)
+        elif trunk.out_bytes >= trunk.high:  # congested, and the flow is not light: dropped, as a router would
+            self.dropped += 1
+            return False
+        else:
+            trunk.write(frame)
+            self.bulk_mark = trunk.bulk_in
+        if light:
+            self.allowance = light - framed if light > framed else 0.0  # spent, whichever lane it took
         self.send_window -= framed
         self.nbytes_in += n
         self.datagrams_in += 1
