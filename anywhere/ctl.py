@@ -173,13 +173,18 @@ def cmd_proxy_del(args: argparse.Namespace) -> None:
     key = args.name if args.name else (str(args.remote_port) if args.remote_port else None)
     if key is None:
         raise CtlError("name the proxy: NAME or --remote-port PORT")
-    data = _client(args.admin_socket).call("DELETE", "/v1/proxies/" + quote(key, safe=""))
+    data = _client(args.admin_socket).call("DELETE", "/v1/proxies/" + quote(key, safe="") + _protocol(args))
     if isinstance(data["deleted"], list):  # a range of remote ports
         _emit(args, data, lambda d: f"{len(d['deleted'])} prox{'y' if len(d['deleted']) == 1 else 'ies'} deleted "
                                     f"({d['deleted'][0]} … {d['deleted'][-1]}); {d['closed_connections']} "
                                     "connection(s) closed")
         return
     _emit(args, data, lambda d: f"proxy {d['deleted']} deleted; {d['closed_connections']} connection(s) closed")
+
+
+def _protocol(args: argparse.Namespace) -> str:
+    """The query that selects proxies of one protocol (--protocol), or none."""
+    return f"?protocol={args.protocol}" if args.protocol else ""
 
 
 def cmd_agent_list(args: argparse.Namespace) -> None:
@@ -254,7 +259,7 @@ def cmd_agent_disconnect(args: argparse.Namespace) -> None:
 
 def cmd_proxy_enable(args: argparse.Namespace) -> None:
     verb = "enable" if args.enable else "disable"
-    data = _client(args.admin_socket).call("POST", f"/v1/proxies/{quote(args.name, safe='')}/{verb}")
+    data = _client(args.admin_socket).call("POST", f"/v1/proxies/{quote(args.name, safe='')}/{verb}{_protocol(args)}")
     _emit(args, data, lambda d: f"proxy {d['proxy']['name']} {verb}d")
 
 
@@ -358,11 +363,15 @@ def add_admin_commands(sub: Any) -> None:
                       "proxy on those remote ports)")
     dele.add_argument("--remote-port", type=port_range_arg, help="the proxy's remote port, or a range START-END: "
                       "every proxy on those ports, made through the API, all or none")
+    dele.add_argument("--protocol", choices=("tcp", "udp"), help="only the proxy (or the range's proxies) of this "
+                      "protocol, where a tcp and a udp proxy share a remote port")
     dele.add_argument("--agent-id", help=argparse.SUPPRESS)  # accepted for the original's command lines
     dele.set_defaults(func=cmd_proxy_del)
     for verb in ("enable", "disable"):
         p = proxy.add_parser(verb, parents=[common], help=f"{verb} a proxy (disabled: no new clients, not deleted)")
         p.add_argument("name", help="the proxy's name (or its remote port)")
+        p.add_argument("--protocol", choices=("tcp", "udp"), help="only the proxy of this protocol, where a tcp "
+                       "and a udp proxy share the remote port")
         p.set_defaults(func=cmd_proxy_enable, enable=verb == "enable")
     agent = sub.add_parser("agent", help="list agents").add_subparsers(dest="verb", metavar="VERB", required=True)
     agent.add_parser("list", parents=[common], help="list connected agents").set_defaults(func=cmd_agent_list)

@@ -234,3 +234,62 @@ def test_a_udp_proxy_may_use_the_agent_ports_number(up, udp_echo, echo_target):
     world.api("POST", "/v1/proxies", body(world.port, udp_echo.port, "udp"))
     assert udp_ask(world.port, b"next to the agent port") == b"next to the agent port"
     assert world.api("GET", "/v1/agents")["agents"]  # the agent, on the TCP port of that number, still there
+
+
+# -- --protocol tcp|udp (?protocol=): a port, or a range, that a tcp and a udp proxy share names one ----------
+def test_a_range_deleted_by_protocol_where_a_tcp_and_a_udp_range_share_the_ports(up, echo_target, udp_echo):
+    world = up
+    ports = free_ports(10)
+    span = f"{ports[0]}-{ports[-1]}"
+    world.api("POST", "/v1/proxies", body(span, echo_target.port, name="t"))
+    world.api("POST", "/v1/proxies", body(span, udp_echo.port, "udp", name="u"))
+    res = ctl(world, "proxy", "del", span)  # without --protocol: refused as before, saying what to do
+    assert res.returncode == 1 and "delete them by name (anywherectl proxy del NAME), or by protocol " \
+        "(--protocol tcp|udp)" in res.stderr, res.stderr
+    res = ctl(world, "proxy", "del", span, "--protocol", "udp")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"10 proxies deleted (u:{ports[0]} … u:{ports[-1]})"), res.stdout
+    assert {(p["name"], p["protocol"]) for p in listed(world).values()} == {(f"t:{p}", "tcp") for p in ports}
+    for port in ports:  # the tcp range still carries traffic; nothing answers udp
+        assert echo(port, b"tcp %d" % port) == b"tcp %d" % port
+    assert udp_ask(ports[0], b"gone") is None
+    res = ctl(world, "proxy", "del", "--remote-port", span, "--protocol", "udp")  # none left of that protocol
+    assert res.returncode == 1 and f"no proxy named {span} (and no udp proxy on remote ports {span})" in res.stderr
+    res = ctl(world, "proxy", "del", span)  # one protocol left on the ports: as before
+    assert res.returncode == 0 and res.stdout.startswith("10 proxies deleted"), res.stderr
+    assert listed(world) == {}
+
+
+def test_a_shared_port_by_protocol_in_the_cli_and_the_api(up, echo_target, udp_echo):
+    world = up
+    [port] = free_ports()
+    world.api("POST", "/v1/proxies", body(port, udp_echo.port, "udp"))  # agent-1:PORT
+    world.api("POST", "/v1/proxies", body(port, echo_target.port, name="dns-tcp"))
+    res = ctl(world, "proxy", "disable", str(port))
+    assert res.returncode == 1 and ": say which by its name (anywherectl proxy del|enable|disable NAME), or with " \
+        "--protocol tcp|udp" in res.stderr, res.stderr
+    res = ctl(world, "proxy", "disable", str(port), "--protocol", "udp")
+    assert res.returncode == 0 and f"proxy agent-1:{port} disabled" in res.stdout, res.stderr
+    assert {n: p["state"] for n, p in listed(world).items()} == {f"agent-1:{port}": "disabled", "dns-tcp": "listening"}
+    assert world.api("POST", f"/v1/proxies/{port}/enable?protocol=udp")["proxy"]["name"] == f"agent-1:{port}"
+    assert world.api("GET", f"/v1/proxies/{port}/health?protocol=tcp")["proxy"] == "dns-tcp"
+    # a bad value: argparse refuses it in the CLI, the API with a 400 naming it
+    res = ctl(world, "proxy", "del", str(port), "--protocol", "sctp")
+    assert res.returncode == 2 and "argument --protocol: invalid choice: 'sctp'" in res.stderr, res.stderr
+    for method, path in (("DELETE", f"/v1/proxies/{port}?protocol=sctp"),
+                         ("POST", f"/v1/proxies/{port}/disable?protocol=sctp"),
+                         ("GET", f"/v1/proxies/{port}/health?protocol=sctp")):
+        assert "400 protocol 'sctp' must be tcp or udp" in refused_with(world, method, path), path
+    # a name with the other protocol: refused, saying so; nothing removed
+    assert "409 proxy dns-tcp is a tcp proxy, not udp" in \
+        refused_with(world, "DELETE", "/v1/proxies/dns-tcp?protocol=udp")
+    res = ctl(world, "proxy", "del", "dns-tcp", "--protocol", "udp")
+    assert res.returncode == 1 and "proxy dns-tcp is a tcp proxy, not udp" in res.stderr, res.stderr
+    assert len(listed(world)) == 2
+    both_answer(port, b"both still")
+    # the shared port by protocol: the tcp one goes, the udp one stays and answers
+    res = ctl(world, "proxy", "del", str(port), "--protocol", "tcp")
+    assert res.returncode == 0 and "proxy dns-tcp deleted" in res.stdout, res.stderr
+    assert refused(port) and udp_ask(port, b"udp alone") == b"udp alone"
+    assert world.api("DELETE", f"/v1/proxies/{port}?protocol=udp")["deleted"] == f"agent-1:{port}"
+    assert listed(world) == {}

@@ -18,6 +18,9 @@
 |                                           | a failed proxy's port now (409 if it is still busy)    |
 | GET    /v1/proxies/NAME/health            | 200 if the proxy can serve a client now, else 503; a   |
 |                                           | one-line JSON reason (health_public: without token)    |
+| ...?protocol=tcp|udp (the three above)    | only proxies of that protocol: a port (or range) a tcp |
+|                                           | and a udp proxy share names one; a name of the other   |
+|                                           | protocol is 409; another value is 400                  |
 | GET    /v1/connections                    | live connections                                       |
 | DELETE /v1/connections/ID                 | kill one connection                                    |
 | DELETE /v1/connections?proxy=NAME         | kill every connection of a proxy                       |
@@ -37,6 +40,7 @@ from typing import Any, Callable, Protocol
 from ..admin import ApiError, RawBody, Request
 from ..common import printable
 from ..errors import ConfigError, Conflict, Invalid, NotFound, NotSaved, OperationError
+from .ranges import protocol_value
 
 log = logging.getLogger("anywhere.server")
 
@@ -55,10 +59,10 @@ class Operations(Protocol):
     def proxies(self) -> list[dict]: ...
     def connections(self) -> list[dict]: ...
     def add_proxy(self, body: Any) -> Any: ...
-    def delete_proxy(self, key: str) -> tuple[Any, int]: ...
-    def set_proxy_enabled(self, key: str, enabled: bool) -> Any: ...
+    def delete_proxy(self, key: str, protocol: str | None = None) -> tuple[Any, int]: ...
+    def set_proxy_enabled(self, key: str, enabled: bool, protocol: str | None = None) -> Any: ...
     def disconnect_agent(self, agent_id: str) -> int: ...
-    def find_proxy(self, key: str) -> Any: ...
+    def find_proxy(self, key: str, protocol: str | None = None) -> Any: ...
     def health(self, proxy: Any) -> str | None: ...
     def connection_ids(self, proxy: Any = None) -> list[int]: ...
     def kill(self, conn_ids: list[int]) -> None: ...
@@ -106,16 +110,17 @@ class Api:
         if parts[:1] != ["v1"] or len(parts) < 2:
             raise ApiError(404, f"no such endpoint {printable(path)}; try /v1/status")
         resource, rest = parts[1], parts[2:]
+        protocol = lambda: protocol_value(request.query.get("protocol"))  # noqa: E731 (?protocol=tcp|udp)
         routes: dict[tuple[str, str, int, str], Callable[[], tuple[int, Any]]] = {
             ("GET", "status", 0, ""): self.status,
             ("GET", "agents", 0, ""): self.agents,
             ("POST", "agents", 2, "disconnect"): lambda: self.disconnect_agent(rest[0]),
             ("GET", "proxies", 0, ""): self.proxies,
             ("POST", "proxies", 0, ""): lambda: self.add_proxy(request.body),
-            ("DELETE", "proxies", 1, ""): lambda: self.delete_proxy(rest[0]),
-            ("POST", "proxies", 2, "disable"): lambda: self.enable_proxy(rest[0], False),
-            ("POST", "proxies", 2, "enable"): lambda: self.enable_proxy(rest[0], True),
-            ("GET", "proxies", 2, "health"): lambda: self.health(rest[0]),
+            ("DELETE", "proxies", 1, ""): lambda: self.delete_proxy(rest[0], protocol()),
+            ("POST", "proxies", 2, "disable"): lambda: self.enable_proxy(rest[0], False, protocol()),
+            ("POST", "proxies", 2, "enable"): lambda: self.enable_proxy(rest[0], True, protocol()),
+            ("GET", "proxies", 2, "health"): lambda: self.health(rest[0], protocol()),
             ("GET", "connections", 0, ""): self.connections,
             ("DELETE", "connections", 1, ""): lambda: self.kill_connection(rest[0]),
             ("DELETE", "connections", 0, ""): lambda: self.kill_proxy_connections(request.query.get("proxy")),
@@ -142,8 +147,8 @@ class Api:
     def connections(self) -> tuple[int, Any]:
         return 200, {"connections": self.server.connections()}
 
-    def health(self, key: str) -> tuple[int, Any]:
-        proxy = self.server.find_proxy(key)
+    def health(self, key: str, protocol: str | None = None) -> tuple[int, Any]:
+        proxy = self.server.find_proxy(key, protocol)
         why = self.server.health(proxy)
         if why is None:
             return 200, {"proxy": proxy.name, "status": "ok"}
@@ -156,14 +161,14 @@ class Api:
             return 201, {"proxies": [proxy.to_dict() for proxy in added]}
         return 201, {"proxy": added.to_dict()}
 
-    def delete_proxy(self, key: str) -> tuple[int, Any]:
-        proxy, closed = self.server.delete_proxy(key)
+    def delete_proxy(self, key: str, protocol: str | None = None) -> tuple[int, Any]:
+        proxy, closed = self.server.delete_proxy(key, protocol)
         if isinstance(proxy, list):  # a range of remote ports
             return 200, {"deleted": [p.name for p in proxy], "closed_connections": closed}
         return 200, {"deleted": proxy.name, "closed_connections": closed}
 
-    def enable_proxy(self, key: str, enabled: bool) -> tuple[int, Any]:
-        proxy = self.server.set_proxy_enabled(key, enabled)
+    def enable_proxy(self, key: str, enabled: bool, protocol: str | None = None) -> tuple[int, Any]:
+        proxy = self.server.set_proxy_enabled(key, enabled, protocol)
         return 200, {"proxy": proxy.to_dict()}
 
     def kill_connection(self, key: str) -> tuple[int, Any]:

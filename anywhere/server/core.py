@@ -319,12 +319,12 @@ class Server:
         log.info("proxy %s added: %s", label(proxies), route(proxies))
         return proxies if ranged else proxies[0]
 
-    def find_proxy(self, key: str) -> Proxy:
-        return self.proxies.find(key)
+    def find_proxy(self, key: str, protocol: str | None = None) -> Proxy:
+        return self.proxies.find(key, protocol)
 
-    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
-        ranged = find_range(self.proxies.by_name, key)  # a range START-END naming no proxy: all on its ports
-        proxies = ranged or [self.proxies.find_made_by_api(key, "remove")]
+    def delete_proxy(self, key: str, protocol: str | None = None) -> tuple[Proxy | list[Proxy], int]:
+        ranged = find_range(self.proxies.by_name, key, protocol)  # a range START-END naming no proxy: its ports'
+        proxies = ranged or [self.proxies.find_made_by_api(key, "remove", protocol)]
         names = {proxy.name: self.proxies.by_name.pop(proxy.name) for proxy in proxies}
         try:
             self._save(deleted=tuple(names))
@@ -337,9 +337,9 @@ class Server:
                  closed)
         return (ranged or proxies[0]), closed
 
-    def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
+    def set_proxy_enabled(self, key: str, enabled: bool, protocol: str | None = None) -> Proxy:
         """Enable or disable a proxy made through the API (ProxyTable.set_enabled), saved."""
-        proxy = self.proxies.find_made_by_api(key, f"set enabled = {'true' if enabled else 'false'}")
+        proxy = self.proxies.find_made_by_api(key, f"set enabled = {'true' if enabled else 'false'}", protocol)
         if not self.proxies.set_enabled(proxy, enabled):
             return proxy
         try:

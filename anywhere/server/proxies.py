@@ -102,20 +102,24 @@ class ProxyTable:
     def __len__(self) -> int:
         return len(self.by_name)
 
-    def find(self, key: str) -> Proxy:
-        """By name, else by remote port; `NotFound` otherwise."""
+    def find(self, key: str, protocol: str | None = None) -> Proxy:
+        """By name, else by remote port (of `protocol`, if given); `NotFound` otherwise.  A name with a
+        protocol that is not its proxy's: `Conflict` saying so."""
         proxy = self.by_name.get(key)
         digits = key.isascii() and key.isdigit()
         if proxy is None and digits:
-            proxy = by_port(self.by_name.values(), key)  # Conflict if a tcp and a udp proxy share it
+            proxy = by_port(self.by_name.values(), key, protocol)  # Conflict if a tcp and a udp proxy share it
         if proxy is None:
-            raise NotFound(f"no proxy named {key} (and no proxy on remote port {key})" if digits
+            kind = f"{protocol} " if protocol else ""
+            raise NotFound(f"no proxy named {key} (and no {kind}proxy on remote port {key})" if digits
                            else f"no proxy named {key}")
+        if protocol not in (None, proxy.protocol):
+            raise Conflict(f"proxy {proxy.name} is a {proxy.protocol} proxy, not {protocol}")
         return proxy
 
-    def find_made_by_api(self, key: str, what: str) -> Proxy:
+    def find_made_by_api(self, key: str, what: str, protocol: str | None = None) -> Proxy:
         """`find`, for a change through the API: Conflict if the proxy is declared in a file."""
-        proxy = self.find(key)
+        proxy = self.find(key, protocol)
         if proxy.file is not None:
             raise Conflict(f"proxy {proxy.name} is declared in {proxy.file}: {what} it there and reload "
                            "(anywherectl reload)")

@@ -13,11 +13,11 @@ naming the ports).
 This module turns a range into the specs of its proxies (`expand`: the same for a proxies.d
 section, through proxyfile.to_api, and for an API body), says what is wrong with one in words an
 operator reads (`pairing_problem`), finds the proxies of a range to delete (`find_range`: every one
-made through the API on those remote ports; none if one is declared in a file, or if a tcp and a
-udp proxy share one of them), and keeps a refused range's problems to a few lines (`capped`).  It
+made through the API on those remote ports, of one protocol if asked; none if one is declared in a
+file, or if a tcp and a udp proxy share one of them and no protocol says which), and keeps a refused range's problems to a few lines (`capped`).  It
 also finds proxies by remote port for the table (`on_port`, `by_port`): a tcp and a udp proxy may
 share a port number, so a port alone may name two, and then it names neither (a Conflict naming
-both).  It holds no state and imports no other module of the server.
+both) unless a protocol (`protocol_value`: ?protocol=tcp|udp, --protocol) says which.  It holds no state and imports no other module of the server.
 """
 
 from __future__ import annotations
@@ -84,10 +84,21 @@ def expand(spec: Any) -> list[Any]:
     return specs
 
 
-def find_range(by_name: dict[str, Any], key: str) -> list[Any] | None:
-    """For a key that names no proxy and is a range START-END: the proxies on its remote ports, all
-    made through the API (a deletion's; `NotFound` if none, `Conflict` naming the ones declared in
-    a file).  None if the key is a name or not a range."""
+PROTOCOLS = ("tcp", "udp")
+
+
+def protocol_value(value: Any) -> str | None:
+    """The protocol a request selects proxies by (?protocol=tcp|udp), None for either; `Invalid` names
+    a bad value."""
+    if value is None or value in PROTOCOLS:
+        return value
+    raise Invalid(f"protocol {value!r} must be tcp or udp")
+
+
+def find_range(by_name: dict[str, Any], key: str, protocol: str | None = None) -> list[Any] | None:
+    """For a key that names no proxy and is a range START-END: the proxies (of `protocol`, or of either)
+    on its remote ports, all made through the API (a deletion's; `NotFound` if none, `Conflict` naming
+    the ones declared in a file).  None if the key is a name or not a range."""
     if key in by_name or "-" not in key:
         return None
     try:
@@ -97,9 +108,10 @@ def find_range(by_name: dict[str, Any], key: str) -> list[Any] | None:
     if not isinstance(ports, tuple):
         return None
     low, high = ports
-    found = sorted((p for p in by_name.values() if low <= p.remote_port <= high), key=port_order)
+    found = sorted((p for p in by_name.values() if low <= p.remote_port <= high and protocol in (None, p.protocol)),
+                   key=port_order)
     if not found:
-        raise NotFound(f"no proxy named {key} (and no proxy on remote ports {key})")
+        raise NotFound(f"no proxy named {key} (and no {protocol + ' ' if protocol else ''}proxy on remote ports {key})")
     ports_of: dict[int, list[Any]] = {}
     for proxy in found:
         ports_of.setdefault(proxy.remote_port, []).append(proxy)
@@ -108,7 +120,7 @@ def find_range(by_name: dict[str, Any], key: str) -> list[Any] | None:
         shown = "; ".join(both(pair) for pair in shared[:5]) + (f"; and {len(shared) - 5} more port(s)"
                                                                 if len(shared) > 5 else "")
         raise Conflict(f"remote ports {key}: nothing removed: a tcp and a udp proxy share remote port(s): {shown}; "
-                       "delete them by name (anywherectl proxy del NAME)")
+                       "delete them by name (anywherectl proxy del NAME), or by protocol (--protocol tcp|udp)")
     declared = [p for p in found if p.file is not None]
     if declared:
         shown = ", ".join(f"{p.name} ({p.file})" for p in declared[:5]) + (
@@ -134,14 +146,15 @@ def both(pair: list[Any]) -> str:
     return f"{pair[0].remote_port}: " + " and ".join(f"{p.name} ({p.protocol})" for p in pair)
 
 
-def by_port(proxies: Iterable[Any], key: str) -> Any:
-    """The one proxy on remote port `key` (digits), None if none; `Conflict` naming both when a tcp and a
-    udp proxy share the port: a port alone does not say which is meant, their names do."""
-    found = on_port(proxies, int(key))
+def by_port(proxies: Iterable[Any], key: str, protocol: str | None = None) -> Any:
+    """The one proxy on remote port `key` (digits) of `protocol` (or of either), None if none; `Conflict`
+    naming both when a tcp and a udp proxy share the port and no protocol says which: a port alone does
+    not say which is meant, their names (or a protocol) do."""
+    found = on_port(proxies, int(key), protocol)
     if len(found) > 1:
         raise Conflict(f"remote port {found[0].remote_port} is used by two proxies, "
                        + " and ".join(f"{p.name} ({p.protocol})" for p in found)
-                       + ": say which by its name (anywherectl proxy del|enable|disable NAME)")
+                       + ": say which by its name (anywherectl proxy del|enable|disable NAME), or with --protocol tcp|udp")
     return found[0] if found else None
 
 

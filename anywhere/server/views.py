@@ -37,8 +37,8 @@ class Operations(Protocol):
     recent_errors: Any
 
     def add_proxy(self, body: Any) -> Proxy | list[Proxy]: ...
-    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]: ...
-    def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy: ...
+    def delete_proxy(self, key: str, protocol: str | None = None) -> tuple[Proxy | list[Proxy], int]: ...
+    def set_proxy_enabled(self, key: str, enabled: bool, protocol: str | None = None) -> Proxy: ...
     def disconnect_agent(self, agent_id: str) -> int: ...
 
 
@@ -173,17 +173,17 @@ class View:
     def add_proxy(self, body: Any) -> Proxy | list[Proxy]:
         return self.ops.add_proxy(body)
 
-    def delete_proxy(self, key: str) -> tuple[Proxy | list[Proxy], int]:
-        return self.ops.delete_proxy(key)
+    def delete_proxy(self, key: str, protocol: str | None = None) -> tuple[Proxy | list[Proxy], int]:
+        return self.ops.delete_proxy(key, protocol)
 
-    def set_proxy_enabled(self, key: str, enabled: bool) -> Proxy:
-        return self.ops.set_proxy_enabled(key, enabled)
+    def set_proxy_enabled(self, key: str, enabled: bool, protocol: str | None = None) -> Proxy:
+        return self.ops.set_proxy_enabled(key, enabled, protocol)
 
     def disconnect_agent(self, agent_id: str) -> int:
         return self.ops.disconnect_agent(agent_id)
 
-    def find_proxy(self, key: str) -> Proxy:
-        return self.proxies_table.find(key)
+    def find_proxy(self, key: str, protocol: str | None = None) -> Proxy:
+        return self.proxies_table.find(key, protocol)
 
     def kill(self, conn_ids: list[int]) -> None:
         for cid in conn_ids:
