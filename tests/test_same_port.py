@@ -15,7 +15,6 @@ import subprocess
 import pytest
 
 from conftest import echo, refused, wait_for
-from test_udp import UdpEcho
 
 CTL = "anywhere.ctl"
 
@@ -68,6 +67,12 @@ def body(port, local_port: int, protocol: str = "tcp", **fields) -> dict:
             "protocol": protocol, **fields}
 
 
+def section(name: str, local_port: int, port: int, protocol: str = "tcp") -> str:
+    """A proxies.d section for agent-1 (the protocol key only for udp, as a file would say it)."""
+    return (f"[{name}]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {local_port}\nremote_port = {port}\n"
+            + ("protocol = udp\n" if protocol == "udp" else ""))
+
+
 def refused_with(world, method: str, path: str, payload=None) -> str:
     try:
         world.api(method, path, payload)
@@ -80,13 +85,6 @@ def both_answer(port: int, tag: bytes) -> None:
     """TCP to PORT reaches the TCP echo, UDP to PORT the UDP echo."""
     assert echo(port, b"tcp " + tag) == b"tcp " + tag
     assert udp_ask(port, b"udp " + tag) == b"udp " + tag
-
-
-@pytest.fixture
-def udp_echo():
-    target = UdpEcho()
-    yield target
-    target.stop()
 
 
 @pytest.fixture
@@ -153,12 +151,9 @@ def test_a_tcp_and_a_udp_proxy_on_one_port_in_files_and_mixed(up, echo_target, u
     world = up
     port, mixed = free_ports()[0], free_ports()[0]
     with open(os.path.join(world.proxies_dir, "dns.conf"), "w", encoding="utf-8") as f:
-        f.write(f"[dns-udp]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {udp_echo.port}\n"
-                f"remote_port = {port}\nprotocol = udp\n\n"
-                f"[dns-tcp]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {echo_target.port}\n"
-                f"remote_port = {port}\n\n"
-                f"[mixed-tcp]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {echo_target.port}\n"
-                f"remote_port = {mixed}\n")
+        f.write(section("dns-udp", udp_echo.port, port, "udp") + "\n" +
+                section("dns-tcp", echo_target.port, port) + "\n" +
+                section("mixed-tcp", echo_target.port, mixed))
     res = ctl(world, "reload")
     assert res.returncode == 0, res.stderr
     both_answer(port, b"files")
@@ -170,17 +165,14 @@ def test_a_tcp_and_a_udp_proxy_on_one_port_in_files_and_mixed(up, echo_target, u
     # a file still may not declare a port twice for one protocol, nor take an API proxy's (port, protocol)
     extra = os.path.join(world.proxies_dir, "zz.conf")
     with open(extra, "w", encoding="utf-8") as f:
-        f.write(f"[again]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {udp_echo.port}\n"
-                f"remote_port = {port}\nprotocol = udp\n\n"
-                f"[mixed-again]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {udp_echo.port}\n"
-                f"remote_port = {mixed}\nprotocol = udp\n")
+        f.write(section("again", udp_echo.port, port, "udp") + "\n" +
+                section("mixed-again", udp_echo.port, mixed, "udp"))
     res = ctl(world, "reload")
     assert res.returncode == 1, res.stdout
     assert f"{extra} [again] remote_port = {port}: already used by proxy dns-udp in " in res.stderr, res.stderr
     os.unlink(extra)
     with open(extra, "w", encoding="utf-8") as f:
-        f.write(f"[mixed-again]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {udp_echo.port}\n"
-                f"remote_port = {mixed}\nprotocol = udp\n")
+        f.write(section("mixed-again", udp_echo.port, mixed, "udp"))
     res = ctl(world, "reload")
     assert res.returncode == 1
     assert f"{extra} [mixed-again] remote_port = {mixed}: already used by proxy mixed-udp, made through the API" \
@@ -191,10 +183,8 @@ def test_a_tcp_and_a_udp_proxy_on_one_port_in_files_and_mixed(up, echo_target, u
     assert res.returncode == 1 and "mixed-tcp (tcp) and mixed-udp (udp)" in res.stderr, res.stderr
     # a reload that swaps the protocols of the pair on one port hands each listener to its new owner
     with open(os.path.join(world.proxies_dir, "dns.conf"), "w", encoding="utf-8") as f:
-        f.write(f"[dns-udp]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {echo_target.port}\n"
-                f"remote_port = {port}\n\n"
-                f"[dns-tcp]\nagent = agent-1\nlocal_ip = 127.0.0.1\nlocal_port = {udp_echo.port}\n"
-                f"remote_port = {port}\nprotocol = udp\n")
+        f.write(section("dns-udp", echo_target.port, port) + "\n" +
+                section("dns-tcp", udp_echo.port, port, "udp"))
     res = ctl(world, "reload")
     assert res.returncode == 0, res.stderr
     both_answer(port, b"swapped")

@@ -5,71 +5,22 @@ the whitelist per datagram, max_flows, and the keys, flags and API fields with b
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from anywhere.common import CtlError as ApiError
-from conftest import free_port, log_lines, wait_for
+from conftest import free_udp_port, log_lines, wait_for
 
 DNSMASQ = shutil.which("dnsmasq") or next((p for p in ("/usr/sbin/dnsmasq", "/sbin/dnsmasq") if os.path.exists(p)), None)
 DIG = shutil.which("dig")
 SERVER = "anywhere.server_cli"
-
-
-def free_udp_port() -> int:
-    while True:
-        port = free_port(socket.AF_INET)
-        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            probe.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-        finally:
-            probe.close()
-
-
-class UdpEcho:
-    """A UDP echo target on 127.0.0.1 in a thread; every datagram is sent back as it came."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.port = self.sock.getsockname()[1]
-        self.sources: set = set()
-        self._stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            ready, _, _ = select.select([self.sock], [], [], 0.2)
-            if ready:
-                data, addr = self.sock.recvfrom(65535)
-                self.sources.add(addr)
-                self.sock.sendto(data, addr)
-
-    def stop(self) -> None:
-        self._stop = True
-        self.thread.join(2)
-        self.sock.close()
-
-
-@pytest.fixture
-def udp_echo():
-    echo = UdpEcho()
-    yield echo
-    echo.stop()
 
 
 @pytest.fixture
